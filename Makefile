@@ -1,0 +1,58 @@
+# dist-contrast: `make train` and `make test` set up whatever is missing, then run.
+#
+# Set-up: a virtual environment in .venv with torch $(TORCH_VERSION) installed first (the CPU
+# wheel here; pip leaves an installed torch alone), then this package and its dependencies.
+# Bring your own environment instead (a cluster's CUDA torch): make train PYTHON=/path/to/python
+# -- then only this package is installed into it, in editable mode, if it is not importable.
+
+VENV          ?= .venv
+TORCH_VERSION ?= 2.13.0
+NPROC         ?= 2
+CONFIG        ?= configs/simclr_digits.yaml
+DIGITS        ?= data/digits
+STAMP_RUN     := $(shell date +%Y%m%d-%H%M%S)
+RUN           ?= simclr_digits-$(STAMP_RUN)
+PYTEST_ARGS   ?=
+
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(VENV)/bin/python
+SETUP  := $(VENV)/.setup-done
+else
+SETUP  := external-env
+endif
+
+.PHONY: setup train test lint data clean-runs external-env
+
+setup: $(SETUP)
+
+$(VENV)/.setup-done: pyproject.toml
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	@$(VENV)/bin/python -c "import torch" 2>/dev/null || \
+	  $(VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	@touch $@
+
+external-env:
+	@$(PYTHON) -c "import dist_contrast" 2>/dev/null || $(PYTHON) -m pip install -q -e '.[test]'
+
+$(DIGITS)/counts.json: | $(SETUP)
+	$(PYTHON) -m dist_contrast.cli shards digits --out $(DIGITS)
+
+data: $(DIGITS)/counts.json
+
+# The default job: pretrain on 2 local ranks (DeepSpeed ZeRO-2, gloo on CPU), then evaluate.
+train: $(SETUP) $(DIGITS)/counts.json
+	PYTHON=$(PYTHON) launch/local.sh $(NPROC) $(CONFIG) run.name=$(RUN)
+	$(PYTHON) -m dist_contrast.cli eval --run runs/$(RUN)
+
+test: $(SETUP)
+	$(PYTHON) -m ruff check dist_contrast tests bench
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+lint: $(SETUP)
+	$(PYTHON) -m ruff check dist_contrast tests bench
+	$(PYTHON) -m ruff format --check dist_contrast tests bench
+
+clean-runs:
+	rm -rf runs

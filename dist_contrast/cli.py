@@ -1,0 +1,102 @@
+"""``dist-contrast train|eval|shards``: thin commands over the library.
+
+Errors a user can cause are printed as one line (``dist-contrast: error: ...``) with a non-zero
+exit code, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from dist_contrast.errors import UserError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dist_contrast.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.check:
+        from dist_contrast.engine import prepare
+
+        prepare(cfg)
+        print(f"config ok: run dir {cfg.run_dir}")
+        return 0
+    from dist_contrast.engine import train
+
+    run_dir = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run finished: {run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dist_contrast.evaluate import evaluate_run
+
+    result = evaluate_run(args.run)
+    print(json.dumps(result, indent=1))
+    gain = result["knn_top1"] - result["knn_top1_random_init"]
+    print(
+        f"kNN top-1 on {result['val_samples']} validation samples: trained "
+        f"{100 * result['knn_top1']:.1f}%, random init {100 * result['knn_top1_random_init']:.1f}% "
+        f"({100 * gain:+.1f} points); written to {args.run}/eval.json"
+    )
+    return 0
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    from dist_contrast.data.shards import write_digits
+
+    counts = write_digits(args.out, args.shard_size, args.val_fraction, args.seed)
+    for split, info in counts.items():
+        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
+    print(f"wrote {args.out}/counts.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-contrast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train", help="train a config (one process, or under torchrun/srun/deepspeed)"
+    )
+    p.add_argument("--config", required=True, help="YAML config, a diff over the defaults")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--check", action="store_true", help="validate config and paths, then exit")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="kNN evaluation of a run's latest checkpoint")
+    p.add_argument("--run", required=True, help="run directory (runs/NAME)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("shards", help="write WebDataset shards")
+    shard_sub = p.add_subparsers(dest="source", required=True)
+    d = shard_sub.add_parser("digits", help="scikit-learn's digits, with a fixed train/val split")
+    d.add_argument("--out", required=True)
+    d.add_argument("--shard-size", type=int, default=200)
+    d.add_argument("--val-fraction", type=float, default=0.2)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_shards)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+        print(f"dist-contrast: error: {where}{exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dist-contrast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Typed run configuration.
+
+One dataclass tree holds every default. A YAML file is a small diff over it, and
+``section.key=value`` overrides from the command line are applied on top. Unknown keys and values
+of the wrong type are errors that name the key and suggest the closest valid one. The resolved
+tree is saved as ``config.yaml`` in the run directory, and the DeepSpeed JSON config is derived
+from it (see :func:`deepspeed_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_contrast.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: str = "runs"  # runs live in <dir>/<name>/
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # Brace patterns ("train-{000000..000009}.tar"), globs ("train-*.tar") and comma-separated
+    # lists are accepted; remote URLs ("pipe:", "s3://", "http://") are passed through.
+    train_shards: str = "data/digits/train-*.tar"
+    val_shards: str = "data/digits/val-*.tar"
+    num_workers: int = 1
+    shuffle_buffer: int = 512
+    image_size: int = 16
+    channels: int = 1
+
+
+@dataclass
+class AugmentConfig:
+    """Two-view augmentation strengths (per sample, in the loader workers)."""
+
+    crop_scale_min: float = 0.5
+    rotation_deg: float = 15.0
+    translate: float = 0.1
+    brightness: float = 0.3
+    contrast: float = 0.3
+    noise_std: float = 0.05
+
+
+@dataclass
+class ModelConfig:
+    encoder: Literal["resnet_tiny", "resnet_small"] = "resnet_tiny"
+    width: int = 32
+    norm: Literal["group", "batch", "none"] = "group"
+    proj_hidden_dim: int = 256
+    proj_dim: int = 64
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["simclr"] = "simclr"
+
+
+@dataclass
+class LossConfig:
+    name: Literal["ntxent"] = "ntxent"
+    temperature: float = 0.2
+    # "all": negatives gathered from every rank (with gradient); "off": this rank's batch only.
+    gather: Literal["all", "off"] = "all"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 128  # per rank
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 30
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    log_every: int = 10
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Raw DeepSpeed keys, deep-merged over the derived config (they win).
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps; a checkpoint is always written at the last step too
+    resume: str = ""  # "" (fresh run), "latest", or a path to a step directory
+    keep: int = 3  # step directories kept; older ones are removed after `latest` moves
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 512
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True  # offline mode; `wandb sync runs/<name>/wandb/offline-run-*` uploads later
+    wandb_project: str = "dist-contrast"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+# --------------------------------------------------------------------------------------------
+# Building a config from YAML and overrides
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Defaults, then the YAML diff at ``path``, then ``section.key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _split_override(item)
+        _set_dotted(tree, key, yaml.safe_load(value) if value != "" else "")
+    cfg = _build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Build and validate a config from a (possibly partial) nested dict."""
+    cfg = _build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; written to a temp file and renamed, never half-written."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    return key.strip(), value.strip()
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the tree, sections included."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        keys.append(dotted)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(valid_keys(hints[f.name], dotted + "."))
+    return keys
+
+
+def _unknown_key(dotted: str) -> ConfigError:
+    close = difflib.get_close_matches(dotted, valid_keys(), n=1, cutoff=0.5)
+    if not close:  # a typo in the section name still has a recognisable key name
+        leaf = dotted.rsplit(".", 1)[-1]
+        close = [k for k in valid_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{dotted}'{hint}")
+
+
+def _build(cls: type, tree: Any, prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' is a section; give it a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in tree:
+        if key not in names:
+            raise _unknown_key(f"{prefix}{key}")
+    kwargs = {}
+    for name, value in tree.items():
+        tp = hints[name]
+        dotted = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, dotted + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"config key '{dotted}' must be {_type_name(tp)}, got {value!r}{hint}")
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arm, dotted)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{dotted}' has the wrong type: got {value!r}")
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, list):
+            return [_coerce(v, item_tp, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    elif tp is Any:
+        return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(
+        f"config key '{dotted}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of values (types are already right)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {msg}")
+
+
+def validate(cfg: Config) -> None:
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a plain name")
+    _check(cfg.train.steps > 0, "train.steps", "must be > 0")
+    _check(cfg.train.batch_size > 0, "train.batch_size", "must be > 0")
+    _check(cfg.train.lr > 0, "train.lr", "must be > 0")
+    _check(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    _check(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
+    _check(cfg.train.log_every > 0, "train.log_every", "must be > 0")
+    _check(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _check(cfg.checkpoint.every > 0, "checkpoint.every", "must be > 0")
+    _check(cfg.checkpoint.keep > 0, "checkpoint.keep", "must be > 0")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _check(cfg.data.image_size >= 8, "data.image_size", "must be >= 8")
+    _check(cfg.data.channels in (1, 3), "data.channels", "must be 1 or 3")
+    _check(0 < cfg.augment.crop_scale_min <= 1, "augment.crop_scale_min", "must be in (0, 1]")
+    _check(cfg.model.width > 0, "model.width", "must be > 0")
+    _check(cfg.model.proj_dim > 0, "model.proj_dim", "must be > 0")
+    _check(cfg.eval.knn_k > 0, "eval.knn_k", "must be > 0")
+    _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config derived from the run config; ``deepspeed.raw`` wins."""
+    prec = cfg.deepspeed.precision
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.train.batch_size * world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
+        # The optimizer is built by us (torch AdamW/SGD) and handed to DeepSpeed.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, cfg.deepspeed.raw)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,234 @@
+"""Process-group start and the collectives the losses need.
+
+Discovery of the launcher (torchrun, the DeepSpeed launcher, Slurm's srun, or none) lives here
+and nowhere else. Models never import this module; losses and negatives use the collectives.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dist_contrast._accel import configure_accelerator
+
+configure_accelerator()
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as its launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "deepspeed", "slurm" or "none"
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm node list such as ``gpu[01-03,7],login1`` into host names."""
+    hosts: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            width = len(lo)
+            hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launcher's environment. torchrun and DeepSpeed set RANK/WORLD_SIZE (and win
+    when they run inside a Slurm allocation); srun sets SLURM_PROCID/SLURM_NTASKS; with neither
+    this is a single process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        launcher = "deepspeed" if "CROSS_RANK" in env or "DS_LAUNCHER" in env else "torchrun"
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=world,
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher=launcher,
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        ntasks = int(env["SLURM_NTASKS"])
+        nnodes = max(1, int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1"))))
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=ntasks,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=max(1, ntasks // nnodes),
+            master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
+            # A port derived from the job id: the same on every node, different across jobs.
+            master_port=int(env.get("MASTER_PORT") or 15000 + job_id % 20000),
+            launcher="slurm",
+        )
+    return DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "none")
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(timeout_s: float = 600.0) -> DistEnv:
+    """Start the default process group from the launcher's environment (idempotent)."""
+    env = detect_env()
+    if dist.is_available() and dist.is_initialized():
+        return env
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    dist.init_process_group(
+        backend=backend(),
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return env
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Rank helpers
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist() and world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (for logging)."""
+    t = torch.as_tensor(value, dtype=torch.float64, device=device()).detach().clone()
+    if is_dist() and world_size() > 1:
+        dist.all_reduce(t)
+        t /= world_size()
+    return float(t)
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on every rank: one decision for all."""
+    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device())
+    if is_dist() and world_size() > 1:
+        dist.all_reduce(t)
+    return int(t) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# all_gather with an exact backward
+
+
+def _gather_sizes(n: int, dev: torch.device) -> list[int]:
+    size = torch.tensor([n], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: all_gather along dim 0 (ranks may hold different numbers of rows).
+    Backward: sum-reduce the incoming gradient over ranks and keep this rank's rows.
+
+    With each rank's loss a mean over its local anchors and gradients averaged over ranks (as
+    DeepSpeed does), W ranks then get the gradients of one process on the global batch."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+        top = max(sizes)
+        padded = x
+        if x.shape[0] < top:
+            pad = x.new_zeros((top - x.shape[0], *x.shape[1:]))
+            padded = torch.cat([x, pad])
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.sizes = sizes
+        ctx.rank = dist.get_rank()
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def all_gather_with_offset(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` from all ranks along dim 0 in rank order, with gradient, and return
+    the offset of this rank's rows in the result (for labels and self-masks).
+
+    On one process (or without a process group) it returns ``(x, 0)``."""
+    if not is_dist() or world_size() == 1:
+        return x, 0
+    sizes = tuple(_gather_sizes(x.shape[0], x.device))
+    return _AllGatherWithGrad.apply(x, sizes), sum(sizes[: rank()])
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, in rank order, keeping the gradient path."""
+    return all_gather_with_offset(x)[0]
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """all_gather along dim 0 without gradient (labels, indices)."""
+    with torch.no_grad():
+        return all_gather_with_offset(x.detach())[0]

@@ -1,0 +1,81 @@
+"""Where metrics go: ``metrics.jsonl`` always, wandb in offline mode, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from dist_contrast.config import Config, to_dict
+
+
+class MetricsLogger:
+    """Active on the main rank only; a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = None
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        if cfg.logging.wandb:
+            self.wandb = _start_wandb(run_dir, cfg)
+        if cfg.logging.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=cfg.train.steps,
+                initial=start_step,
+                desc=cfg.run.name,
+                unit="step",
+                dynamic_ncols=True,
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_sec']:.0f}"
+            )
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.file = self.wandb = self.bar = None
+
+
+def _start_wandb(run_dir: Path, cfg: Config):
+    """An offline wandb run in ``run_dir/wandb``; a resumed run continues the same wandb run."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    wb_dir = run_dir / "wandb"
+    wb_dir.mkdir(exist_ok=True)
+    id_file = wb_dir / "run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=cfg.logging.wandb_project,
+        name=cfg.run.name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode="offline",
+        config=to_dict(cfg),
+    )
