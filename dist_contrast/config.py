@@ -232,9 +232,13 @@ def _build(cls: type, tree: Any, prefix: str) -> Any:
         raise ConfigError(f"config key '{prefix.rstrip('.')}' is a section; give it a mapping")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in tree:
+    for key, value in tree.items():
         if key not in names:
-            raise _unknown_key(f"{prefix}{key}")
+            dotted = f"{prefix}{key}"
+            while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key
+                (leaf, value), = value.items()
+                dotted += f".{leaf}"
+            raise _unknown_key(dotted)
     kwargs = {}
     for name, value in tree.items():
         tp = hints[name]

@@ -47,9 +47,14 @@ def check_gather(mode: str) -> bool:
     return mode == "all"
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise rows in fp32 (eps keeps all-zero rows finite)."""
-    return F.normalize(x.float(), dim=-1, eps=1e-8)
+    """L2-normalise rows in at least fp32 (eps keeps all-zero rows finite)."""
+    return F.normalize(upcast(x), dim=-1, eps=1e-8)
 
 
 def gather(x: torch.Tensor, enabled: bool) -> tuple[torch.Tensor, int]:

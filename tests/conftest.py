@@ -1,0 +1,46 @@
+"""Shared fixtures: digits shards written once per session, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The built-in digits as shards of 100 samples (15 train, 4 val shards)."""
+    from dist_contrast.data.shards import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out, shard_size=100)
+    return out
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``dist-contrast ARGS`` as a user runs it, one process."""
+    return subprocess.run([sys.executable, "-m", "dist_contrast.cli", *args], cwd=cwd or ROOT,
+                          env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(nproc: int, *args: str, cwd: Path | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node NPROC -m dist_contrast.cli ARGS``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc), "-m", "dist_contrast.cli", *args]
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
