@@ -236,7 +236,7 @@ def _build(cls: type, tree: Any, prefix: str) -> Any:
         if key not in names:
             dotted = f"{prefix}{key}"
             while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key
-                (leaf, value), = value.items()
+                ((leaf, value),) = value.items()
                 dotted += f".{leaf}"
             raise _unknown_key(dotted)
     kwargs = {}

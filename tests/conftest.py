@@ -31,16 +31,35 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """``dist-contrast ARGS`` as a user runs it, one process."""
-    return subprocess.run([sys.executable, "-m", "dist_contrast.cli", *args], cwd=cwd or ROOT,
-                          env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dist_contrast.cli", *args],
+        cwd=cwd or ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def run_torchrun(nproc: int, *args: str, cwd: Path | None = None,
-                 timeout: float = 300) -> subprocess.CompletedProcess:
+def run_torchrun(
+    nproc: int, *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node NPROC -m dist_contrast.cli ARGS``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), "-m", "dist_contrast.cli", *args]
-    return subprocess.run(cmd, cwd=cwd or ROOT, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "dist_contrast.cli",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=cwd or ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )

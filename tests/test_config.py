@@ -15,10 +15,21 @@ from dist_contrast.errors import ConfigError
 def test_defaults_validate_and_cover_the_documented_keys():
     cfg = load_config()
     assert isinstance(cfg, Config)
-    for key in ["run.name", "run.dir", "run.seed", "train.steps", "train.batch_size",
-                "data.train_shards", "data.val_shards", "method.name", "loss.name",
-                "deepspeed.zero_stage", "deepspeed.precision", "checkpoint.every",
-                "checkpoint.resume"]:
+    for key in [
+        "run.name",
+        "run.dir",
+        "run.seed",
+        "train.steps",
+        "train.batch_size",
+        "data.train_shards",
+        "data.val_shards",
+        "method.name",
+        "loss.name",
+        "deepspeed.zero_stage",
+        "deepspeed.precision",
+        "checkpoint.every",
+        "checkpoint.resume",
+    ]:
         assert key in valid_keys()
 
 
@@ -74,11 +85,16 @@ def test_bad_yaml_file(tmp_path):
 
 
 def test_deepspeed_config_is_derived_and_raw_keys_win():
-    cfg = config_from_dict({
-        "train": {"batch_size": 32, "grad_clip": 0.5},
-        "deepspeed": {"zero_stage": 3, "precision": "bf16",
-                      "raw": {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 2.0}},
-    })
+    cfg = config_from_dict(
+        {
+            "train": {"batch_size": 32, "grad_clip": 0.5},
+            "deepspeed": {
+                "zero_stage": 3,
+                "precision": "bf16",
+                "raw": {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 2.0},
+            },
+        }
+    )
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["train_batch_size"] == 128

@@ -1,8 +1,8 @@
 import torch
+from multiproc import run_ranks
 
 from dist_contrast import distributed
 from dist_contrast.distributed import detect_env, expand_nodelist
-from multiproc import run_ranks
 
 
 def test_expand_nodelist():
@@ -13,20 +13,42 @@ def test_expand_nodelist():
 
 
 def test_detect_env_torchrun_slurm_and_none():
-    env = detect_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                      "MASTER_ADDR": "h0", "MASTER_PORT": "1234",
-                      "SLURM_PROCID": "0", "SLURM_NTASKS": "4"})
+    env = detect_env(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "h0",
+            "MASTER_PORT": "1234",
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "4",
+        }
+    )
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (3, 8, 1, "torchrun")
     assert (env.master_addr, env.master_port) == ("h0", 1234)
 
-    slurm = detect_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                        "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "cn[03-06]",
-                        "SLURM_JOB_ID": "4242"})
+    slurm = detect_env(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_NNODES": "4",
+            "SLURM_JOB_NODELIST": "cn[03-06]",
+            "SLURM_JOB_ID": "4242",
+        }
+    )
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.local_world_size) == (5, 8, 1, 2)
     assert slurm.master_addr == "cn03" and slurm.launcher == "slurm"
     assert slurm.master_port == 15000 + 4242
-    again = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "cn[03-06]",
-                        "SLURM_JOB_ID": "4242"})
+    again = detect_env(
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "8",
+            "SLURM_JOB_NODELIST": "cn[03-06]",
+            "SLURM_JOB_ID": "4242",
+        }
+    )
     assert again.master_port == slurm.master_port  # every node agrees
 
     none = detect_env({})
@@ -39,7 +61,7 @@ def _gather_case(rank, world):
     full = torch.randn(sum(sizes), 5, dtype=torch.float64)
     weight = torch.randn(sum(sizes), 5, dtype=torch.float64)
     start = sum(sizes[:rank])
-    local = full[start:start + sizes[rank]].clone().requires_grad_(True)
+    local = full[start : start + sizes[rank]].clone().requires_grad_(True)
     gathered, offset = distributed.all_gather_with_offset(local)
     assert offset == start
     assert torch.equal(gathered.detach(), full)

@@ -4,20 +4,22 @@ gradients), for the SimCLR method as the engine trains it."""
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_ranks
 
 from dist_contrast.config import config_from_dict
 from dist_contrast.methods import build_method
-from multiproc import run_ranks
 
 GLOBAL_B = 12
 
 
 def _tiny_cfg(gather="all"):
-    return config_from_dict({
-        "model": {"width": 4, "proj_hidden_dim": 16, "proj_dim": 8},
-        "data": {"image_size": 8},
-        "loss": {"gather": gather, "temperature": 0.3},
-    })
+    return config_from_dict(
+        {
+            "model": {"width": 4, "proj_hidden_dim": 16, "proj_dim": 8},
+            "data": {"image_size": 8},
+            "loss": {"gather": gather, "temperature": 0.3},
+        }
+    )
 
 
 def _inputs():

@@ -1,0 +1,1 @@
+"""Data: shard writers, WebDataset pipelines, augmentation."""

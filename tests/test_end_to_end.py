@@ -1,0 +1,82 @@
+"""Real runs through every layer: digits shards -> SimCLR -> DeepSpeed -> checkpoint -> kNN.
+
+One process and torchrun with 2 ranks, the same config file unchanged."""
+
+import json
+
+import pytest
+from conftest import run_cli, run_torchrun
+
+pytestmark = pytest.mark.slow
+CONFIG = "configs/simclr_digits.yaml"
+
+
+def _overrides(digits_dir, run_dir, **extra):
+    base = {
+        "run.dir": str(run_dir),
+        "data.train_shards": f"{digits_dir}/train-*.tar",
+        "data.val_shards": f"{digits_dir}/val-*.tar",
+        "train.batch_size": 32,
+        "train.log_every": 2,
+        "train.warmup_steps": 2,
+        "checkpoint.every": 4,
+        "checkpoint.keep": 2,
+        "logging.wandb": "false",
+        "logging.progress": "false",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_process_train_resume_eval(digits_dir, tmp_path):
+    args = _overrides(digits_dir, tmp_path, **{"train.steps": 24, "logging.wandb": "true"})
+    proc = run_cli("train", "--config", CONFIG, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "simclr_digits"
+    assert (run / "config.yaml").is_file()
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == list(range(2, 25, 2))
+    for key in ("loss", "lr", "samples_per_sec", "negatives_per_query"):
+        assert all(key in r for r in rows)
+    assert rows[0]["negatives_per_query"] == 2 * 32 - 2
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000024"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000020", "step_00000024"]
+    assert list((run / "wandb").glob("offline-run-*"))
+
+    # Starting again over existing checkpoints without asking to resume is refused...
+    again = run_cli("train", "--config", CONFIG, *args)
+    assert again.returncode == 2 and "checkpoint.resume=latest" in again.stderr
+    # ...and resuming continues from step 24 to 28.
+    more = _overrides(digits_dir, tmp_path, **{"train.steps": 28, "checkpoint.resume": "latest"})
+    proc = run_cli("train", "--config", CONFIG, *more)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in _metrics(run)][-2:] == [26, 28]
+    assert (ckpts / "latest").read_text().strip() == "step_00000028"
+
+    proc = run_cli("eval", "--run", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run / "eval.json").read_text())
+    assert result["checkpoint"] == "step_00000028"
+    assert 0.0 <= result["knn_top1_random_init"] <= 1.0 and 0.0 <= result["knn_top1"] <= 1.0
+    assert "kNN top-1" in proc.stdout
+
+
+def test_torchrun_two_ranks_same_config(digits_dir, tmp_path):
+    args = _overrides(digits_dir, tmp_path, **{"train.steps": 8})
+    proc = run_torchrun(2, "train", "--config", CONFIG, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "simclr_digits"
+    rows = _metrics(run)
+    assert rows[-1]["step"] == 8
+    assert rows[0]["negatives_per_query"] == 2 * 32 * 2 - 2  # gathered from both ranks
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    step_dir = run / "checkpoints" / "step_00000008"
+    assert len(list(step_dir.glob("*optim_states.pt"))) == 2  # ZeRO-2: one shard per rank
+    proc = run_cli("eval", "--run", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
