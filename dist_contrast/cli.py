@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dist_contrast.errors import UserError
 
@@ -57,6 +58,23 @@ def _cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``bench/NAME.py`` of the source tree (benchmarks are not part of the package)."""
+    import importlib.util
+
+    available = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+    path = BENCH_DIR / f"{args.name}.py"
+    if not path.is_file():
+        raise UserError(f"no benchmark '{args.name}' (available: {', '.join(available) or 'none'})")
+    spec = importlib.util.spec_from_file_location(f"bench_{args.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(list(args.args)) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-contrast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,10 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=0.2)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_shards)
+
+    p = sub.add_parser("bench", help="run a benchmark from bench/ (prints a table, writes JSON)")
+    p.add_argument("name", help="benchmark name, e.g. losses")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The DeepSpeed launcher passes ``--local_rank=N`` first; its env already says the same."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

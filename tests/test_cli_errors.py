@@ -1,6 +1,7 @@
 """Errors a user can cause: one line on stderr, a non-zero exit, no traceback."""
 
 import pytest
+
 from conftest import run_cli
 
 

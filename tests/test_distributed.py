@@ -1,8 +1,9 @@
 import torch
-from multiproc import run_ranks
 
 from dist_contrast import distributed
 from dist_contrast.distributed import detect_env, expand_nodelist
+
+from multiproc import run_ranks
 
 
 def test_expand_nodelist():

@@ -3,9 +3,14 @@
 One process and torchrun with 2 ranks, the same config file unchanged."""
 
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import run_cli, run_torchrun
+
+from dist_contrast.distributed import free_port
+
+from conftest import ROOT, cli_env, run_cli, run_torchrun
 
 pytestmark = pytest.mark.slow
 CONFIG = "configs/simclr_digits.yaml"
@@ -80,3 +85,26 @@ def test_torchrun_two_ranks_same_config(digits_dir, tmp_path):
     assert len(list(step_dir.glob("*optim_states.pt"))) == 2  # ZeRO-2: one shard per rank
     proc = run_cli("eval", "--run", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_deepspeed_launcher_two_ranks(digits_dir, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "dist_contrast.cli",
+        "train",
+        "--config",
+        CONFIG,
+        *_overrides(digits_dir, tmp_path, **{"train.steps": 4}),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(tmp_path / "simclr_digits")
+    assert rows[-1]["step"] == 4
+    assert rows[0]["negatives_per_query"] == 2 * 32 * 2 - 2

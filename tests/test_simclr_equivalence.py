@@ -4,10 +4,11 @@ gradients), for the SimCLR method as the engine trains it."""
 import pytest
 import torch
 import torch.distributed as dist
-from multiproc import run_ranks
 
 from dist_contrast.config import config_from_dict
 from dist_contrast.methods import build_method
+
+from multiproc import run_ranks
 
 GLOBAL_B = 12
 
