@@ -62,3 +62,111 @@ def gather(x: torch.Tensor, enabled: bool) -> tuple[torch.Tensor, int]:
     if not enabled:
         return x, 0
     return distributed.all_gather_with_offset(x)
+
+
+# --------------------------------------------------------------------------------------------
+# More input checks
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_rows(x: torch.Tensor, name: str) -> None:
+    """A non-empty floating-point batch (after :func:`check_embeddings`)."""
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (0 rows)")
+
+
+def check_input(x: torch.Tensor, name: str, ndim: int = 2) -> None:
+    """Shape, dtype, non-empty and finite: everything an embedding batch must be."""
+    check_embeddings(x, name, ndim)
+    check_rows(x, name)
+
+
+def check_labels(labels: torch.Tensor, n: int, name: str = "labels") -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(labels).__name__}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must have shape [N], got {tuple(labels.shape)}")
+    if labels.dtype not in _INT_DTYPES:
+        raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.shape[0] != n:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but the batch has {n} rows")
+
+
+def check_finite(value: float | torch.Tensor, name: str) -> float:
+    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def check_positive(value: float | torch.Tensor, name: str) -> float:
+    v = check_finite(value, name)
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed reductions
+
+
+def world(enabled: bool) -> int:
+    """Ranks whose anchors make up the global batch: W with the gather on, 1 without."""
+    return distributed.world_size() if enabled else 1
+
+
+def all_reduce_sum(t: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """Sum of a (non-differentiable) tensor over ranks, e.g. a count of non-zero losses."""
+    t = t.detach()
+    if enabled and distributed.is_dist() and distributed.world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def gather_labels(labels: torch.Tensor, enabled: bool) -> torch.Tensor:
+    return distributed.all_gather_no_grad(labels) if enabled else labels
+
+
+def global_mean(local_sum: torch.Tensor, n_global: int | torch.Tensor, enabled: bool):
+    """This rank's share of a mean over the anchors of every rank.
+
+    Returns ``W * local_sum / n_global``: the mean over ranks of these values is the global
+    mean, and because the gather's backward sums the gradient over ranks, the gradient of each
+    rank divided by W (DeepSpeed's average) is that of the global mean. With equal per-rank
+    batches and ``n_global = W * n_local`` this is the mean over the local anchors."""
+    if isinstance(n_global, torch.Tensor):
+        n_global = n_global.clamp(min=1).to(local_sum.dtype)
+    else:
+        n_global = max(int(n_global), 1)
+    return local_sum * world(enabled) / n_global
+
+
+def keep_graph(loss: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    """Tie ``tensors`` (gathered ones) into ``loss`` with weight 0.
+
+    Every rank must run the backward of every gather, or the ranks that do wait forever for
+    the others in the backward all-reduce; a loss that happens not to use a gathered tensor on
+    one rank (no pairs, no owned anchors) still reaches it through this zero term."""
+    for t in tensors:
+        if t.requires_grad:
+            loss = loss + t.sum() * 0
+    return loss
+
+
+_MASK_FILL = -1e30  # exp() of it is 0, but rows with nothing kept stay finite (no NaN grads)
+
+
+def masked_logsumexp(logits: torch.Tensor, keep: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log-sum-exp over the kept entries. Rows with nothing kept give a huge negative finite
+    value (never NaN, also not in the gradient): callers zero those rows out."""
+    return torch.logsumexp(logits.masked_fill(~keep, _MASK_FILL), dim=dim)

@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dist_contrast.losses._common import (
-    check_embeddings,
     check_gather,
+    check_input,
     check_same_shape,
     check_temperature,
     fp32_region,
     gather,
+    global_mean,
     normalize,
 )
+
+
+class TwoViews(NamedTuple):
+    """Local anchors of two views scored against the views of every rank."""
+
+    logits: torch.Tensor  # [2n, 2N]: rows z1 then z2 of this rank, columns all z1 then all z2
+    self_col: torch.Tensor  # [2n] column of each anchor itself
+    pos_col: torch.Tensor  # [2n] column of each anchor's other view
+    n_all: int  # N, samples on all ranks
+    offset: int  # this rank's first sample in the N
+    a1: torch.Tensor  # normalised local views [n, D]
+    a2: torch.Tensor
+
+
+def two_views(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_mode: str) -> TwoViews:
+    """Validate, normalise, gather and score. Call inside ``fp32_region()``."""
+    check_input(z1, "z1")
+    check_input(z2, "z2")
+    check_same_shape(z1, z2, "z1", "z2")
+    check_temperature(temperature)
+    use_gather = check_gather(gather_mode)
+    a1, a2 = normalize(z1), normalize(z2)
+    c1, offset = gather(a1, use_gather)
+    c2, _ = gather(a2, use_gather)
+    n_local, n_all = a1.shape[0], c1.shape[0]
+    logits = torch.cat([a1, a2]) @ torch.cat([c1, c2]).T / temperature
+    idx = torch.arange(n_local, device=logits.device) + offset
+    self_col = torch.cat([idx, idx + n_all])
+    pos_col = torch.cat([idx + n_all, idx])
+    return TwoViews(logits, self_col, pos_col, n_all, offset, a1, a2)
 
 
 def nt_xent(
@@ -29,27 +62,17 @@ def nt_xent(
 
     Distributed: with ``gather_mode="all"`` the N is global. Each rank scores only its local
     anchors against the views of every rank (gathered with gradient; memory O(N_local x N)), and
-    its loss is the mean over its anchors, so W ranks with averaged gradients equal one process
-    on the global batch. ``"off"`` keeps each rank's batch to itself.
+    returns ``W * (sum over its anchors) / 2N`` (the mean over its anchors when ranks hold equal
+    batches), so W ranks with averaged gradients equal one process on the global batch, also
+    for uneven batches. ``"off"`` keeps each rank's batch to itself.
     """
-    check_embeddings(z1, "z1")
-    check_embeddings(z2, "z2")
-    check_same_shape(z1, z2, "z1", "z2")
-    check_temperature(temperature)
     use_gather = check_gather(gather_mode)
     with fp32_region():
-        a1, a2 = normalize(z1), normalize(z2)
-        c1, offset = gather(a1, use_gather)
-        c2, _ = gather(a2, use_gather)
-        n_local, n_all = a1.shape[0], c1.shape[0]
-        anchors = torch.cat([a1, a2])
-        logits = anchors @ torch.cat([c1, c2]).T / temperature
-        idx = torch.arange(n_local, device=z1.device) + offset
-        self_col = torch.cat([idx, idx + n_all])
-        pos_col = torch.cat([idx + n_all, idx])
-        mask = F.one_hot(self_col, 2 * n_all).bool()
-        logits = logits.masked_fill(mask, float("-inf"))
-        return F.cross_entropy(logits, pos_col)
+        v = two_views(z1, z2, temperature, gather_mode)
+        mask = F.one_hot(v.self_col, 2 * v.n_all).bool()
+        logits = v.logits.masked_fill(mask, float("-inf"))
+        total = F.cross_entropy(logits, v.pos_col, reduction="sum")
+        return global_mean(total, 2 * v.n_all, use_gather)
 
 
 class NTXentLoss(nn.Module):

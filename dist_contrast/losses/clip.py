@@ -1,0 +1,87 @@
+"""Symmetric image-text contrastive loss with a learnable temperature (CLIP, Radford 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_contrast.losses._common import (
+    check_finite,
+    check_gather,
+    check_input,
+    check_positive,
+    check_same_shape,
+    fp32_region,
+    gather,
+    global_mean,
+    normalize,
+    upcast,
+)
+
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+def check_pair(image: torch.Tensor, text: torch.Tensor) -> None:
+    check_input(image, "image")
+    check_input(text, "text")
+    check_same_shape(image, text, "image", "text")
+
+
+def clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: float | torch.Tensor = CLIP_INIT_LOGIT_SCALE,
+    max_scale: float = 100.0,
+    gather_mode: str = "all",
+) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over the image-text similarity matrix.
+
+    Convention (Radford et al. 2021): ``image[i]`` and ``text[i]`` are a pair; both are
+    L2-normalised, logits are ``exp(logit_scale) * image @ text.T`` with the scale clipped at
+    ``max_scale`` (100), and the loss is the mean of the image->text and text->image
+    cross-entropies, each averaged over the pairs. ``logit_scale`` is the log of the scale
+    (the learnable parameter, initialised to log(1/0.07)); above ``log(max_scale)`` it gets no
+    gradient.
+
+    Distributed (open_clip's local loss): each rank scores its images against the texts of
+    every rank and its texts against every rank's images (gathered with gradient, targets
+    offset by rank), memory O(n_local x N), and returns ``W * (its sum) / 2N``: W ranks with
+    averaged gradients (the logit scale's included) equal one process on the global batch.
+    """
+    check_pair(image, text)
+    check_finite(logit_scale, "logit_scale")
+    check_positive(max_scale, "max_scale")
+    use_gather = check_gather(gather_mode)
+    with fp32_region():
+        img, txt = normalize(image), normalize(text)
+        all_img, offset = gather(img, use_gather)
+        all_txt, _ = gather(txt, use_gather)
+        log_scale = torch.as_tensor(logit_scale, device=img.device)
+        scale = upcast(log_scale).exp().clamp(max=max_scale)
+        targets = torch.arange(img.shape[0], device=img.device) + offset
+        total = F.cross_entropy(scale * img @ all_txt.T, targets, reduction="sum")
+        total = total + F.cross_entropy(scale * txt @ all_img.T, targets, reduction="sum")
+        return global_mean(total / 2, all_img.shape[0], use_gather)
+
+
+class ClipLoss(nn.Module):
+    """:func:`clip_loss` with the learnable ``logit_scale`` (log of 1/T, init log(1/0.07))."""
+
+    def __init__(
+        self, init_temperature: float = 0.07, max_scale: float = 100.0, gather: str = "all"
+    ) -> None:
+        super().__init__()
+        check_positive(init_temperature, "init_temperature")
+        check_positive(max_scale, "max_scale")
+        check_gather(gather)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        self.max_scale, self.gather = max_scale, gather
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return clip_loss(image, text, self.logit_scale, self.max_scale, self.gather)
+
+    def negatives_per_query(self, n_local: int, world: int) -> int:
+        return n_local * (world if self.gather == "all" else 1) - 1

@@ -1,0 +1,103 @@
+"""InfoNCE (van den Oord et al. 2018) in the MoCo form (He et al. 2020; Chen et al. 2021)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_contrast.losses._common import (
+    check_gather,
+    check_input,
+    check_same_shape,
+    check_temperature,
+    fp32_region,
+    gather,
+    global_mean,
+    keep_graph,
+    normalize,
+)
+
+
+def info_nce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    temperature: float = 0.07,
+    in_batch: bool | None = None,
+    gather_mode: str = "all",
+) -> torch.Tensor:
+    """InfoNCE: cross-entropy of each query against its key among negatives.
+
+    Convention (MoCo): queries, keys and negatives are L2-normalised, logits are dot products
+    divided by ``temperature``, and the loss is the mean cross-entropy over the queries with
+    the query's own key (``k[i]`` for ``q[i]``) as the positive. The negatives of ``q[i]`` are
+
+    - ``negatives`` [K, D] if given (MoCo v1/v2: the queue), the same K for every query; and
+    - with ``in_batch=True``, the other keys of the batch: of every rank with
+      ``gather_mode="all"`` (MoCo v3, keys gathered with gradient), of this rank with ``"off"``.
+
+    ``in_batch`` defaults to True without ``negatives`` and False with them. MoCo v3 scales
+    this loss by 2T; that factor belongs to the method. Keys are not detached here: a momentum
+    encoder's keys come without gradient already.
+
+    Distributed: in-batch, each rank scores its queries against the gathered keys (memory
+    O(n_local x N)) and returns ``W * (sum) / N``, so W ranks with averaged gradients equal
+    one process on the global batch. Without in-batch negatives nothing is gathered and each
+    rank returns the mean over its queries (the global mean when ranks hold equal batches).
+    """
+    check_input(q, "q")
+    check_input(k, "k")
+    check_same_shape(q, k, "q", "k")
+    if negatives is not None:
+        check_input(negatives, "negatives")
+        if negatives.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"negatives must have shape [K, {q.shape[1]}], got {tuple(negatives.shape)}"
+            )
+    check_temperature(temperature)
+    use_gather = check_gather(gather_mode)
+    if in_batch is None:
+        in_batch = negatives is None
+    if not in_batch and negatives is None:
+        raise ValueError("info_nce has no negatives: pass negatives=[K, D] or in_batch=True")
+    with fp32_region():
+        qn, kn = normalize(q), normalize(k)
+        n = qn.shape[0]
+        if in_batch:
+            keys, offset = gather(kn, use_gather)
+            logits = qn @ keys.T
+            targets = torch.arange(n, device=qn.device) + offset
+            n_global = keys.shape[0]
+        else:
+            logits = (qn * kn).sum(dim=1, keepdim=True)
+            targets = torch.zeros(n, dtype=torch.long, device=qn.device)
+            n_global, use_gather = n, False
+        if negatives is not None:
+            logits = torch.cat([logits, qn @ normalize(negatives).T], dim=1)
+        total = F.cross_entropy(logits / temperature, targets, reduction="sum")
+        loss = global_mean(total, n_global, use_gather)
+        return keep_graph(loss, keys) if in_batch else loss
+
+
+class InfoNCELoss(nn.Module):
+    """Module form of :func:`info_nce`; see there for the convention."""
+
+    def __init__(
+        self, temperature: float = 0.07, in_batch: bool | None = None, gather: str = "all"
+    ) -> None:
+        super().__init__()
+        check_temperature(temperature)
+        check_gather(gather)
+        self.temperature, self.in_batch, self.gather = temperature, in_batch, gather
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return info_nce(q, k, negatives, self.temperature, self.in_batch, self.gather)
+
+    def negatives_per_query(self, n_local: int, world: int, n_extra: int = 0) -> int:
+        in_batch = self.in_batch if self.in_batch is not None else n_extra == 0
+        if not in_batch:
+            return n_extra
+        return n_extra + n_local * (world if self.gather == "all" else 1) - 1

@@ -1,0 +1,113 @@
+"""Supervised contrastive loss (SupCon, Khosla et al. 2020), SupContrast reference convention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_contrast.losses._common import (
+    check_choice,
+    check_gather,
+    check_input,
+    check_labels,
+    check_positive,
+    check_temperature,
+    fp32_region,
+    gather,
+    gather_labels,
+    global_mean,
+    masked_logsumexp,
+    normalize,
+)
+
+MODES = ("all", "one")
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    contrast_mode: str = "all",
+    gather_mode: str = "all",
+) -> torch.Tensor:
+    """Supervised contrastive loss L_out over N samples with V views each.
+
+    Convention (the SupContrast reference, ``SupConLoss``): ``features`` [N, V, D] are
+    L2-normalised here (the reference expects the caller to do it); every view is an anchor
+    (``contrast_mode="all"``; ``"one"``: only view 0) and every other view of the batch is a
+    contrast sample. The positives of an anchor are the other views with its label (without
+    ``labels``: the other views of the same sample, which is SimCLR's loss, = NT-Xent for V = 2
+    when temperature == base_temperature). Anchor loss:
+    ``-(T / base_T) * mean over positives p of log(exp(s_ap / T) / sum_{c != a} exp(s_ac / T))``.
+    The loss is the mean over all anchors; an anchor without positives contributes 0 and
+    still counts in the mean (the reference's ``mask_pos_pairs`` clamp to 1).
+
+    Distributed: anchors are this rank's views; contrast samples are the views of every rank
+    (gathered with gradient), labels gathered, instance ids and the self-mask offset by rank.
+    Each rank returns ``W * (sum over its anchors) / (anchors on all ranks)``, so W ranks with
+    averaged gradients equal one process on the global batch. Memory O(nV x NV).
+    """
+    check_input(features, "features", ndim=3)
+    if labels is not None:
+        check_labels(labels, features.shape[0])
+    check_temperature(temperature)
+    check_positive(base_temperature, "base_temperature")
+    check_choice(contrast_mode, "contrast_mode", MODES)
+    use_gather = check_gather(gather_mode)
+    with fp32_region():
+        f = normalize(features)
+        n, views = f.shape[0], f.shape[1]
+        cols, offset = gather(f, use_gather)  # [N, V, D]
+        n_all = cols.shape[0]
+        anchors = f if contrast_mode == "all" else f[:, :1]
+        a_views = anchors.shape[1]
+        logits = anchors.reshape(n * a_views, -1) @ cols.reshape(n_all * views, -1).T
+        logits = logits / temperature
+        dev = logits.device
+        row_sample = (torch.arange(n, device=dev) + offset).repeat_interleave(a_views)
+        row_view = torch.arange(a_views, device=dev).repeat(n)
+        col_sample = torch.arange(n_all, device=dev).repeat_interleave(views)
+        self_mask = torch.zeros_like(logits, dtype=torch.bool)
+        self_mask[torch.arange(len(row_sample), device=dev), row_sample * views + row_view] = True
+        if labels is None:
+            row_id, col_id = row_sample, col_sample
+        else:
+            labels = labels.to(dev)
+            row_id = labels.repeat_interleave(a_views)
+            col_id = gather_labels(labels, use_gather).repeat_interleave(views)
+        pos = (row_id[:, None] == col_id[None, :]) & ~self_mask
+        log_prob = logits - masked_logsumexp(logits, ~self_mask)[:, None]
+        n_pos = pos.sum(dim=1)
+        mean_log_prob_pos = torch.where(pos, log_prob, 0.0).sum(dim=1) / n_pos.clamp(min=1)
+        per_anchor = -(temperature / base_temperature) * mean_log_prob_pos
+        return global_mean(per_anchor.sum(), n_all * a_views, use_gather)
+
+
+class SupConLoss(nn.Module):
+    """Module form of :func:`supcon_loss`; see there for the convention."""
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        base_temperature: float = 0.07,
+        contrast_mode: str = "all",
+        gather: str = "all",
+    ) -> None:
+        super().__init__()
+        check_temperature(temperature)
+        check_positive(base_temperature, "base_temperature")
+        check_choice(contrast_mode, "contrast_mode", MODES)
+        check_gather(gather)
+        self.temperature, self.base_temperature = temperature, base_temperature
+        self.contrast_mode, self.gather = contrast_mode, gather
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return supcon_loss(
+            features,
+            labels,
+            self.temperature,
+            self.base_temperature,
+            self.contrast_mode,
+            self.gather,
+        )
