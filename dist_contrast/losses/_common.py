@@ -166,6 +166,14 @@ def keep_graph(loss: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
 _MASK_FILL = -1e30  # exp() of it is 0, but rows with nothing kept stay finite (no NaN grads)
 
 
+def column_mask(rows: int, cols: int, index: torch.Tensor, value: bool) -> torch.Tensor:
+    """A [rows, cols] bool mask, ``value`` at (i, index[i]) and ``not value`` elsewhere (what
+    ``one_hot(...).bool()`` gives, without its int64 [rows, cols] intermediate)."""
+    mask = torch.full((rows, cols), not value, dtype=torch.bool, device=index.device)
+    mask[torch.arange(rows, device=index.device), index] = value
+    return mask
+
+
 def masked_logsumexp(logits: torch.Tensor, keep: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """log-sum-exp over the kept entries. Rows with nothing kept give a huge negative finite
     value (never NaN, also not in the gradient): callers zero those rows out."""

@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dist_contrast.losses._common import (
     all_reduce_sum,
     check_gather,
     check_input,
     check_labels,
+    column_mask,
     gather,
     gather_labels,
     global_mean,
@@ -41,8 +41,8 @@ class LabelledBatch:
         same = self.row_labels[:, None] == self.col_labels[None, :]
         n = self.rows.shape[0]
         own = torch.arange(n, device=same.device) + self.offset
-        self_mask = F.one_hot(own, self.cols.shape[0]).bool()
-        return same & ~self_mask, ~same
+        not_self = column_mask(n, self.cols.shape[0], own, False)
+        return same & not_self, ~same
 
     def distances(self) -> torch.Tensor:
         """Euclidean distances [n, N] between normalised embeddings, as pml's default

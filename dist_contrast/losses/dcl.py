@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dist_contrast.losses._common import (
     check_gather,
     check_positive,
     check_temperature,
+    column_mask,
     fp32_region,
     gather,
     global_mean,
@@ -47,7 +47,8 @@ def dcl_loss(
         n2 = v.logits.shape[0]
         rows = torch.arange(n2, device=v.logits.device)
         cols = 2 * v.n_all
-        keep = ~(F.one_hot(v.self_col, cols).bool() | F.one_hot(v.pos_col, cols).bool())
+        keep = column_mask(n2, cols, v.self_col, False)
+        keep[rows, v.pos_col] = False
         pos_term = -v.logits[rows, v.pos_col]
         if sigma is not None:
             pair_sim, _ = gather((v.a1 * v.a2).sum(dim=1), use_gather)

@@ -69,8 +69,8 @@ def nt_xent(
     use_gather = check_gather(gather_mode)
     with fp32_region():
         v = two_views(z1, z2, temperature, gather_mode)
-        mask = F.one_hot(v.self_col, 2 * v.n_all).bool()
-        logits = v.logits.masked_fill(mask, float("-inf"))
+        # in place: nothing saved for backward holds the logits (saves one [2n, 2N] copy)
+        logits = v.logits.scatter_(1, v.self_col[:, None], float("-inf"))
         total = F.cross_entropy(logits, v.pos_col, reduction="sum")
         return global_mean(total, 2 * v.n_all, use_gather)
 

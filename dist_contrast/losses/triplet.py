@@ -73,29 +73,44 @@ def _batch_hard(d, pos, neg, margin):
     return losses.sum(), (losses > 0).sum()
 
 
+def _padded_positives(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of each row's positives, padded to the largest count: [n, k] column indices
+    and a validity mask (k = 3 for classes of 4 samples, whatever the batch size)."""
+    counts = pos.sum(dim=1)
+    k = int(counts.max()) if pos.numel() else 0
+    a_idx, p_idx = torch.nonzero(pos, as_tuple=True)
+    slot = torch.arange(len(a_idx), device=pos.device) - (counts.cumsum(0) - counts)[a_idx]
+    cols = torch.zeros(pos.shape[0], k, dtype=torch.long, device=pos.device)
+    valid = torch.zeros(pos.shape[0], k, dtype=torch.bool, device=pos.device)
+    cols[a_idx, slot] = p_idx
+    valid[a_idx, slot] = True
+    return cols, valid
+
+
 def _triplet_runs(d, pos, neg, margin, window):
     """Sum and count of the non-zero triplet losses of each anchor row of ``d``.
 
     For anchor a and positive p, the negatives with a non-zero loss are those with
     d(a, n) < d(a, p) + margin (and, semi-hard, d(a, p) < d(a, n) <= d(a, p) + window): a run
     [lo, hi) of a's sorted negative distances. Their losses add up to
-    ``(hi - lo) * (d(a, p) + margin) - (prefix[hi] - prefix[lo])``."""
-    d64 = d.double()
-    sorted_neg = torch.sort(torch.where(neg, d64, float("inf")), dim=1).values
-    finite = torch.where(torch.isfinite(sorted_neg), sorted_neg, 0.0)
-    prefix = F.pad(finite.cumsum(dim=1), (1, 0))  # prefix[:, k]: sum of the k closest
-    keys = sorted_neg.detach().contiguous()
-    ap = d64.detach().contiguous()
-    hi = torch.searchsorted(keys, ap + margin, side="left")
+    ``(hi - lo) * (d(a, p) + margin) - (prefix[hi] - prefix[lo])`` (sums in fp64)."""
+    sorted_neg = torch.sort(torch.where(neg, d, float("inf")), dim=1).values
+    finite = torch.where(torch.isfinite(sorted_neg), sorted_neg.double(), 0.0)
+    prefix = F.pad(finite.cumsum(dim=1), (1, 0))  # prefix[:, j]: sum of the j closest
+    cols, valid = _padded_positives(pos)
+    ap = d.gather(1, cols)  # [n, k] anchor-positive distances
+    keys, query = sorted_neg.detach().contiguous(), ap.detach()
+    hi = torch.searchsorted(keys, (query + margin).contiguous(), side="left")
     if window is None:
         lo = torch.zeros_like(hi)
     else:
-        lo = torch.searchsorted(keys, ap, side="right")
-        hi = torch.minimum(hi, torch.searchsorted(keys, ap + window, side="right"))
+        lo = torch.searchsorted(keys, query.contiguous(), side="right")
+        top = torch.searchsorted(keys, (query + window).contiguous(), side="right")
+        hi = torch.minimum(hi, top)
         lo = torch.minimum(lo, hi)
-    count = torch.where(pos, hi - lo, 0)
+    count = torch.where(valid, hi - lo, 0)
     run_sum = prefix.gather(1, hi) - prefix.gather(1, lo)
-    total = torch.where(pos, count * (d64 + margin) - run_sum, 0.0)
+    total = torch.where(valid, count * (ap.double() + margin) - run_sum, 0.0)
     return total.sum(), count.sum()
 
 
