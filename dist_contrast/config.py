@@ -77,7 +77,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 128  # per rank
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 2e-3
