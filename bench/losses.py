@@ -3,8 +3,9 @@
     dist-contrast bench losses [--sizes 256,1024,4096] [--dim 128] [--repeats 5] [--quick]
     python -c "import sys; sys.path.insert(0, 'bench'); import losses; losses.main([])"
 
-One process, no gather. Time: the median over ``--repeats`` timed forward+backward passes
-after one warm-up pass. Memory: the peak of tensor bytes allocated during one forward+backward
+One process, no gather. Time: the median and the minimum over ``--repeats`` timed
+forward+backward passes after ``--warmup`` untimed ones (on a shared machine the minimum is the
+steadier figure). Memory: the peak of tensor bytes allocated during one forward+backward
 pass above what was allocated before it (inputs excluded): on CUDA from
 ``torch.cuda.max_memory_allocated``, on CPU by replaying the allocation and free events the
 PyTorch profiler records (``profile_memory=True``). Both count tensors only, not the allocator's
@@ -101,7 +102,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _time_ms(call, inputs, repeats: int, dev: torch.device) -> float:
+def _time_ms(call, inputs, repeats: int, dev: torch.device) -> tuple[float, float]:
     times = []
     for _ in range(repeats):
         _sync(dev)
@@ -109,7 +110,7 @@ def _time_ms(call, inputs, repeats: int, dev: torch.device) -> float:
         _step(call, inputs)
         _sync(dev)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def _peak_bytes(call, inputs, dev: torch.device) -> int | None:
@@ -156,6 +157,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sizes", default="256,1024,4096", help="batch sizes, comma-separated")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="timed passes (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes first")
     p.add_argument("--queue", type=int, default=QUEUE, help="negatives of InfoNCE / NCE")
     p.add_argument("--losses", default="", help="only these, comma-separated")
     p.add_argument("--out", default="bench/results/losses.json")
@@ -163,13 +165,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="B in {16, 32}, D 16, queue 64, 1 repeat")
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes, args.dim, args.repeats, args.queue = "16,32", 16, 1, 64
+        args.sizes, args.dim, args.repeats, args.queue, args.warmup = "16,32", 16, 1, 64, 1
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s]
     except ValueError:
         p.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
     if not args.sizes or min(args.sizes) < 2 or min(args.dim, args.repeats, args.queue) < 1:
         p.error("--sizes must be >= 2; --dim, --repeats and --queue >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = _cases()
@@ -187,10 +191,11 @@ def run(args: argparse.Namespace, dev: torch.device) -> list[dict]:
         for name in args.losses:
             call, needs = cases[name]
             inputs = _inputs(needs, b, args.dim, dev, args.queue)
-            _step(call, inputs)  # warm-up
-            ms = _time_ms(call, inputs, args.repeats, dev)
+            for _ in range(args.warmup):
+                _step(call, inputs)
+            ms, ms_min = _time_ms(call, inputs, args.repeats, dev)
             peak = _peak_bytes(call, inputs, dev)
-            rows.append({"loss": name, "B": b, "ms": ms, "peak_mib": _mib(peak)})
+            rows.append({"loss": name, "B": b, "ms": ms, "ms_min": ms_min, "peak_mib": _mib(peak)})
             del inputs
     for r in rows:
         ref = next((x for x in rows if x["loss"] == "ntxent" and x["B"] == r["B"]), None)
@@ -203,12 +208,17 @@ def _mib(n: int | None) -> float | None:
 
 
 def _table(rows: list[dict], header: str) -> str:
-    lines = [header, f"{'loss':<20} {'B':>6} {'fwd+bwd ms':>11} {'x ntxent':>9} {'peak MiB':>9}"]
+    lines = [
+        header,
+        f"{'loss':<20} {'B':>6} {'median ms':>10} {'min ms':>9} {'x ntxent':>9} {'peak MiB':>9}",
+    ]
     order = {name: i for i, name in enumerate(_cases())}
     for r in sorted(rows, key=lambda r: (order[r["loss"]], r["B"])):
         ratio = "-" if r["x_ntxent"] is None else f"{r['x_ntxent']:.2f}"
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-        lines.append(f"{r['loss']:<20} {r['B']:>6} {r['ms']:>11.2f} {ratio:>9} {peak:>9}")
+        lines.append(
+            f"{r['loss']:<20} {r['B']:>6} {r['ms']:>10.2f} {r['ms_min']:>9.2f} {ratio:>9} {peak:>9}"
+        )
     return "\n".join(lines)
 
 
@@ -221,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = (
         f"dist_contrast.losses, one process, D={args.dim}, K={args.queue}, "
-        f"median of {args.repeats}, "
+        f"{args.repeats} repeats, "
         f"{device_name(dev)}, torch {torch.__version__}\n"
         f"peak MiB = {memory}"
     )
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "queue": args.queue,
         "repeats": args.repeats,
         "samples_per_class": SAMPLES_PER_CLASS,
-        "time": "median wall ms of forward+backward",
+        "time": "wall ms of forward+backward: median and min over the repeats",
         "memory": memory,
         "command": "dist-contrast bench losses " + " ".join(sys.argv[1:] if argv is None else argv),
         "results": rows,

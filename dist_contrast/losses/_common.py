@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +11,13 @@ import torch.nn.functional as F
 from dist_contrast import distributed
 
 
-def fp32_region() -> contextlib.AbstractContextManager:
-    """Normalisation, log-sum-exp and masking run in fp32 whatever the autocast dtype."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device_type=dev, enabled=False)
+@contextlib.contextmanager
+def fp32_region() -> Iterator[None]:
+    """Normalisation, log-sum-exp and masking run in fp32 whatever the autocast dtype
+    (autocast off for CPU and, where present, CUDA; callers upcast their inputs)."""
+    cuda = torch.autocast(device_type="cuda", enabled=False) if torch.cuda.is_available() else None
+    with torch.autocast(device_type="cpu", enabled=False), cuda or contextlib.nullcontext():
+        yield
 
 
 def check_embeddings(x: torch.Tensor, name: str, ndim: int = 2) -> None:
