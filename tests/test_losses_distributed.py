@@ -82,13 +82,15 @@ OBJECTIVES: dict[str, Objective] = {
     "dcl": Objective(lambda a, b, gather: L.dcl_loss(a, b, 0.3, None, gather), ("z1", "z2")),
     "dclw": Objective(lambda a, b, gather: L.dcl_loss(a, b, 0.3, 0.5, gather), ("z1", "z2")),
     "infonce_in_batch": Objective(
-        lambda q, k, gather: L.info_nce(q, k, None, 0.2, True, gather), ("q", "k")
+        lambda q, k, gather: L.info_nce(q, k, None, 0.2, gather, in_batch=True), ("q", "k")
     ),
     "infonce_in_batch_queue": Objective(
-        lambda q, k, n, gather: L.info_nce(q, k, n, 0.2, True, gather), ("q", "k"), ("queue",)
+        lambda q, k, n, gather: L.info_nce(q, k, n, 0.2, gather, in_batch=True),
+        ("q", "k"),
+        ("queue",),
     ),
     "infonce_queue": Objective(
-        lambda q, k, n, gather: L.info_nce(q, k, n, 0.2, False, gather),
+        lambda q, k, n, gather: L.info_nce(q, k, n, 0.2, gather, in_batch=False),
         ("q", "k"),
         ("queue",),
         gathered=False,

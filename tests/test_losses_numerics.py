@@ -163,6 +163,8 @@ ERRORS = [
     (lambda: L.info_nce(X, X, None, in_batch=False), r"no negatives"),
     (lambda: L.info_nce(X, X, torch.randn(3, D + 1)), r"negatives must have shape \[K, 6\]"),
     (lambda: L.info_nce(X, X, temperature=float("nan")), r"temperature must be > 0"),
+    (lambda: L.info_nce(X, X, None, 0.1, "all", in_batch="yes"), r"in_batch must be"),
+    (lambda: L.InfoNCELoss(0.1, "all"), r"in_batch must be"),
     (lambda: L.supcon_loss(X), r"features must have shape \[N, V, D\]"),
     (lambda: L.supcon_loss(X[:, None], Y[:2]), r"labels has 2 entries"),
     (lambda: L.supcon_loss(X[:, None], Y, base_temperature=0), r"base_temperature must be > 0"),

@@ -379,3 +379,14 @@ def test_byol_matches_naive_and_detaches_targets():
     _, grads = _grads(byol_loss, p1, z2, p2, z1)
     assert grads[1].abs().sum() == 0 and grads[3].abs().sum() == 0
     assert grads[0].abs().sum() > 0
+
+
+def test_negatives_per_query():
+    assert NTXentLoss().negatives_per_query(8, 4) == 62
+    assert NTXentLoss(gather="off").negatives_per_query(8, 4) == 14
+    assert DCLLoss().negatives_per_query(8, 2) == 30
+    assert ClipLoss().negatives_per_query(8, 4) == 31
+    assert SigLipLoss(gather="off").negatives_per_query(8, 4) == 7
+    assert InfoNCELoss().negatives_per_query(8, 4) == 31  # MoCo v3: keys of every rank
+    assert InfoNCELoss().negatives_per_query(8, 4, n_extra=100) == 100  # MoCo v2: the queue
+    assert InfoNCELoss(in_batch=True).negatives_per_query(8, 2, n_extra=100) == 115

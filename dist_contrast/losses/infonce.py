@@ -19,13 +19,19 @@ from dist_contrast.losses._common import (
 )
 
 
+def _check_in_batch(in_batch: bool | None) -> None:
+    if in_batch is not None and not isinstance(in_batch, bool):
+        raise ValueError(f"in_batch must be True, False or None, got {in_batch!r}")
+
+
 def info_nce(
     q: torch.Tensor,
     k: torch.Tensor,
     negatives: torch.Tensor | None = None,
     temperature: float = 0.07,
-    in_batch: bool | None = None,
     gather_mode: str = "all",
+    *,
+    in_batch: bool | None = None,
 ) -> torch.Tensor:
     """InfoNCE: cross-entropy of each query against its key among negatives.
 
@@ -57,6 +63,7 @@ def info_nce(
             )
     check_temperature(temperature)
     use_gather = check_gather(gather_mode)
+    _check_in_batch(in_batch)
     if in_batch is None:
         in_batch = negatives is None
     if not in_batch and negatives is None:
@@ -88,13 +95,14 @@ class InfoNCELoss(nn.Module):
     ) -> None:
         super().__init__()
         check_temperature(temperature)
+        _check_in_batch(in_batch)
         check_gather(gather)
         self.temperature, self.in_batch, self.gather = temperature, in_batch, gather
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return info_nce(q, k, negatives, self.temperature, self.in_batch, self.gather)
+        return info_nce(q, k, negatives, self.temperature, self.gather, in_batch=self.in_batch)
 
     def negatives_per_query(self, n_local: int, world: int, n_extra: int = 0) -> int:
         in_batch = self.in_batch if self.in_batch is not None else n_extra == 0
