@@ -58,6 +58,58 @@ def _cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard_options(args: argparse.Namespace):
+    from dist_contrast.data.writers import ShardOptions
+
+    return ShardOptions(
+        prefix=args.prefix,
+        shard_size=args.shard_size,
+        max_shard_bytes=args.max_shard_bytes,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+    )
+
+
+def _report_write(result, out: str) -> int:
+    for split, info in result.counts.items():
+        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
+    if result.skipped:
+        total = sum(info["samples"] for info in result.counts.values()) + len(result.skipped)
+        print(
+            f"dist-contrast: warning: skipped {len(result.skipped)} of {total} file(s) "
+            "(missing or unreadable):",
+            file=sys.stderr,
+        )
+        for source, why in result.skipped[:5]:
+            print(f"  {source}: {why}", file=sys.stderr)
+        if len(result.skipped) > 5:
+            print(f"  ... and {len(result.skipped) - 5} more", file=sys.stderr)
+    print(f"wrote {out}/counts.json")
+    return 0
+
+
+def _cmd_shards_folder(args: argparse.Namespace) -> int:
+    from dist_contrast.data.writers import write_folder
+
+    return _report_write(write_folder(args.root, args.out, _shard_options(args)), args.out)
+
+
+def _cmd_shards_csv(args: argparse.Namespace) -> int:
+    from dist_contrast.data.writers import write_csv
+
+    return _report_write(write_csv(args.csv, args.out, _shard_options(args)), args.out)
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from dist_contrast.data.tokenizer import train_bpe_from_shards
+
+    tok, seen = train_bpe_from_shards(args.shards, args.vocab_size)
+    tok.save(args.out)
+    print(f"trained BPE on {seen} captions: vocab size {tok.vocab_size}; wrote {args.out}")
+    return 0
+
+
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -73,6 +125,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return int(module.main(list(args.args)) or 0)
+
+
+def _add_writer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+    p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
+    p.add_argument("--max-shard-bytes", type=float, help="max bytes per shard, e.g. 1e9")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="held out as val-*.tar")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--workers", type=int, default=1, help="writer processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=0.2)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_shards)
+    f = shard_sub.add_parser(
+        "folder", help="an image folder: ROOT/<class>/*.jpg, or ROOT/*.jpg with x.txt captions"
+    )
+    f.add_argument("root", help="the image folder")
+    _add_writer_options(f)
+    f.set_defaults(func=_cmd_shards_folder)
+    c = shard_sub.add_parser("csv", help="a CSV with a header and columns path,caption")
+    c.add_argument("csv", help="the CSV file; relative paths are taken from its folder")
+    _add_writer_options(c)
+    c.set_defaults(func=_cmd_shards_csv)
+
+    p = sub.add_parser("tokenizer", help="caption tokenizers")
+    tok_sub = p.add_subparsers(dest="action", required=True)
+    t = tok_sub.add_parser("train", help="train a byte-level BPE on the captions (txt) of shards")
+    t.add_argument("--shards", required=True, help="shard pattern, e.g. 'data/train-*.tar'")
+    t.add_argument("--vocab-size", type=int, required=True, help="e.g. 8192")
+    t.add_argument("--out", required=True, help="tokenizer.json to write")
+    t.set_defaults(func=_cmd_tokenizer_train)
 
     p = sub.add_parser("bench", help="run a benchmark from bench/ (prints a table, writes JSON)")
     p.add_argument("name", help="benchmark name, e.g. losses")
