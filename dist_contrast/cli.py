@@ -130,11 +130,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_writer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
-    p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
-    p.add_argument("--max-shard-bytes", type=float, help="max bytes per shard, e.g. 1e9")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="held out as val-*.tar")
+    p.add_argument(
+        "--shard-size", type=int, default=1000, help="max samples per shard (default: 1000)"
+    )
+    p.add_argument(
+        "--max-shard-bytes", type=float, help="max bytes per shard, e.g. 1e9 (default: no limit)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0, help="held out as val-*.tar (default: 0)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    p.add_argument("--workers", type=int, default=1, help="writer processes")
+    p.add_argument("--workers", type=int, default=1, help="writer processes (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("root", help="the image folder")
     _add_writer_options(f)
     f.set_defaults(func=_cmd_shards_folder)
-    c = shard_sub.add_parser("csv", help="a CSV with a header and columns path,caption")
+    c = shard_sub.add_parser(
+        "csv",
+        help="a CSV with a header and columns path,caption "
+        "(missing or unreadable images are skipped and reported)",
+    )
     c.add_argument("csv", help="the CSV file; relative paths are taken from its folder")
     _add_writer_options(c)
     c.set_defaults(func=_cmd_shards_csv)

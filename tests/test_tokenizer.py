@@ -134,3 +134,7 @@ def test_factory_and_bad_input(tmp_path, digits_dir):
         pass
     with pytest.raises(DataError, match="no captions"):
         train_bpe_from_shards(str(empty), vocab_size=300)
+    garbage = tmp_path / "garbage-000000.tar"
+    garbage.write_bytes(b"not a tar file")
+    with pytest.raises(DataError, match="cannot read captions of shard .*garbage-000000.tar"):
+        train_bpe_from_shards(str(garbage), vocab_size=300)

@@ -16,6 +16,7 @@ end-of-text is kept as the last token, so a model may pool at the eot position (
 from __future__ import annotations
 
 import os
+import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -175,8 +176,9 @@ def shard_captions(urls: Sequence[str]) -> Iterator[str]:
             for sample in wds.tarfile_samples([{"url": url}]):
                 if "txt" in sample:
                     yield sample["txt"].decode("utf-8")
-        except (OSError, ValueError) as exc:  # tarfile.ReadError and UnicodeError included
-            raise DataError(f"cannot read captions of shard '{url}': {exc}") from None
+        except (OSError, ValueError, tarfile.TarError) as exc:  # UnicodeError is a ValueError
+            reason = exc.args[0] if exc.args else exc  # webdataset appends (stream, url)
+            raise DataError(f"cannot read captions of shard '{url}': {reason}") from None
 
 
 def train_bpe_from_shards(
