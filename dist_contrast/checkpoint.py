@@ -79,12 +79,13 @@ def resolve_resume(root: Path, spec: str) -> Path | None:
     return path
 
 
-def load(engine, step_dir: Path) -> int:
-    """Restore model, optimizer and scheduler from ``step_dir``; return the step it holds."""
+def load(engine, step_dir: Path) -> dict:
+    """Restore model, optimizer and scheduler from ``step_dir``; return its client state
+    (``step``, ``data``, ...)."""
     path, client = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name)
     if path is None or client is None:
         raise CheckpointError(f"could not load the checkpoint in {step_dir}")
-    return int(client["step"])
+    return client
 
 
 def load_model_state(step_dir: Path) -> dict[str, torch.Tensor]:

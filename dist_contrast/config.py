@@ -32,25 +32,51 @@ class RunConfig:
 @dataclass
 class DataConfig:
     # Brace patterns ("train-{000000..000009}.tar"), globs ("train-*.tar") and comma-separated
-    # lists are accepted; remote URLs ("pipe:", "s3://", "http://") are passed through.
-    train_shards: str = "data/digits/train-*.tar"
+    # lists are accepted; remote URLs ("pipe:", "s3://", "http://") are passed through. A list
+    # with `train_weights` of the same length mixes several sources with those weights.
+    train_shards: str | list[str] = "data/digits/train-*.tar"
+    train_weights: list[float] = field(default_factory=list)
     val_shards: str = "data/digits/val-*.tar"
+    # Resampled: shards drawn with replacement, an epoch is `epoch_samples` samples (global).
+    # Not resampled: every sample once per epoch, shards split by rank then by worker.
+    resampled: bool = False
+    epoch_samples: int = 0
     num_workers: int = 1
     shuffle_buffer: int = 512
     image_size: int = 16
     channels: int = 1
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    require_caption: bool = False  # skip (and count) samples without a non-empty caption
+    max_image_pixels: int = 64_000_000  # larger images are rejected from their header
+    warn_every_s: float = 30.0  # bad-data warnings: at most one line per reason per interval
 
 
 @dataclass
 class AugmentConfig:
-    """Two-view augmentation strengths (per sample, in the loader workers)."""
+    """View strengths. Crops run per sample in the loader workers; the per-pixel ops run batched
+    on the training device (kornia)."""
 
     crop_scale_min: float = 0.5
+    crop_scale_max: float = 1.0
     rotation_deg: float = 15.0
     translate: float = 0.1
+    flip_prob: float = 0.0
     brightness: float = 0.3
     contrast: float = 0.3
+    saturation: float = 0.0
+    hue: float = 0.0
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma_max: float = 2.0
+    solarize_prob: float = 0.0
     noise_std: float = 0.05
+    # Multi-crop (SwAV/DINO): this many extra small crops per image, `small_size` pixels.
+    small_crops: int = 0
+    small_size: int = 8
+    small_scale_min: float = 0.1
+    small_scale_max: float = 0.4
 
 
 @dataclass
@@ -330,15 +356,59 @@ def validate(cfg: Config) -> None:
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _check(cfg.checkpoint.every > 0, "checkpoint.every", "must be > 0")
     _check(cfg.checkpoint.keep > 0, "checkpoint.keep", "must be > 0")
-    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-    _check(cfg.data.image_size >= 8, "data.image_size", "must be >= 8")
-    _check(cfg.data.channels in (1, 3), "data.channels", "must be 1 or 3")
-    _check(0 < cfg.augment.crop_scale_min <= 1, "augment.crop_scale_min", "must be in (0, 1]")
+    _validate_data(cfg.data)
+    _validate_augment(cfg.augment, cfg.data)
     _check(cfg.model.width > 0, "model.width", "must be > 0")
     _check(cfg.model.proj_dim > 0, "model.proj_dim", "must be > 0")
     _check(cfg.eval.knn_k > 0, "eval.knn_k", "must be > 0")
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+
+
+def _validate_data(d: DataConfig) -> None:
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _check(d.image_size >= 8, "data.image_size", "must be >= 8")
+    _check(d.channels in (1, 3), "data.channels", "must be 1 or 3")
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        _check(len(values) in (1, d.channels), f"data.{key}", "needs 1 or `channels` values")
+    _check(all(s > 0 for s in d.std), "data.std", "must be > 0")
+    _check(d.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
+    _check(d.epoch_samples >= 0, "data.epoch_samples", "must be >= 0")
+    _check(
+        not d.resampled or d.epoch_samples > 0,
+        "data.epoch_samples",
+        "must be > 0 in resampled mode (the length of an epoch in samples)",
+    )
+    if d.train_weights:
+        n = len(d.train_shards) if isinstance(d.train_shards, list) else 1
+        _check(
+            len(d.train_weights) == n,
+            "data.train_weights",
+            f"needs one weight per entry of data.train_shards ({n})",
+        )
+        _check(all(w > 0 for w in d.train_weights), "data.train_weights", "must all be > 0")
+
+
+def _validate_augment(a: AugmentConfig, d: DataConfig) -> None:
+    _check(
+        0 < a.crop_scale_min <= a.crop_scale_max <= 1,
+        "augment.crop_scale_min",
+        "must satisfy 0 < crop_scale_min <= crop_scale_max <= 1",
+    )
+    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        _check(0 <= getattr(a, key) <= 1, f"augment.{key}", "must be a probability in [0, 1]")
+    _check(a.small_crops >= 0, "augment.small_crops", "must be >= 0")
+    _check(
+        0 < a.small_scale_min <= a.small_scale_max <= 1,
+        "augment.small_scale_min",
+        "must satisfy 0 < small_scale_min <= small_scale_max <= 1",
+    )
+    _check(
+        d.channels == 3 or (a.saturation == 0 and a.hue == 0 and a.grayscale_prob == 0),
+        "augment.saturation",
+        "saturation, hue and grayscale need data.channels=3",
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ from torch import nn
 
 from dist_contrast import checkpoint, distributed
 from dist_contrast.config import Config, TrainConfig, deepspeed_config, save_config
-from dist_contrast.data.pipeline import train_batches
-from dist_contrast.data.shards import resolve_shards
+from dist_contrast.data.augment import DeviceAugment
+from dist_contrast.data.pipeline import TrainLoader, train_loader
+from dist_contrast.data.sources import build_sources, mix_seed
+from dist_contrast.data.tario import FAULT_REASONS
 from dist_contrast.errors import CheckpointError
 from dist_contrast.methods import Method, build_method
 from dist_contrast.metrics import MetricsLogger
@@ -90,100 +92,143 @@ def wrap(method: Method, cfg: Config, world: int):
     return engine, optimizer, scheduler
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
-    return {
-        k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
-        for k, v in batch.items()
-    }
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """Tensors to ``device`` (floating ones cast to ``dtype``); other values as they are."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            cast = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
+            v = v.to(device, dtype=cast, non_blocking=True)
+        out[k] = v
+    return out
 
 
-def prepare(cfg: Config) -> list[str]:
+def prepare(cfg: Config) -> None:
     """Everything a user can get wrong, checked before any process group starts."""
-    urls = resolve_shards(cfg.data.train_shards, "data.train_shards")
+    build_sources(cfg.data.train_shards, cfg.data.train_weights, "data.train_shards")
     check_run_dir(cfg)
     checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
-    return urls
 
 
 def train(cfg: Config) -> Path:
     """Train ``cfg`` on every rank of the job; return the run directory."""
-    urls = prepare(cfg)
+    prepare(cfg)
     env = distributed.init()
     try:
-        return _train(cfg, urls, env)
+        return _train(cfg, env)
     finally:
         distributed.shutdown()
 
 
-def _train(cfg: Config, urls: list[str], env: distributed.DistEnv) -> Path:
+def _train(cfg: Config, env: distributed.DistEnv) -> Path:
     run_dir, main = cfg.run_dir, distributed.is_main()
-    ckpt_root = run_dir / "checkpoints"
     if main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     distributed.barrier()
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    method = build_method(cfg)
-    engine, optimizer, scheduler = wrap(method, cfg, env.world_size)
-    start = 0
-    resume_dir = checkpoint.resolve_resume(ckpt_root, cfg.checkpoint.resume)
-    if resume_dir is not None:
-        start = checkpoint.load(engine, resume_dir)
-
-    # Data order continues from a new seed after a resume (exact data resume is not yet kept).
-    batches = train_batches(
-        urls,
-        cfg.data,
-        cfg.augment,
-        cfg.train.batch_size,
-        seed=cfg.run.seed + 7919 * start,
-        rank=env.rank,
-        world=env.world_size,
+    engine, _, scheduler = wrap(build_method(cfg), cfg, env.world_size)
+    loader = train_loader(
+        cfg.data, cfg.augment, cfg.train.batch_size, cfg.run.seed, env.rank, env.world_size
     )
-    logger = MetricsLogger(run_dir, cfg, start, enabled=main)
+    trainer = Trainer(cfg, engine, scheduler, loader, env.rank, env.world_size)
+    trainer.resume()
+    trainer.logger = MetricsLogger(run_dir, cfg, trainer.step, enabled=main)
     try:
-        _loop(cfg, engine, scheduler, batches, logger, start, env.world_size)
+        trainer.run()
     finally:
-        logger.close()
+        trainer.logger.close()
     return run_dir
 
 
-def _loop(
-    cfg: Config, engine, scheduler, batches: Iterator, logger: MetricsLogger, start: int, world: int
-) -> None:
-    dev, dtype = distributed.device(), PRECISION[cfg.deepspeed.precision]
-    method: Method = engine.module
-    loss_sum, n_loss, data_wait = 0.0, 0, 0.0
-    t_last, last_logged = time.perf_counter(), start
-    ckpt_root = cfg.run_dir / "checkpoints"
-    for step in range(start, cfg.train.steps):
-        t0 = time.perf_counter()
-        batch = to_device(next(batches), dev, dtype)
-        data_wait += time.perf_counter() - t0
+class Trainer:
+    """The training loop and what it must keep: step, data position, metrics."""
 
-        out = engine(batch)
-        engine.backward(out.loss)
-        engine.step()
+    def __init__(
+        self, cfg: Config, engine, scheduler, loader: TrainLoader, rank: int, world: int
+    ) -> None:
+        self.cfg, self.engine, self.scheduler, self.loader = cfg, engine, scheduler, loader
+        self.rank, self.world, self.step = rank, world, 0
+        self.device, self.dtype = distributed.device(), PRECISION[cfg.deepspeed.precision]
+        self.augment = DeviceAugment(cfg.augment, cfg.data).to(self.device)
+        self.ckpt_root = cfg.run_dir / "checkpoints"
+        self.logger: MetricsLogger | None = None
 
-        done = step + 1
-        loss_sum, n_loss = loss_sum + float(out.loss.detach()), n_loss + 1
-        logger.advance()
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            elapsed = time.perf_counter() - t_last
-            record = {
-                "step": done,
-                "loss": distributed.all_reduce_mean(loss_sum / n_loss),
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_sec": cfg.train.batch_size * world * (done - last_logged) / elapsed,
-                "negatives_per_query": method.negatives_per_query(cfg.train.batch_size, world),
-                "data_wait_frac": distributed.all_reduce_mean(data_wait / elapsed),
-                **{k: distributed.all_reduce_mean(v) for k, v in out.metrics.items()},
-            }
-            logger.log(record)
-            loss_sum, n_loss, data_wait = 0.0, 0, 0.0
-            t_last, last_logged = time.perf_counter(), done
-        if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-            t_save = time.perf_counter()
-            checkpoint.save(engine, ckpt_root, done, cfg.checkpoint.keep)
-            t_last += time.perf_counter() - t_save  # throughput excludes checkpoint writes
+    def resume(self) -> None:
+        step_dir = checkpoint.resolve_resume(self.ckpt_root, self.cfg.checkpoint.resume)
+        if step_dir is None:
+            return
+        client = checkpoint.load(self.engine, step_dir)
+        self.step = int(client["step"])
+        data = client.get("data")
+        if data is not None and len(data) == self.world:
+            self.loader.load_state_dict(data[self.rank])
+        elif distributed.is_main():
+            print(
+                f"dist-contrast: warning: {step_dir} holds no data position for "
+                f"{self.world} rank(s); the data stream starts again from its beginning"
+            )
+
+    def save(self) -> None:
+        data = distributed.all_gather_object(self.loader.state_dict())
+        checkpoint.save(
+            self.engine, self.ckpt_root, self.step, self.cfg.checkpoint.keep, {"data": data}
+        )
+
+    def next_batch(self, batches: Iterator) -> dict:
+        batch = to_device(next(batches), self.device)
+        seed = mix_seed(self.cfg.run.seed, self.step, self.rank, 3)
+        return to_device(self.augment(batch, seed), self.device, self.dtype)
+
+    def run(self) -> None:
+        cfg, method = self.cfg, self.engine.module
+        batches = iter(self.loader)
+        loss_sum, n_loss, data_wait = 0.0, 0, 0.0
+        t_last, last_logged = time.perf_counter(), self.step
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            batch = self.next_batch(batches)
+            data_wait += time.perf_counter() - t0
+
+            out = self.engine(batch)
+            self.engine.backward(out.loss)
+            self.engine.step()
+
+            self.step += 1
+            loss_sum, n_loss = loss_sum + float(out.loss.detach()), n_loss + 1
+            self.logger.advance()
+            last = self.step == cfg.train.steps
+            if self.step % cfg.train.log_every == 0 or last:
+                elapsed = time.perf_counter() - t_last
+                self.logger.log(
+                    {
+                        "step": self.step,
+                        "loss": distributed.all_reduce_mean(loss_sum / n_loss),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "samples_per_sec": cfg.train.batch_size
+                        * self.world
+                        * (self.step - last_logged)
+                        / elapsed,
+                        "negatives_per_query": method.negatives_per_query(
+                            cfg.train.batch_size, self.world
+                        ),
+                        "data_wait_frac": distributed.all_reduce_mean(data_wait / elapsed),
+                        **self.skipped(),
+                        **{k: distributed.all_reduce_mean(v) for k, v in out.metrics.items()},
+                    }
+                )
+                loss_sum, n_loss, data_wait = 0.0, 0, 0.0
+                t_last, last_logged = time.perf_counter(), self.step
+            if self.step % cfg.checkpoint.every == 0 or last:
+                t_save = time.perf_counter()
+                self.save()
+                t_last += time.perf_counter() - t_save  # throughput excludes checkpoint writes
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped data so far, summed over ranks, by reason (``skipped_<reason>``)."""
+        faults = self.loader.faults()
+        totals = distributed.all_reduce_sum([faults[k] for k in FAULT_REASONS])
+        out = {f"skipped_{k}": int(v) for k, v in zip(FAULT_REASONS, totals, strict=True)}
+        out["skipped_total"] = sum(out.values())
+        return out

@@ -15,6 +15,7 @@ from dist_contrast import checkpoint
 from dist_contrast.config import Config, load_config
 from dist_contrast.data.pipeline import read_all
 from dist_contrast.data.shards import resolve_shards
+from dist_contrast.data.sources import build_sources
 from dist_contrast.errors import CheckpointError
 from dist_contrast.methods import build_method
 
@@ -78,7 +79,14 @@ def evaluate_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     cfg, step_dir = load_run(run_dir)
     train_x, train_y = read_all(
-        resolve_shards(cfg.data.train_shards, "data.train_shards"), cfg.data
+        [
+            u
+            for src in build_sources(
+                cfg.data.train_shards, cfg.data.train_weights, "data.train_shards"
+            )
+            for u in src.urls
+        ],
+        cfg.data,
     )
     val_x, val_y = read_all(resolve_shards(cfg.data.val_shards, "data.val_shards"), cfg.data)
     torch.manual_seed(cfg.run.seed)  # the weights training started from

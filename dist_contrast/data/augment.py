@@ -1,55 +1,164 @@
-"""Two-view augmentation for small images, per sample, reproducible under a generator."""
+"""Views: geometric crops per sample in the loader workers (PIL, uint8 out), per-pixel ops
+batched on the training device (kornia). Both reproducible under a seed.
+
+Crop: random resized crop (area fraction and aspect ratio), an optional small rotation and
+shift, an optional horizontal flip, done as one affine resampling. JPEGs are decoded at a
+reduced scale (DCT scaling, ``draft``) when the crop is much larger than the output, so large
+images cost little to crop small.
+"""
 
 from __future__ import annotations
 
 import math
+import random
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
-from dist_contrast.config import AugmentConfig
-
-
-def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+from dist_contrast.config import AugmentConfig, DataConfig
+from dist_contrast.data.decode import to_mode
 
 
-def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] pixels to roughly zero-mean inputs."""
-    return (x - 0.5) / 0.5
+@dataclass
+class Crop:
+    """A crop in input pixels: centre, size, rotation (degrees), horizontal flip."""
+
+    cx: float
+    cy: float
+    w: float
+    h: float
+    angle: float = 0.0
+    flip: bool = False
 
 
-def resize(img: torch.Tensor, size: int) -> torch.Tensor:
-    """[C, h, w] in [0, 1] -> normalised [C, size, size] (the evaluation transform)."""
-    out = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-    return normalize_pixels(out.clamp(0, 1))
+def sample_crop(
+    rng: random.Random,
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    rotation_deg: float = 0.0,
+    translate: float = 0.0,
+    flip_prob: float = 0.0,
+) -> Crop:
+    area = rng.uniform(*scale) * width * height
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w = min(float(width), math.sqrt(area * aspect))
+    h = min(float(height), math.sqrt(area / aspect))
+    cx = rng.uniform(w / 2, width - w / 2) + rng.uniform(-translate, translate) * width
+    cy = rng.uniform(h / 2, height - h / 2) + rng.uniform(-translate, translate) * height
+    angle = rng.uniform(-rotation_deg, rotation_deg) if rotation_deg else 0.0
+    return Crop(cx, cy, w, h, angle, rng.random() < flip_prob)
 
 
-def random_view(
-    img: torch.Tensor, size: int, cfg: AugmentConfig, gen: torch.Generator
-) -> torch.Tensor:
-    """One random view of ``img`` ([C, h, w], values in [0, 1]) at ``size`` x ``size``.
+def _reduce_for(im: Image.Image, crop: Crop, size: int) -> tuple[Image.Image, float]:
+    """Decode (JPEG draft) or reduce the image so the crop keeps at least ``size`` pixels."""
+    factor = min(crop.w, crop.h) / size
+    if factor < 2:
+        return im, 1.0
+    w0 = im.size[0]
+    if im.format == "JPEG":
+        im.draft(im.mode, (math.ceil(im.size[0] / factor), math.ceil(im.size[1] / factor)))
+    return im, im.size[0] / w0
 
-    A random resized crop (area fraction in [crop_scale_min, 1], aspect in [3/4, 4/3]) with a
-    small rotation and shift, done as one affine resampling; then brightness, contrast and
-    Gaussian noise."""
-    area = _uniform(gen, cfg.crop_scale_min, 1.0)
-    aspect = math.exp(_uniform(gen, math.log(3 / 4), math.log(4 / 3)))
-    sx = min(1.0, math.sqrt(area * aspect))
-    sy = min(1.0, math.sqrt(area / aspect))
-    # The crop centre stays inside the image; `translate` adds a shift beyond the crop slack.
-    cx = _uniform(gen, -(1 - sx), 1 - sx) + _uniform(gen, -cfg.translate, cfg.translate)
-    cy = _uniform(gen, -(1 - sy), 1 - sy) + _uniform(gen, -cfg.translate, cfg.translate)
-    angle = math.radians(_uniform(gen, -cfg.rotation_deg, cfg.rotation_deg))
-    cos, sin = math.cos(angle), math.sin(angle)
-    theta = torch.tensor([[sx * cos, -sy * sin, cx], [sx * sin, sy * cos, cy]], dtype=img.dtype)
-    grid = F.affine_grid(theta[None], [1, img.shape[0], size, size], align_corners=False)
-    out = F.grid_sample(
-        img[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )[0]
-    out = out * (1 + _uniform(gen, -cfg.brightness, cfg.brightness))
-    mean = out.mean()
-    out = (out - mean) * (1 + _uniform(gen, -cfg.contrast, cfg.contrast)) + mean
-    if cfg.noise_std > 0:
-        out = out + cfg.noise_std * torch.randn(out.shape, generator=gen, dtype=out.dtype)
-    return normalize_pixels(out.clamp(0, 1))
+
+def crop_view(im: Image.Image, crop: Crop, size: int, channels: int) -> torch.Tensor:
+    """The crop resampled to ``size`` x ``size``: uint8 tensor [C, size, size]."""
+    im, f = _reduce_for(im, crop, size)
+    im = to_mode(im, channels)
+    k = int(min(crop.w, crop.h) * f / size)
+    if k >= 2:  # integer box reduction first: an anti-aliased, cheap downscale
+        im = im.reduce(k)
+        f /= k
+    cx, cy, sx, sy = crop.cx * f, crop.cy * f, crop.w * f / size, crop.h * f / size
+    cos, sin = math.cos(math.radians(crop.angle)), math.sin(math.radians(crop.angle))
+    fx = -1.0 if crop.flip else 1.0
+    a, b, d, e = fx * sx * cos, -sy * sin, fx * sx * sin, sy * cos
+    half = size / 2
+    coeffs = (a, b, cx - a * half - b * half, d, e, cy - d * half - e * half)
+    out = im.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+    return _to_tensor(out, channels)
+
+
+def resize_view(im: Image.Image, size: int, channels: int) -> torch.Tensor:
+    """The evaluation view: shorter side to ``size``, centre crop; uint8 [C, size, size]."""
+    w, h = im.size
+    side = min(w, h)
+    crop = Crop(w / 2, h / 2, side, side)
+    return crop_view(im, crop, size, channels)
+
+
+def _to_tensor(im: Image.Image, channels: int) -> torch.Tensor:
+    arr = np.asarray(im, dtype=np.uint8)
+    t = torch.from_numpy(arr.copy())
+    return t[None] if channels == 1 else t.permute(2, 0, 1).contiguous()
+
+
+class Normalize(nn.Module):
+    """uint8 or [0, 1] pixels -> (x - mean) / std, per channel."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class DeviceAugment(nn.Module):
+    """Colour jitter, grayscale, blur, solarize and noise on whole batches on the training
+    device, seeded per call so a step's views depend only on (seed, step, rank)."""
+
+    VIEW_KEYS = ("view1", "view2", "small_crops")
+
+    def __init__(self, aug: AugmentConfig, data: DataConfig) -> None:
+        super().__init__()
+        import kornia.augmentation as K
+
+        ops: list[nn.Module] = []
+        if aug.jitter_prob > 0 and max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
+            ops.append(
+                K.ColorJitter(
+                    aug.brightness, aug.contrast, aug.saturation, aug.hue, p=aug.jitter_prob
+                )
+            )
+        if aug.grayscale_prob > 0:
+            ops.append(K.RandomGrayscale(p=aug.grayscale_prob))
+        if aug.blur_prob > 0:
+            k = max(3, int(0.1 * data.image_size) | 1)
+            ops.append(K.RandomGaussianBlur((k, k), (0.1, aug.blur_sigma_max), p=aug.blur_prob))
+        if aug.solarize_prob > 0:
+            ops.append(K.RandomSolarize(0.0, 0.0, p=aug.solarize_prob))
+        self.ops = nn.Sequential(*ops)
+        self.noise_std = aug.noise_std
+        self.normalize = Normalize(data.mean, data.std)
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if len(self.ops):
+            x = self.ops(x)
+        if self.noise_std > 0:
+            x = x + self.noise_std * torch.randn_like(x)
+        return self.normalize(x.clamp(0, 1))
+
+    @torch.no_grad()
+    def forward(self, batch: dict, seed: int) -> dict:
+        out = dict(batch)
+        devices = [batch["view1"].device] if batch["view1"].is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for key in self.VIEW_KEYS:
+                if key not in batch:
+                    continue
+                x = batch[key]
+                if key == "small_crops":  # [B, n, C, s, s]
+                    b, n = x.shape[:2]
+                    out[key] = self._one(x.flatten(0, 1)).view(b, n, *x.shape[2:])
+                else:
+                    out[key] = self._one(x)
+        return out

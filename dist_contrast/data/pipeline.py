@@ -1,36 +1,32 @@
-"""WebDataset pipelines: shards -> samples -> views -> batches.
+"""WebDataset training pipeline: shards -> samples -> views -> batches, resumable exactly.
 
-Shards are split by rank and then by loader worker; all randomness comes from
-(seed, epoch, rank, worker), so a run is reproducible. The training stream is endless: each
-rank walks its shards epoch after epoch, reshuffled each time, and every batch is full, so all
-ranks always have a next batch and never wait on each other at a collective.
+Each reader (a loader worker of a rank) reads its shards (see ``sources``), mixes sources by
+weight, shuffles raw samples in a buffer, skips and counts bad data, crops two views per image
+(and optional small crops) and yields full batches. All randomness comes from
+(seed, epoch, rank, worker) and, for a sample's crops, its position in the reader's stream.
+
+:class:`TrainLoader` takes batches from the workers in a fixed order (round-robin over the
+workers that still have data), whatever order they arrive in, and keeps its position: per worker,
+the batches delivered and the raw samples they used. Restored from a checkpoint, each worker
+re-reads its raw samples up to that position without decoding them, and the run receives exactly
+the batches it would have received without the interruption.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_contrast.config import AugmentConfig, DataConfig
-from dist_contrast.data.augment import random_view, resize
+from dist_contrast.data.augment import Normalize, crop_view, resize_view, sample_crop
+from dist_contrast.data.decode import Decoded, decode_or_count
+from dist_contrast.data.sources import Reader, Source, check_readers, mix, mix_seed
+from dist_contrast.data.tario import FAULT_REASONS, Faults, tar_samples
 from dist_contrast.errors import DataError
-
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integer parts (stable across processes, unlike hash())."""
-    state = np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)
-    return int(state[0]) >> 1
 
 
 def shuffle_buffer(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -46,55 +42,18 @@ def shuffle_buffer(items: Iterator[dict], size: int, rng: random.Random) -> Iter
     yield from buf
 
 
-def decode_image(sample: dict, channels: int) -> torch.Tensor:
-    """The sample's image as a float tensor [C, h, w] in [0, 1]."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise ValueError(f"sample {sample.get('__key__')} has no image ({'/'.join(IMAGE_KEYS)})")
-    with Image.open(io.BytesIO(sample[key])) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
-    t = torch.from_numpy(arr / 255.0)
-    return t[None] if channels == 1 else t.permute(2, 0, 1).contiguous()
+def _read(urls: Iterator[str] | list[str], faults: Faults) -> Iterator[dict]:
+    for url in urls:
+        yield from tar_samples(url, faults)
 
 
-def decode_label(sample: dict) -> int:
-    raw = sample.get("cls")
-    return int(raw.decode() if isinstance(raw, bytes) else raw) if raw is not None else -1
-
-
-def decode_index(sample: dict) -> int:
-    """The sample's index in its data set (``json`` field ``index``), or -1."""
-    raw = sample.get("json")
-    if raw is None:
-        return -1
-    meta = json.loads(raw)
-    return int(meta.get("index", -1)) if isinstance(meta, dict) else -1
-
-
-def _samples(urls: list[str]) -> Iterator[dict]:
-    yield from wds.tarfile_samples([{"url": u} for u in urls])
-
-
-@dataclass
-class Split:
-    """Which part of the shard list one (rank, worker) reads."""
-
-    rank: int
-    world: int
-    worker: int
-    workers: int
-
-    def take(self, shards: list[str]) -> list[str]:
-        return shards[self.rank :: self.world][self.worker :: self.workers]
-
-
-class TwoViewStream(IterableDataset):
-    """Full batches of two augmented views (and labels) from this rank's shards, one epoch per
-    iteration; set ``epoch`` before iterating to get that epoch's order."""
+class ReaderStream(IterableDataset):
+    """One epoch of one reader's batches, each tagged with its worker, its index and the raw
+    position reached; an end marker with the final fault counts closes the epoch."""
 
     def __init__(
         self,
-        urls: list[str],
+        sources: list[Source],
         data: DataConfig,
         augment: AugmentConfig,
         batch_size: int,
@@ -102,89 +61,250 @@ class TwoViewStream(IterableDataset):
         rank: int,
         world: int,
     ) -> None:
-        self.urls, self.data, self.augment = list(urls), data, augment
+        self.sources, self.data, self.augment = sources, data, augment
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch = 0
+        self.resume: dict[int, dict] = {}  # worker -> {"batch", "raw", "faults"}
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def reader(self) -> Reader:
         info = get_worker_info()
-        split = Split(
+        return Reader(
             self.rank, self.world, info.id if info else 0, info.num_workers if info else 1
         )
-        shards = list(self.urls)
-        random.Random(mix_seed(self.seed, self.epoch)).shuffle(shards)  # same on every rank
-        mine = split.take(shards)
-        rng = random.Random(mix_seed(self.seed, self.epoch, split.rank, split.worker, 1))
-        gen = torch.Generator().manual_seed(
-            mix_seed(self.seed, self.epoch, split.rank, split.worker, 2)
-        )
-        samples = _samples(mine)
-        if self.data.shuffle_buffer > 1:
-            samples = shuffle_buffer(samples, self.data.shuffle_buffer, rng)
-        batch: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
-        size = self.data.image_size
-        for sample in samples:
-            img = decode_image(sample, self.data.channels)
-            v1 = random_view(img, size, self.augment, gen)
-            v2 = random_view(img, size, self.augment, gen)
-            batch.append((v1, v2, decode_label(sample), decode_index(sample)))
-            if len(batch) == self.batch_size:
-                yield _collate(batch)
-                batch = []
 
-
-def _collate(batch: list[tuple[torch.Tensor, torch.Tensor, int, int]]) -> dict[str, torch.Tensor]:
-    v1, v2, labels, index = zip(*batch, strict=True)
-    return {
-        "view1": torch.stack(v1),
-        "view2": torch.stack(v2),
-        "label": torch.tensor(labels),
-        "index": torch.tensor(index),
-    }
-
-
-def check_split(n_shards: int, world: int, workers: int, what: str) -> None:
-    readers = world * max(1, workers)
-    if n_shards < readers:
-        raise DataError(
-            f"{what}: {n_shards} shard(s) for {world} rank(s) x {max(1, workers)} worker(s); "
-            f"every reader needs at least one shard: write smaller shards or lower data.num_workers"
-        )
-
-
-def train_batches(
-    urls: list[str],
-    data: DataConfig,
-    augment: AugmentConfig,
-    batch_size: int,
-    seed: int,
-    rank: int,
-    world: int,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless iterator of this rank's training batches, epoch after epoch."""
-    check_split(len(urls), world, data.num_workers, "data.train_shards")
-    stream = TwoViewStream(urls, data, augment, batch_size, seed, rank, world)
-    epoch = 0
-    while True:
-        stream.epoch = epoch
-        loader = DataLoader(stream, batch_size=None, num_workers=data.num_workers)
-        produced = 0
-        for batch in loader:
-            produced += 1
-            yield batch
-        if produced == 0:
-            raise DataError(
-                f"data.train_shards: rank {rank} got no full batch of {batch_size} from its shards"
+    def raw_samples(self, reader: Reader, faults: Faults) -> Iterator[dict]:
+        d, seed, epoch = self.data, self.seed, self.epoch
+        streams = []
+        for i, src in enumerate(self.sources):
+            urls = (
+                src.resampled_shards(reader, seed, epoch, i)
+                if d.resampled
+                else src.epoch_shards(reader, seed, epoch, i)
             )
-        epoch += 1
+            streams.append(_read(urls, faults))
+        rng = random.Random(mix_seed(seed, epoch, reader.rank, reader.worker, 1))
+        samples = mix(streams, [s.weight for s in self.sources], rng)
+        if d.shuffle_buffer > 1:
+            samples = shuffle_buffer(samples, d.shuffle_buffer, rng)
+        if d.resampled:  # an epoch is epoch_samples in all, shared by the readers
+            samples = _take(samples, -(-d.epoch_samples // reader.count))
+        return samples
+
+    def views(self, dec: Decoded, reader: Reader, pos: int) -> dict[str, Any]:
+        a, d = self.augment, self.data
+        rng = random.Random(mix_seed(self.seed, self.epoch, reader.rank, reader.worker, pos, 2))
+        w, h = dec.image.size
+        big = (a.crop_scale_min, a.crop_scale_max)
+        out: dict[str, Any] = {}
+        for key in ("view1", "view2"):
+            crop = sample_crop(rng, w, h, big, a.rotation_deg, a.translate, a.flip_prob)
+            out[key] = crop_view(dec.image, crop, d.image_size, d.channels)
+        if a.small_crops:
+            small = [
+                crop_view(
+                    dec.image,
+                    sample_crop(
+                        rng,
+                        w,
+                        h,
+                        (a.small_scale_min, a.small_scale_max),
+                        a.rotation_deg,
+                        a.translate,
+                        a.flip_prob,
+                    ),
+                    a.small_size,
+                    d.channels,
+                )
+                for _ in range(a.small_crops)
+            ]
+            out["small_crops"] = torch.stack(small)
+        out.update(label=dec.label, index=dec.index)
+        if dec.caption is not None:
+            out["caption"] = dec.caption
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        reader = self.reader()
+        start = self.resume.get(reader.worker, {})
+        where = f"[rank {reader.rank} worker {reader.worker}] "
+        faults = Faults(
+            where,
+            self.data.warn_every_s,
+            dict(start.get("faults") or dict.fromkeys(FAULT_REASONS, 0)),
+        )
+        skip, batch_no = int(start.get("raw", 0)), int(start.get("batch", 0))
+        faults.muted = skip > 0  # re-reading what was counted already
+        pos, items = 0, []
+        for sample in self.raw_samples(reader, faults):
+            pos += 1
+            if pos <= skip:
+                continue
+            faults.muted = False
+            dec = decode_or_count(
+                sample, faults, self.data.max_image_pixels, self.data.require_caption
+            )
+            if dec is None:
+                continue
+            try:
+                items.append(self.views(dec, reader, pos))
+            except Exception as exc:  # pixels that fail to decode past the header
+                faults.add(getattr(exc, "reason", "corrupt_image"), f"{sample['__key__']}: {exc}")
+                continue
+            if len(items) == self.batch_size:
+                yield {
+                    "_worker": reader.worker,
+                    "_batch": batch_no,
+                    "_raw": pos,
+                    "_faults": dict(faults.counts),
+                    **collate(items),
+                }
+                batch_no, items = batch_no + 1, []
+        yield {"_end": reader.worker, "_raw": pos, "_faults": dict(faults.counts)}
+
+
+def _take(items: Iterator[dict], n: int) -> Iterator[dict]:
+    for i, item in enumerate(items):
+        if i >= n:
+            return
+        yield item
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+class TrainLoader:
+    """This rank's endless stream of training batches, in a fixed order, with a position that
+    :meth:`state_dict` saves and :meth:`load_state_dict` restores."""
+
+    def __init__(self, stream: ReaderStream, num_workers: int) -> None:
+        self.stream, self.num_workers = stream, num_workers
+        self.workers = max(1, num_workers)
+        self.epoch, self.next_worker = 0, 0
+        self._reset_epoch()
+        self.closed_faults = dict.fromkeys(FAULT_REASONS, 0)
+
+    def _reset_epoch(self) -> None:
+        self.pos = {
+            w: {"batch": 0, "raw": 0, "faults": dict.fromkeys(FAULT_REASONS, 0)}
+            for w in range(self.workers)
+        }
+        self.done: set[int] = set()
+
+    def faults(self) -> dict[str, int]:
+        """Skipped data so far, by reason, for this rank (all epochs)."""
+        out = dict(self.closed_faults)
+        for p in self.pos.values():
+            for k, v in p["faults"].items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "next_worker": self.next_worker,
+            "workers": self.workers,
+            "pos": self.pos,
+            "done": sorted(self.done),
+            "closed_faults": self.closed_faults,
+            "rank": self.stream.rank,
+            "world": self.stream.world,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["workers"], state["world"]) != (self.workers, self.stream.world):
+            raise DataError(
+                f"the checkpoint's data position is for {state['world']} rank(s) x "
+                f"{state['workers']} worker(s), this run has {self.stream.world} x {self.workers}"
+            )
+        self.epoch, self.next_worker = state["epoch"], state["next_worker"]
+        self.pos = {int(k): v for k, v in state["pos"].items()}
+        self.done = set(state["done"])
+        self.closed_faults = dict(state["closed_faults"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self.iter_epoch()
+
+    def iter_epoch(self) -> Iterator[dict[str, Any]]:
+        """The rest of the current epoch; at its end the epoch's counts are closed and the
+        position moves to the start of the next epoch."""
+        produced = any(p["batch"] for p in self.pos.values())
+        for batch in self._epoch():
+            produced = True
+            yield batch
+        if not produced:
+            raise DataError(f"rank {self.stream.rank} got no full batch of "
+                            f"{self.stream.batch_size} samples from its shards in an epoch")
+        for p in self.pos.values():
+            for k, v in p["faults"].items():
+                self.closed_faults[k] = self.closed_faults.get(k, 0) + v
+        self.epoch += 1
+        self.next_worker = 0
+        self._reset_epoch()
+
+    def _epoch(self) -> Iterator[dict[str, Any]]:
+        self.stream.epoch = self.epoch
+        self.stream.resume = {w: p for w, p in self.pos.items() if p["raw"]}
+        loader = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers))
+        pending: dict[tuple[int, int], dict] = {}
+        ended: set[int] = set(self.done)
+        w = self.next_worker
+        while len(self.done) < self.workers:
+            if w in self.done:
+                w = (w + 1) % self.workers
+                continue
+            want = (w, self.pos[w]["batch"])
+            while want not in pending and w not in ended:
+                item = next(loader)
+                if "_end" in item:
+                    ended.add(item["_end"])
+                    self.pos[item["_end"]]["final"] = item
+                else:
+                    pending[(item["_worker"], item["_batch"])] = item
+            if want in pending:
+                item = pending.pop(want)
+                self.pos[w].update(batch=want[1] + 1, raw=item["_raw"], faults=item["_faults"])
+                self.next_worker = w = (w + 1) % self.workers
+                yield {k: v for k, v in item.items() if not k.startswith("_")}
+            else:
+                final = self.pos[w].pop("final")
+                self.pos[w].update(raw=final["_raw"], faults=final["_faults"])
+                self.done.add(w)
+                w = (w + 1) % self.workers
+
+
+def train_loader(
+    data: DataConfig, augment: AugmentConfig, batch_size: int, seed: int, rank: int, world: int
+) -> TrainLoader:
+    from dist_contrast.data.sources import build_sources
+
+    sources = build_sources(data.train_shards, data.train_weights, "data.train_shards")
+    check_readers(sources, world, data.num_workers, data.resampled, "data.train_shards")
+    stream = ReaderStream(sources, data, augment, batch_size, seed, rank, world)
+    return TrainLoader(stream, data.num_workers)
 
 
 def read_all(urls: list[str], data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of ``urls`` in order, resized, no augmentation: (images, labels)."""
+    """Every usable sample of ``urls`` in order, resized and normalised: (images, labels)."""
+    faults = Faults("[eval] ", data.warn_every_s)
+    norm = Normalize(data.mean, data.std)
     images, labels = [], []
-    for sample in _samples(urls):
-        images.append(resize(decode_image(sample, data.channels), data.image_size))
-        labels.append(decode_label(sample))
+    for sample in _read(urls, faults):
+        dec = decode_or_count(sample, faults, data.max_image_pixels, False)
+        if dec is None:
+            continue
+        images.append(resize_view(dec.image, data.image_size, data.channels))
+        labels.append(dec.label)
     if not images:
-        raise DataError(f"no sample in {len(urls)} shard(s): {urls[0]} ...")
-    return torch.stack(images), torch.tensor(labels)
+        raise DataError(f"no usable sample in {len(urls)} shard(s): {urls[0]} ...")
+    return norm(torch.stack(images)), torch.tensor(labels)

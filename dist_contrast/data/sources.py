@@ -1,0 +1,98 @@
+"""Which shards each reader (rank x loader worker) reads, in which order.
+
+Not resampled: each epoch the shard list of a source is shuffled with (seed, epoch), the same on
+every rank, then split by rank and by worker, so every sample is read once per epoch. Resampled:
+each reader draws shards with replacement from the whole list with its own (seed, epoch, rank,
+worker) generator; an epoch is then a number of samples, not a pass over the data.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from dist_contrast.data.shards import resolve_shards
+from dist_contrast.errors import DataError
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integer parts (stable across processes, unlike hash())."""
+    state = np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)
+    return int(state[0]) >> 1
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One reader of the data: a loader worker of a rank."""
+
+    rank: int
+    world: int
+    worker: int
+    workers: int
+
+    @property
+    def index(self) -> int:
+        return self.rank * self.workers + self.worker
+
+    @property
+    def count(self) -> int:
+        return self.world * self.workers
+
+
+@dataclass(frozen=True)
+class Source:
+    urls: tuple[str, ...]
+    weight: float = 1.0
+
+    def epoch_shards(self, reader: Reader, seed: int, epoch: int, source_id: int) -> list[str]:
+        shards = list(self.urls)
+        random.Random(mix_seed(seed, epoch, source_id)).shuffle(shards)  # same on every rank
+        return shards[reader.rank :: reader.world][reader.worker :: reader.workers]
+
+    def resampled_shards(
+        self, reader: Reader, seed: int, epoch: int, source_id: int
+    ) -> Iterator[str]:
+        rng = random.Random(mix_seed(seed, epoch, reader.rank, reader.worker, source_id, 17))
+        while True:
+            yield rng.choice(self.urls)
+
+
+def build_sources(spec: str | list[str], weights: list[float], what: str) -> list[Source]:
+    """One source per list entry when weights are given, else one pool of all patterns."""
+    if weights:
+        entries = spec if isinstance(spec, list) else [spec]
+        return [
+            Source(tuple(resolve_shards(e, what)), w) for e, w in zip(entries, weights, strict=True)
+        ]
+    return [Source(tuple(resolve_shards(spec, what)), 1.0)]
+
+
+def check_readers(
+    sources: list[Source], world: int, workers: int, resampled: bool, what: str
+) -> None:
+    """Every reader needs a shard of every source, unless shards are resampled."""
+    if resampled:
+        return
+    readers = world * max(1, workers)
+    for i, src in enumerate(sources):
+        if len(src.urls) < readers:
+            name = f"{what}[{i}]" if len(sources) > 1 else what
+            raise DataError(
+                f"{name}: {len(src.urls)} shard(s) for {world} rank(s) x {max(1, workers)} "
+                f"worker(s); every reader needs at least one shard: write smaller shards, lower "
+                f"data.num_workers, or set data.resampled=true"
+            )
+
+
+def mix(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """Samples drawn from ``streams`` with probabilities ``weights`` until all are exhausted."""
+    live = list(range(len(streams)))
+    while live:
+        i = live[0] if len(live) == 1 else rng.choices(live, [weights[j] for j in live])[0]
+        try:
+            yield next(streams[i])
+        except StopIteration:
+            live.remove(i)

@@ -1,0 +1,103 @@
+"""Reading WebDataset tar shards sample by sample, where bad data never stops a run.
+
+A shard that cannot be opened is logged and skipped; a shard that ends early (truncated tar) ends
+there, with the samples read so far kept. Each event is counted by reason (:class:`Faults`);
+warnings are rate-limited per reason. Shards are opened with webdataset's ``gopen``, so local
+paths, ``pipe:`` commands and URLs all work.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import webdataset as wds
+
+# WebDataset's naming: the key is the path up to the first dot of the file name.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+FAULT_REASONS = (
+    "unreadable_shard",
+    "truncated_shard",
+    "corrupt_image",
+    "oversized_image",
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+)
+
+
+@dataclass
+class Faults:
+    """Counts of skipped data by reason, with rate-limited warnings."""
+
+    where: str = ""
+    warn_every_s: float = 30.0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_REASONS, 0))
+    muted: bool = False  # while re-reading data whose faults were counted already
+    _last_warn: dict[str, float] = field(default_factory=dict)
+    _suppressed: dict[str, int] = field(default_factory=dict)
+
+    def add(self, reason: str, detail: str) -> None:
+        if self.muted:
+            return
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        now = time.monotonic()
+        last = self._last_warn.get(reason)
+        if last is not None and now - last < self.warn_every_s:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        more = self._suppressed.pop(reason, 0)
+        tail = f" ({more} more since the last warning)" if more else ""
+        print(
+            f"dist-contrast: warning: {self.where}skipped ({reason}): {detail}{tail}",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._last_warn[reason] = now
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def tar_samples(url: str, faults: Faults) -> Iterator[dict]:
+    """The samples of one shard, in file order: dicts of extension -> bytes, plus
+    ``__key__`` and ``__url__``."""
+    stream = None
+    try:
+        stream = wds.gopen(url)
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+    except Exception as exc:  # any failure to open is the shard's fault, not the run's
+        if stream is not None:
+            stream.close()
+        faults.add("unreadable_shard", f"{url}: {exc}")
+        return
+    sample: dict = {}
+    try:
+        with stream, tar:
+            for member in tar:
+                parts = split_name(member.name) if member.isfile() else None
+                if parts is None:
+                    continue
+                key, ext = parts
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                sample[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # The sample being read when the shard broke off is incomplete: dropped.
+        faults.add("truncated_shard", f"{url}: {exc}")
+        return
+    if sample:
+        yield sample
