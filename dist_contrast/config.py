@@ -112,6 +112,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     log_every: int = 10
+    # Stop this invocation at this step (with a checkpoint) while the LR schedule still runs to
+    # `steps`: time-boxed jobs that a later `checkpoint.resume=latest` continues. 0: no stop.
+    stop_at: int = 0
 
 
 @dataclass
@@ -352,6 +355,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
     _check(cfg.train.log_every > 0, "train.log_every", "must be > 0")
+    _check(
+        0 <= cfg.train.stop_at <= cfg.train.steps, "train.stop_at", "must be in [0, train.steps]"
+    )
     _check(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _check(cfg.checkpoint.every > 0, "checkpoint.every", "must be > 0")

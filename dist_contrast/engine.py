@@ -186,7 +186,8 @@ class Trainer:
         batches = iter(self.loader)
         loss_sum, n_loss, data_wait = 0.0, 0, 0.0
         t_last, last_logged = time.perf_counter(), self.step
-        while self.step < cfg.train.steps:
+        end = cfg.train.stop_at or cfg.train.steps
+        while self.step < end:
             t0 = time.perf_counter()
             batch = self.next_batch(batches)
             data_wait += time.perf_counter() - t0
@@ -198,7 +199,7 @@ class Trainer:
             self.step += 1
             loss_sum, n_loss = loss_sum + float(out.loss.detach()), n_loss + 1
             self.logger.advance()
-            last = self.step == cfg.train.steps
+            last = self.step == end
             if self.step % cfg.train.log_every == 0 or last:
                 elapsed = time.perf_counter() - t_last
                 self.logger.log(

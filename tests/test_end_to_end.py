@@ -72,18 +72,37 @@ def test_one_process_train_resume_eval(digits_dir, tmp_path):
     assert "kNN top-1" in proc.stdout
 
 
-def test_torchrun_two_ranks_same_config(digits_dir, tmp_path):
-    args = _overrides(digits_dir, tmp_path, **{"train.steps": 8})
-    proc = run_torchrun(2, "train", "--config", CONFIG, *args)
+def test_torchrun_two_ranks_resume_is_exact(digits_dir, tmp_path):
+    """The same config under torchrun (2 ranks); 8 steps straight equal 4 steps, a resume
+    from the checkpoint and 4 more steps: the same losses, bit for bit (model, optimizer,
+    LR schedule and the data position restored)."""
+    common = {"train.log_every": 1, "data.num_workers": 2}
+    straight = _overrides(digits_dir, tmp_path, **common, **{"train.steps": 8, "run.name": "a"})
+    proc = run_torchrun(2, "train", "--config", CONFIG, *straight)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "simclr_digits"
-    rows = _metrics(run)
-    assert rows[-1]["step"] == 8
+    rows = _metrics(tmp_path / "a")
     assert rows[0]["negatives_per_query"] == 2 * 32 * 2 - 2  # gathered from both ranks
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
-    step_dir = run / "checkpoints" / "step_00000008"
+    step_dir = tmp_path / "a" / "checkpoints" / "step_00000008"
     assert len(list(step_dir.glob("*optim_states.pt"))) == 2  # ZeRO-2: one shard per rank
-    proc = run_cli("eval", "--run", str(run))
+
+    half = _overrides(
+        digits_dir, tmp_path, **common, **{"train.steps": 8, "train.stop_at": 4, "run.name": "b"}
+    )
+    assert run_torchrun(2, "train", "--config", CONFIG, *half).returncode == 0
+    rest = _overrides(
+        digits_dir,
+        tmp_path,
+        **common,
+        **{"train.steps": 8, "run.name": "b", "checkpoint.resume": "latest"},
+    )
+    proc = run_torchrun(2, "train", "--config", CONFIG, *rest)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = _metrics(tmp_path / "b")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in rows]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in rows]
+
+    proc = run_cli("eval", "--run", str(tmp_path / "a"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
