@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -176,8 +176,9 @@ class Trainer:
             self.engine, self.ckpt_root, self.step, self.cfg.checkpoint.keep, {"data": data}
         )
 
-    def next_batch(self, batches: Iterator) -> dict:
-        batch = to_device(next(batches), self.device)
+    def augment_batch(self, batch: dict) -> dict:
+        """The per-pixel half of the views, on the training device."""
+        batch = to_device(batch, self.device)
         seed = mix_seed(self.cfg.run.seed, self.step, self.rank, 3)
         return to_device(self.augment(batch, seed), self.device, self.dtype)
 
@@ -189,8 +190,9 @@ class Trainer:
         end = cfg.train.stop_at or cfg.train.steps
         while self.step < end:
             t0 = time.perf_counter()
-            batch = self.next_batch(batches)
-            data_wait += time.perf_counter() - t0
+            batch = next(batches)
+            data_wait += time.perf_counter() - t0  # time the loader kept this rank waiting
+            batch = self.augment_batch(batch)
 
             out = self.engine(batch)
             self.engine.backward(out.loss)

@@ -1,0 +1,82 @@
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dist_contrast.config import AugmentConfig, DataConfig
+from dist_contrast.data.augment import Crop, DeviceAugment, crop_view, resize_view, sample_crop
+
+
+def _jpeg(w=300, h=200):
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def test_crop_view_takes_the_box_it_is_given():
+    arr = np.zeros((40, 40), np.uint8)
+    arr[10:20, 20:30] = 255  # a white square, centre (25, 15), side 10
+    out = crop_view(Image.fromarray(arr), Crop(cx=25, cy=15, w=10, h=10), 8, 1)
+    assert out.shape == (1, 8, 8) and out.dtype == torch.uint8
+    assert out[0, 1:-1, 1:-1].min() > 200  # inside: white
+    flipped = crop_view(Image.fromarray(arr), Crop(cx=25, cy=15, w=20, h=10, flip=True), 8, 1)
+    plain = crop_view(Image.fromarray(arr), Crop(cx=25, cy=15, w=20, h=10), 8, 1)
+    assert torch.equal(flipped, plain.flip(-1))
+
+
+def test_jpeg_draft_decode_matches_a_full_decode_closely():
+    crop = Crop(cx=150, cy=100, w=200, h=200)
+    fast = crop_view(_jpeg(), crop, 24, 3).float()
+    full = crop_view(_jpeg().convert("RGB"), crop, 24, 3).float()  # decoded before: no draft
+    assert fast.shape == (3, 24, 24)
+    assert (fast - full).abs().mean() < 12  # same picture, different resampling path
+
+
+def test_sample_crop_stays_in_bounds_and_is_seeded():
+    for seed in range(50):
+        c = sample_crop(random.Random(seed), 300, 200, (0.08, 1.0))
+        assert 0 < c.w <= 300 and 0 < c.h <= 200
+        assert c.w / 2 - 1e-6 <= c.cx <= 300 - c.w / 2 + 1e-6
+    assert sample_crop(random.Random(1), 50, 50, (0.2, 1)) == sample_crop(
+        random.Random(1), 50, 50, (0.2, 1)
+    )
+
+
+def test_resize_view_is_a_centre_square():
+    out = resize_view(_jpeg(300, 200), 32, 3)
+    assert out.shape == (3, 32, 32)
+
+
+def test_device_augment_is_seeded_normalised_and_covers_small_crops():
+    aug = AugmentConfig(
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        jitter_prob=0.8,
+        grayscale_prob=0.2,
+        blur_prob=0.5,
+        solarize_prob=0.2,
+        noise_std=0.0,
+    )
+    data = DataConfig(channels=3, image_size=16, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    device_aug = DeviceAugment(aug, data)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "view1": torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g),
+        "view2": torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g),
+        "small_crops": torch.randint(0, 256, (6, 2, 3, 8, 8), dtype=torch.uint8, generator=g),
+        "label": torch.arange(6),
+    }
+    a, b, c = device_aug(batch, seed=1), device_aug(batch, seed=1), device_aug(batch, seed=2)
+    assert a["view1"].dtype == torch.float32 and a["small_crops"].shape == (6, 2, 3, 8, 8)
+    assert torch.equal(a["view1"], b["view1"]) and not torch.equal(a["view1"], c["view1"])
+    assert a["view1"].min() >= -2 - 1e-6 and a["view1"].max() <= 2 + 1e-6  # (x - .5) / .25
+    assert torch.equal(a["label"], batch["label"])
+    state = torch.get_rng_state()
+    device_aug(batch, seed=1)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
