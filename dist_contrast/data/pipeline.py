@@ -72,8 +72,8 @@ class ReaderStream(IterableDataset):
             self.rank, self.world, info.id if info else 0, info.num_workers if info else 1
         )
 
-    def raw_samples(self, reader: Reader, faults: Faults) -> Iterator[dict]:
-        d, seed, epoch = self.data, self.seed, self.epoch
+    def raw_samples(self, reader: Reader, epoch: int, faults: Faults) -> Iterator[dict]:
+        d, seed = self.data, self.seed
         streams = []
         for i, src in enumerate(self.sources):
             urls = (
@@ -90,9 +90,9 @@ class ReaderStream(IterableDataset):
             samples = _take(samples, -(-d.epoch_samples // reader.count))
         return samples
 
-    def views(self, dec: Decoded, reader: Reader, pos: int) -> dict[str, Any]:
+    def views(self, dec: Decoded, reader: Reader, epoch: int, pos: int) -> dict[str, Any]:
         a, d = self.augment, self.data
-        rng = random.Random(mix_seed(self.seed, self.epoch, reader.rank, reader.worker, pos, 2))
+        rng = random.Random(mix_seed(self.seed, epoch, reader.rank, reader.worker, pos, 2))
         w, h = dec.image.size
         big = (a.crop_scale_min, a.crop_scale_max)
         out: dict[str, Any] = {}
@@ -124,18 +124,23 @@ class ReaderStream(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Epoch after epoch, from ``epoch`` (and this worker's ``resume`` position in it): the
+        worker process lives on across epochs."""
         reader = self.reader()
-        start = self.resume.get(reader.worker, {})
+        epoch, start = self.epoch, self.resume.get(reader.worker, {})
+        while True:
+            yield from self._epoch_items(reader, epoch, start)
+            epoch, start = epoch + 1, {}
+
+    def _epoch_items(self, reader: Reader, epoch: int, start: dict) -> Iterator[dict[str, Any]]:
         where = f"[rank {reader.rank} worker {reader.worker}] "
-        faults = Faults(
-            where,
-            self.data.warn_every_s,
-            dict(start.get("faults") or dict.fromkeys(FAULT_REASONS, 0)),
-        )
+        counts = dict(start.get("faults") or dict.fromkeys(FAULT_REASONS, 0))
+        faults = Faults(where, self.data.warn_every_s, counts)
         skip, batch_no = int(start.get("raw", 0)), int(start.get("batch", 0))
         faults.muted = skip > 0  # re-reading what was counted already
         pos, items = 0, []
-        for sample in self.raw_samples(reader, faults):
+        tag = {"_epoch": epoch, "_worker": reader.worker}
+        for sample in self.raw_samples(reader, epoch, faults):
             pos += 1
             if pos <= skip:
                 continue
@@ -146,20 +151,20 @@ class ReaderStream(IterableDataset):
             if dec is None:
                 continue
             try:
-                items.append(self.views(dec, reader, pos))
+                items.append(self.views(dec, reader, epoch, pos))
             except Exception as exc:  # pixels that fail to decode past the header
                 faults.add(getattr(exc, "reason", "corrupt_image"), f"{sample['__key__']}: {exc}")
                 continue
             if len(items) == self.batch_size:
                 yield {
-                    "_worker": reader.worker,
+                    **tag,
                     "_batch": batch_no,
                     "_raw": pos,
                     "_faults": dict(faults.counts),
                     **collate(items),
                 }
                 batch_no, items = batch_no + 1, []
-        yield {"_end": reader.worker, "_raw": pos, "_faults": dict(faults.counts)}
+        yield {**tag, "_end": True, "_raw": pos, "_faults": dict(faults.counts)}
 
 
 def _take(items: Iterator[dict], n: int) -> Iterator[dict]:
@@ -192,6 +197,9 @@ class TrainLoader:
         self.epoch, self.next_worker = 0, 0
         self._reset_epoch()
         self.closed_faults = dict.fromkeys(FAULT_REASONS, 0)
+        self._it: Iterator[dict[str, Any]] | None = None
+        self._pending: dict[tuple[int, int, int], dict] = {}  # (epoch, worker, batch) -> batch
+        self._ended: dict[tuple[int, int], dict] = {}  # (epoch, worker) -> end marker
 
     def _reset_epoch(self) -> None:
         self.pos = {
@@ -230,6 +238,7 @@ class TrainLoader:
         self.pos = {int(k): v for k, v in state["pos"].items()}
         self.done = set(state["done"])
         self.closed_faults = dict(state["closed_faults"])
+        self._it, self._pending, self._ended = None, {}, {}  # workers restart from here
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
@@ -243,8 +252,10 @@ class TrainLoader:
             produced = True
             yield batch
         if not produced:
-            raise DataError(f"rank {self.stream.rank} got no full batch of "
-                            f"{self.stream.batch_size} samples from its shards in an epoch")
+            raise DataError(
+                f"rank {self.stream.rank} got no full batch of "
+                f"{self.stream.batch_size} samples from its shards in an epoch"
+            )
         for p in self.pos.values():
             for k, v in p["faults"].items():
                 self.closed_faults[k] = self.closed_faults.get(k, 0) + v
@@ -252,32 +263,40 @@ class TrainLoader:
         self.next_worker = 0
         self._reset_epoch()
 
+    def _items(self) -> Iterator[dict[str, Any]]:
+        """The workers' tagged items; one DataLoader whose workers live across epochs,
+        (re)started from the current position when needed."""
+        if self._it is None:
+            self.stream.epoch = self.epoch
+            self.stream.resume = {w: p for w, p in self.pos.items() if p["raw"]}
+            extra = {"prefetch_factor": 4, "persistent_workers": False} if self.num_workers else {}
+            self._it = iter(
+                DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, **extra)
+            )
+        return self._it
+
     def _epoch(self) -> Iterator[dict[str, Any]]:
-        self.stream.epoch = self.epoch
-        self.stream.resume = {w: p for w, p in self.pos.items() if p["raw"]}
-        loader = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers))
-        pending: dict[tuple[int, int], dict] = {}
-        ended: set[int] = set(self.done)
-        w = self.next_worker
+        items = self._items()
+        w, e = self.next_worker, self.epoch
         while len(self.done) < self.workers:
             if w in self.done:
                 w = (w + 1) % self.workers
                 continue
-            want = (w, self.pos[w]["batch"])
-            while want not in pending and w not in ended:
-                item = next(loader)
+            want = (e, w, self.pos[w]["batch"])
+            while want not in self._pending and (e, w) not in self._ended:
+                item = next(items)
+                key = (item["_epoch"], item["_worker"])
                 if "_end" in item:
-                    ended.add(item["_end"])
-                    self.pos[item["_end"]]["final"] = item
+                    self._ended[key] = item
                 else:
-                    pending[(item["_worker"], item["_batch"])] = item
-            if want in pending:
-                item = pending.pop(want)
-                self.pos[w].update(batch=want[1] + 1, raw=item["_raw"], faults=item["_faults"])
+                    self._pending[(*key, item["_batch"])] = item
+            if want in self._pending:
+                item = self._pending.pop(want)
+                self.pos[w].update(batch=want[2] + 1, raw=item["_raw"], faults=item["_faults"])
                 self.next_worker = w = (w + 1) % self.workers
                 yield {k: v for k, v in item.items() if not k.startswith("_")}
             else:
-                final = self.pos[w].pop("final")
+                final = self._ended.pop((e, w))
                 self.pos[w].update(raw=final["_raw"], faults=final["_faults"])
                 self.done.add(w)
                 w = (w + 1) % self.workers
