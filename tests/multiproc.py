@@ -22,6 +22,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) 
         MASTER_PORT=str(port),
         RANK=str(rank),
         WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)

@@ -1,7 +1,15 @@
-"""What the engine knows of a method: ``method(batch) -> LossOutput``."""
+"""What the engine knows of a method: ``method(batch) -> LossOutput``.
+
+A method is two halves: ``embed(batch) -> {name: embeddings}`` (the encoders; per sample, so a
+batch can be embedded in micro-batches) and ``loss(embeddings, batch) -> LossOutput`` (the
+objective over the whole batch: negatives, gathers). Cached accumulation (GradCache) runs the two
+halves separately; ``forward`` dispatches on ``mode`` so that every call goes through the
+DeepSpeed engine (and its ZeRO-3 parameter gathering).
+"""
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import torch
@@ -14,13 +22,51 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=abc.ABCMeta):
     """A training objective around encoders. Subclasses set ``encoder`` (the network whose
-    representation is evaluated and exported) and implement
-    ``forward(batch) -> LossOutput``."""
+    representation is evaluated and exported) and implement ``embed`` and ``loss``."""
 
     encoder: nn.Module
+
+    @abc.abstractmethod
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Embeddings of every sample of ``batch``, by name."""
+
+    @abc.abstractmethod
+    def loss(self, emb: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> LossOutput:
+        """The objective over the embeddings of the whole (per-rank) batch."""
+
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the objective itself (a learnable temperature)."""
+        return []
+
+    def forward(self, batch: dict[str, torch.Tensor], mode: str = "train",
+                cache: dict[str, torch.Tensor] | None = None,
+                grads: dict[str, torch.Tensor] | None = None,
+                param_grads: list[torch.Tensor] | None = None):
+        if mode == "train":
+            return self.loss(self.embed(batch), batch)
+        if mode == "embed":
+            return self.embed(batch)
+        if mode == "loss":
+            return self.loss(cache, batch)
+        if mode == "surrogate":
+            # sum <embedding, cached dL/dembedding> (+ <loss param, its cached gradient>): its
+            # gradient is the chain rule's contribution of this micro-batch.
+            emb = self.embed(batch)
+            total = sum((emb[k].float() * grads[k]).sum() for k in emb)
+            for p, g in zip(self.loss_parameters(), param_grads or [], strict=False):
+                total = total + (p * g).sum()
+            return total
+        raise ValueError(f"unknown mode {mode!r}")
 
     def negatives_per_query(self, batch_size: int, world: int) -> int:
         """Negatives each query is scored against, for a per-rank batch of ``batch_size``."""
         return 0
+
+    def extra_state(self) -> dict:
+        """This rank's state outside the module's parameters (a queue shard): saved per rank."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` returned."""

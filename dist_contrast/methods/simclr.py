@@ -12,16 +12,16 @@ from dist_contrast.methods.base import LossOutput, Method
 class SimCLR(Method):
     def __init__(self, encoder: nn.Module, projector: nn.Module, loss: NTXentLoss) -> None:
         super().__init__()
-        self.encoder, self.projector, self.loss = encoder, projector, loss
+        self.encoder, self.projector, self.criterion = encoder, projector, loss
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.encoder(x))
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput:
-        # One encoder pass over both views; the loss splits them again.
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # One encoder pass over both views.
         both = torch.cat([batch["view1"], batch["view2"]])
-        z1, z2 = self.embed(both).chunk(2)
-        return LossOutput(self.loss(z1, z2))
+        z1, z2 = self.projector(self.encoder(both)).chunk(2)
+        return {"z1": z1, "z2": z2}
+
+    def loss(self, emb: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> LossOutput:
+        return LossOutput(self.criterion(emb["z1"], emb["z2"]))
 
     def negatives_per_query(self, batch_size: int, world: int) -> int:
-        return self.loss.negatives_per_query(batch_size, world)
+        return self.criterion.negatives_per_query(batch_size, world)

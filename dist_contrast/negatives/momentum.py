@@ -1,0 +1,58 @@
+"""Momentum (EMA) encoders: ``target <- m * target + (1 - m) * online`` after each step.
+
+Correct under every ZeRO stage. Under ZeRO-3 parameters are partitioned: each rank holds a flat
+slice (``ds_tensor``) of every parameter, and an online parameter and its momentum twin have the
+same size, hence the same partitioning, so each rank updates its own slices with no
+communication and no full copy of either network. Under ZeRO 0-2 parameters are whole.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def momentum_at(step: int, total: int, base: float, final: float = 1.0) -> float:
+    """Cosine schedule from ``base`` at step 0 to ``final`` at ``total`` (BYOL, MoCo v3)."""
+    if total <= 0:
+        return base
+    progress = min(1.0, max(0.0, step / total))
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def _ema(t: torch.Tensor, o: torch.Tensor, momentum: float) -> None:
+    if t.shape != o.shape:
+        raise ValueError(f"momentum twin has another shape: {tuple(t.shape)} vs {tuple(o.shape)}")
+    t.mul_(momentum).add_(o.to(t.dtype), alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """One EMA step of ``target`` towards ``online`` (same architecture); buffers (batch-norm
+    statistics) are copied."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        if not hasattr(t, "ds_tensor"):  # ZeRO 0-2: whole parameters
+            _ema(t.data, o.data, momentum)
+            continue
+        _ema(t.ds_tensor, o.ds_tensor, momentum)  # ZeRO-3: this rank's partition
+        # Small parameters stay whole on every rank as well (ZeRO-3 "persistence"):
+        # the whole copy is what the forward pass reads, so it is updated too.
+        if t.data.numel() == t.ds_numel and o.data.numel() == o.ds_numel:
+            _ema(t.data, o.data, momentum)
+    for bt, bo in zip(target.buffers(), online.buffers(), strict=True):
+        bt.copy_(bo)
+
+
+def make_target(online: nn.Module) -> nn.Module:
+    """A frozen copy of ``online`` to be the momentum encoder (built before DeepSpeed wraps the
+    method, so that ZeRO-3 partitions both alike)."""
+    import copy
+
+    target = copy.deepcopy(online)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
