@@ -182,3 +182,33 @@ def masked_logsumexp(logits: torch.Tensor, keep: torch.Tensor, dim: int = -1) ->
     """log-sum-exp over the kept entries. Rows with nothing kept give a huge negative finite
     value (never NaN, also not in the gradient): callers zero those rows out."""
     return torch.logsumexp(logits.masked_fill(~keep, _MASK_FILL), dim=dim)
+
+
+# --------------------------------------------------------------------------------------------
+# The memory-efficient (tiled) softmax
+
+
+def check_tiling(memory_efficient: bool, tile: int | None) -> None:
+    if not isinstance(memory_efficient, bool):
+        raise ValueError(f"memory_efficient must be True or False, got {memory_efficient!r}")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+        raise ValueError(f"tile must be a positive integer or None, got {tile!r}")
+
+
+def tiled_cross_entropy(*args, tile: int | None = None, **kwargs) -> torch.Tensor:
+    """:func:`dist_contrast.negatives.tiled.tiled_cross_entropy` (``tile=None``: its default),
+    imported on first use: the negatives package may import the losses."""
+    from dist_contrast.negatives import tiled
+
+    if tile is not None:
+        kwargs["tile"] = tile
+    return tiled.tiled_cross_entropy(*args, **kwargs)
+
+
+def tiled_logsumexp(
+    anchors, columns, exclude=None, tile: int | None = None, *, scale=1.0
+) -> torch.Tensor:
+    """:func:`dist_contrast.negatives.tiled.tiled_logsumexp`, imported on first use."""
+    from dist_contrast.negatives import tiled
+
+    return tiled.tiled_logsumexp(anchors, columns, exclude, tile or tiled.DEFAULT_TILE, scale=scale)

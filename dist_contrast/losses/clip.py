@@ -14,10 +14,12 @@ from dist_contrast.losses._common import (
     check_input,
     check_positive,
     check_same_shape,
+    check_tiling,
     fp32_region,
     gather,
     global_mean,
     normalize,
+    tiled_cross_entropy,
     upcast,
 )
 
@@ -36,6 +38,9 @@ def clip_loss(
     logit_scale: float | torch.Tensor = CLIP_INIT_LOGIT_SCALE,
     max_scale: float = 100.0,
     gather_mode: str = "all",
+    *,
+    memory_efficient: bool = False,
+    tile: int | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric cross-entropy over the image-text similarity matrix.
 
@@ -50,11 +55,16 @@ def clip_loss(
     every rank and its texts against every rank's images (gathered with gradient, targets
     offset by rank), memory O(n_local x N), and returns ``W * (its sum) / 2N``: W ranks with
     averaged gradients (the logit scale's included) equal one process on the global batch.
+
+    ``memory_efficient=True``: the same values and gradients (the logit scale's included)
+    through the tiled softmax (:mod:`dist_contrast.negatives.tiled`); the [n_local, N] logits
+    exist one ``tile x tile`` block at a time (default 1024).
     """
     check_pair(image, text)
     check_finite(logit_scale, "logit_scale")
     check_positive(max_scale, "max_scale")
     use_gather = check_gather(gather_mode)
+    check_tiling(memory_efficient, tile)
     with fp32_region():
         img, txt = normalize(image), normalize(text)
         all_img, offset = gather(img, use_gather)
@@ -62,8 +72,12 @@ def clip_loss(
         log_scale = torch.as_tensor(logit_scale, device=img.device)
         scale = upcast(log_scale).exp().clamp(max=max_scale)
         targets = torch.arange(img.shape[0], device=img.device) + offset
-        total = F.cross_entropy(scale * img @ all_txt.T, targets, reduction="sum")
-        total = total + F.cross_entropy(scale * txt @ all_img.T, targets, reduction="sum")
+        if memory_efficient:
+            total = tiled_cross_entropy(img, all_txt, targets, scale=scale, tile=tile).sum()
+            total = total + tiled_cross_entropy(txt, all_img, targets, scale=scale, tile=tile).sum()
+        else:
+            total = F.cross_entropy(scale * img @ all_txt.T, targets, reduction="sum")
+            total = total + F.cross_entropy(scale * txt @ all_img.T, targets, reduction="sum")
         return global_mean(total / 2, all_img.shape[0], use_gather)
 
 
@@ -71,17 +85,32 @@ class ClipLoss(nn.Module):
     """:func:`clip_loss` with the learnable ``logit_scale`` (log of 1/T, init log(1/0.07))."""
 
     def __init__(
-        self, init_temperature: float = 0.07, max_scale: float = 100.0, gather: str = "all"
+        self,
+        init_temperature: float = 0.07,
+        max_scale: float = 100.0,
+        gather: str = "all",
+        memory_efficient: bool = False,
+        tile: int | None = None,
     ) -> None:
         super().__init__()
         check_positive(init_temperature, "init_temperature")
         check_positive(max_scale, "max_scale")
         check_gather(gather)
+        check_tiling(memory_efficient, tile)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.max_scale, self.gather = max_scale, gather
+        self.memory_efficient, self.tile = memory_efficient, tile
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return clip_loss(image, text, self.logit_scale, self.max_scale, self.gather)
+        return clip_loss(
+            image,
+            text,
+            self.logit_scale,
+            self.max_scale,
+            self.gather,
+            memory_efficient=self.memory_efficient,
+            tile=self.tile,
+        )
 
     def negatives_per_query(self, n_local: int, world: int) -> int:
         return n_local * (world if self.gather == "all" else 1) - 1

@@ -11,11 +11,14 @@ from dist_contrast.losses._common import (
     check_input,
     check_same_shape,
     check_temperature,
+    check_tiling,
     fp32_region,
     gather,
     global_mean,
     keep_graph,
     normalize,
+    tiled_cross_entropy,
+    tiled_logsumexp,
 )
 
 
@@ -32,6 +35,8 @@ def info_nce(
     gather_mode: str = "all",
     *,
     in_batch: bool | None = None,
+    memory_efficient: bool = False,
+    tile: int | None = None,
 ) -> torch.Tensor:
     """InfoNCE: cross-entropy of each query against its key among negatives.
 
@@ -51,6 +56,11 @@ def info_nce(
     O(n_local x N)) and returns ``W * (sum) / N``, so W ranks with averaged gradients equal
     one process on the global batch. Without in-batch negatives nothing is gathered and each
     rank returns the mean over its queries (the global mean when ranks hold equal batches).
+
+    ``memory_efficient=True`` gives the same values and gradients through the tiled softmax
+    (:mod:`dist_contrast.negatives.tiled`): the [n_local, N + K] logits exist one
+    ``tile x tile`` block at a time (default tile 1024), memory O(tile^2) instead of
+    O(n_local x (N + K)), at the price of recomputing the blocks in the backward.
     """
     check_input(q, "q")
     check_input(k, "k")
@@ -64,45 +74,83 @@ def info_nce(
     check_temperature(temperature)
     use_gather = check_gather(gather_mode)
     _check_in_batch(in_batch)
+    check_tiling(memory_efficient, tile)
     if in_batch is None:
         in_batch = negatives is None
     if not in_batch and negatives is None:
         raise ValueError("info_nce has no negatives: pass negatives=[K, D] or in_batch=True")
     with fp32_region():
         qn, kn = normalize(q), normalize(k)
-        n = qn.shape[0]
-        if in_batch:
-            keys, offset = gather(kn, use_gather)
-            logits = qn @ keys.T
-            targets = torch.arange(n, device=qn.device) + offset
-            n_global = keys.shape[0]
+        negs = None if negatives is None else normalize(negatives)
+        keys, offset = gather(kn, use_gather) if in_batch else (kn, 0)
+        if memory_efficient:
+            total = _tiled_sum(qn, kn, keys, offset, negs, temperature, in_batch, tile)
         else:
-            logits = (qn * kn).sum(dim=1, keepdim=True)
-            targets = torch.zeros(n, dtype=torch.long, device=qn.device)
-            n_global, use_gather = n, False
-        if negatives is not None:
-            logits = torch.cat([logits, qn @ normalize(negatives).T], dim=1)
-        total = F.cross_entropy(logits / temperature, targets, reduction="sum")
-        loss = global_mean(total, n_global, use_gather)
-        return keep_graph(loss, keys) if in_batch else loss
+            total = _full_sum(qn, kn, keys, offset, negs, temperature, in_batch)
+        if not in_batch:
+            return global_mean(total, qn.shape[0], False)
+        return keep_graph(global_mean(total, keys.shape[0], use_gather), keys)
+
+
+def _full_sum(qn, kn, keys, offset, negs, temperature, in_batch) -> torch.Tensor:
+    """Sum over the queries of the cross-entropy, from the whole [n, N (+ K)] logits."""
+    n = qn.shape[0]
+    if in_batch:
+        logits = qn @ keys.T
+        targets = torch.arange(n, device=qn.device) + offset
+    else:
+        logits = (qn * kn).sum(dim=1, keepdim=True)
+        targets = torch.zeros(n, dtype=torch.long, device=qn.device)
+    if negs is not None:
+        logits = torch.cat([logits, qn @ negs.T], dim=1)
+    return F.cross_entropy(logits / temperature, targets, reduction="sum")
+
+
+def _tiled_sum(qn, kn, keys, offset, negs, temperature, in_batch, tile) -> torch.Tensor:
+    """:func:`_full_sum` through the tiled softmax (no [n, N (+ K)] tensor)."""
+    if in_batch:
+        columns = keys if negs is None else torch.cat([keys, negs])
+        targets = torch.arange(qn.shape[0], device=qn.device) + offset
+        per_query = tiled_cross_entropy(qn, columns, targets, scale=1 / temperature, tile=tile)
+        return per_query.sum()
+    # the positive is each query's own key: one extra column per row, outside the tiles
+    pos = (qn * kn).sum(dim=1) / temperature
+    lse = torch.logaddexp(pos, tiled_logsumexp(qn, negs, tile=tile, scale=1 / temperature))
+    return (lse - pos).sum()
 
 
 class InfoNCELoss(nn.Module):
     """Module form of :func:`info_nce`; see there for the convention."""
 
     def __init__(
-        self, temperature: float = 0.07, in_batch: bool | None = None, gather: str = "all"
+        self,
+        temperature: float = 0.07,
+        in_batch: bool | None = None,
+        gather: str = "all",
+        memory_efficient: bool = False,
+        tile: int | None = None,
     ) -> None:
         super().__init__()
         check_temperature(temperature)
         _check_in_batch(in_batch)
         check_gather(gather)
+        check_tiling(memory_efficient, tile)
         self.temperature, self.in_batch, self.gather = temperature, in_batch, gather
+        self.memory_efficient, self.tile = memory_efficient, tile
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return info_nce(q, k, negatives, self.temperature, self.gather, in_batch=self.in_batch)
+        return info_nce(
+            q,
+            k,
+            negatives,
+            self.temperature,
+            self.gather,
+            in_batch=self.in_batch,
+            memory_efficient=self.memory_efficient,
+            tile=self.tile,
+        )
 
     def negatives_per_query(self, n_local: int, world: int, n_extra: int = 0) -> int:
         in_batch = self.in_batch if self.in_batch is not None else n_extra == 0

@@ -13,10 +13,12 @@ from dist_contrast.losses._common import (
     check_input,
     check_same_shape,
     check_temperature,
+    check_tiling,
     fp32_region,
     gather,
     global_mean,
     normalize,
+    tiled_cross_entropy,
 )
 
 
@@ -51,7 +53,13 @@ def two_views(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_mod
 
 
 def nt_xent(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather_mode: str = "all"
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.1,
+    gather_mode: str = "all",
+    *,
+    memory_efficient: bool = False,
+    tile: int | None = None,
 ) -> torch.Tensor:
     """NT-Xent over 2N views.
 
@@ -65,9 +73,16 @@ def nt_xent(
     returns ``W * (sum over its anchors) / 2N`` (the mean over its anchors when ranks hold equal
     batches), so W ranks with averaged gradients equal one process on the global batch, also
     for uneven batches. ``"off"`` keeps each rank's batch to itself.
+
+    ``memory_efficient=True``: the same values and gradients through the tiled softmax
+    (:mod:`dist_contrast.negatives.tiled`), the self view left out inside each block; the
+    [2n, 2N] logits exist one ``tile x tile`` block at a time (default 1024).
     """
     use_gather = check_gather(gather_mode)
+    check_tiling(memory_efficient, tile)
     with fp32_region():
+        if memory_efficient:
+            return _nt_xent_tiled(z1, z2, temperature, use_gather, tile)
         v = two_views(z1, z2, temperature, gather_mode)
         # in place: nothing saved for backward holds the logits (saves one [2n, 2N] copy)
         logits = v.logits.scatter_(1, v.self_col[:, None], float("-inf"))
@@ -75,18 +90,55 @@ def nt_xent(
         return global_mean(total, 2 * v.n_all, use_gather)
 
 
+def _nt_xent_tiled(z1, z2, temperature, use_gather: bool, tile: int | None) -> torch.Tensor:
+    """:func:`nt_xent` without the [2n, 2N] logits. Call inside ``fp32_region()``."""
+    check_input(z1, "z1")
+    check_input(z2, "z2")
+    check_same_shape(z1, z2, "z1", "z2")
+    check_temperature(temperature)
+    a1, a2 = normalize(z1), normalize(z2)
+    c1, offset = gather(a1, use_gather)
+    c2, _ = gather(a2, use_gather)
+    n_all = c1.shape[0]
+    idx = torch.arange(a1.shape[0], device=a1.device) + offset
+    per_anchor = tiled_cross_entropy(
+        torch.cat([a1, a2]),
+        torch.cat([c1, c2]),
+        torch.cat([idx + n_all, idx]),
+        exclude=torch.cat([idx, idx + n_all]),
+        scale=1 / temperature,
+        tile=tile,
+    )
+    return global_mean(per_anchor.sum(), 2 * n_all, use_gather)
+
+
 class NTXentLoss(nn.Module):
     """Module form of :func:`nt_xent`; see there for the convention."""
 
-    def __init__(self, temperature: float = 0.1, gather: str = "all") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        gather: str = "all",
+        memory_efficient: bool = False,
+        tile: int | None = None,
+    ) -> None:
         super().__init__()
         check_temperature(temperature)
         check_gather(gather)
+        check_tiling(memory_efficient, tile)
         self.temperature = temperature
         self.gather = gather
+        self.memory_efficient, self.tile = memory_efficient, tile
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return nt_xent(z1, z2, self.temperature, self.gather)
+        return nt_xent(
+            z1,
+            z2,
+            self.temperature,
+            self.gather,
+            memory_efficient=self.memory_efficient,
+            tile=self.tile,
+        )
 
     def negatives_per_query(self, n_local: int, world: int) -> int:
         n = n_local * (world if self.gather == "all" else 1)

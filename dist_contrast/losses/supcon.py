@@ -12,12 +12,14 @@ from dist_contrast.losses._common import (
     check_labels,
     check_positive,
     check_temperature,
+    check_tiling,
     fp32_region,
     gather,
     gather_labels,
     global_mean,
     masked_logsumexp,
     normalize,
+    tiled_cross_entropy,
 )
 
 MODES = ("all", "one")
@@ -30,6 +32,9 @@ def supcon_loss(
     base_temperature: float = 0.07,
     contrast_mode: str = "all",
     gather_mode: str = "all",
+    *,
+    memory_efficient: bool = False,
+    tile: int | None = None,
 ) -> torch.Tensor:
     """Supervised contrastive loss L_out over N samples with V views each.
 
@@ -47,6 +52,10 @@ def supcon_loss(
     (gathered with gradient), labels gathered, instance ids and the self-mask offset by rank.
     Each rank returns ``W * (sum over its anchors) / (anchors on all ranks)``, so W ranks with
     averaged gradients equal one process on the global batch. Memory O(nV x NV).
+
+    ``memory_efficient=True``: the same values and gradients through the tiled softmax
+    (:mod:`dist_contrast.negatives.tiled`): self views left out and positives found from the
+    label vectors, never an [nV, NV] logit matrix or mask (memory O(tile^2), default 1024).
     """
     check_input(features, "features", ndim=3)
     if labels is not None:
@@ -55,6 +64,7 @@ def supcon_loss(
     check_positive(base_temperature, "base_temperature")
     check_choice(contrast_mode, "contrast_mode", MODES)
     use_gather = check_gather(gather_mode)
+    check_tiling(memory_efficient, tile)
     with fp32_region():
         f = normalize(features)
         n, views = f.shape[0], f.shape[1]
@@ -62,26 +72,47 @@ def supcon_loss(
         n_all = cols.shape[0]
         anchors = f if contrast_mode == "all" else f[:, :1]
         a_views = anchors.shape[1]
-        logits = anchors.reshape(n * a_views, -1) @ cols.reshape(n_all * views, -1).T
-        logits = logits / temperature
-        dev = logits.device
+        anchors = anchors.reshape(n * a_views, -1)
+        cols = cols.reshape(n_all * views, -1)
+        dev = anchors.device
         row_sample = (torch.arange(n, device=dev) + offset).repeat_interleave(a_views)
         row_view = torch.arange(a_views, device=dev).repeat(n)
-        col_sample = torch.arange(n_all, device=dev).repeat_interleave(views)
-        self_mask = torch.zeros_like(logits, dtype=torch.bool)
-        self_mask[torch.arange(len(row_sample), device=dev), row_sample * views + row_view] = True
+        self_col = row_sample * views + row_view
         if labels is None:
-            row_id, col_id = row_sample, col_sample
+            row_id = row_sample
+            col_id = torch.arange(n_all, device=dev).repeat_interleave(views)
         else:
             labels = labels.to(dev)
             row_id = labels.repeat_interleave(a_views)
             col_id = gather_labels(labels, use_gather).repeat_interleave(views)
-        pos = (row_id[:, None] == col_id[None, :]) & ~self_mask
-        log_prob = logits - masked_logsumexp(logits, ~self_mask)[:, None]
-        n_pos = pos.sum(dim=1)
-        mean_log_prob_pos = torch.where(pos, log_prob, 0.0).sum(dim=1) / n_pos.clamp(min=1)
-        per_anchor = -(temperature / base_temperature) * mean_log_prob_pos
+        if memory_efficient:
+            per_anchor = tiled_cross_entropy(
+                anchors,
+                cols,
+                row_labels=row_id,
+                col_labels=col_id,
+                exclude=self_col,
+                scale=1 / temperature,
+                tile=tile,
+            )
+            per_anchor = (temperature / base_temperature) * per_anchor
+        else:
+            per_anchor = _full_per_anchor(anchors, cols, row_id, col_id, self_col, temperature)
+            per_anchor = -(temperature / base_temperature) * per_anchor
         return global_mean(per_anchor.sum(), n_all * a_views, use_gather)
+
+
+def _full_per_anchor(anchors, cols, row_id, col_id, self_col, temperature) -> torch.Tensor:
+    """Mean log-probability of each anchor's positives (0 without any), from the whole
+    [nV, NV] logits and masks."""
+    logits = anchors @ cols.T
+    logits = logits / temperature
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(len(self_col), device=logits.device), self_col] = True
+    pos = (row_id[:, None] == col_id[None, :]) & ~self_mask
+    log_prob = logits - masked_logsumexp(logits, ~self_mask)[:, None]
+    n_pos = pos.sum(dim=1)
+    return torch.where(pos, log_prob, 0.0).sum(dim=1) / n_pos.clamp(min=1)
 
 
 class SupConLoss(nn.Module):
@@ -93,14 +124,18 @@ class SupConLoss(nn.Module):
         base_temperature: float = 0.07,
         contrast_mode: str = "all",
         gather: str = "all",
+        memory_efficient: bool = False,
+        tile: int | None = None,
     ) -> None:
         super().__init__()
         check_temperature(temperature)
         check_positive(base_temperature, "base_temperature")
         check_choice(contrast_mode, "contrast_mode", MODES)
         check_gather(gather)
+        check_tiling(memory_efficient, tile)
         self.temperature, self.base_temperature = temperature, base_temperature
         self.contrast_mode, self.gather = contrast_mode, gather
+        self.memory_efficient, self.tile = memory_efficient, tile
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return supcon_loss(
@@ -110,4 +145,6 @@ class SupConLoss(nn.Module):
             self.base_temperature,
             self.contrast_mode,
             self.gather,
+            memory_efficient=self.memory_efficient,
+            tile=self.tile,
         )
