@@ -115,6 +115,11 @@ class TrainConfig:
     # Stop this invocation at this step (with a checkpoint) while the LR schedule still runs to
     # `steps`: time-boxed jobs that a later `checkpoint.resume=latest` continues. 0: no stop.
     stop_at: int = 0
+    # Split each rank's batch into this many micro-batches. "cached" (GradCache) keeps the
+    # negatives of the whole batch with the activation memory of one micro-batch; "plain" gives
+    # each micro-batch its own loss (fewer negatives).
+    accumulation: int = 1
+    accumulation_mode: Literal["cached", "plain"] = "cached"
 
 
 @dataclass
@@ -355,6 +360,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
     _check(cfg.train.log_every > 0, "train.log_every", "must be > 0")
+    _check(cfg.train.accumulation > 0, "train.accumulation", "must be > 0")
+    _check(
+        cfg.train.batch_size % cfg.train.accumulation == 0,
+        "train.accumulation",
+        f"must divide train.batch_size ({cfg.train.batch_size})",
+    )
     _check(
         0 <= cfg.train.stop_at <= cfg.train.steps, "train.stop_at", "must be in [0, train.steps]"
     )
@@ -425,8 +436,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config derived from the run config; ``deepspeed.raw`` wins."""
     prec = cfg.deepspeed.precision
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size // cfg.train.accumulation,
+        "gradient_accumulation_steps": cfg.train.accumulation,
         "train_batch_size": cfg.train.batch_size * world_size,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},

@@ -9,19 +9,21 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dist_contrast import checkpoint, distributed
+from dist_contrast.accumulate import cached_step, plain_step
 from dist_contrast.config import Config, TrainConfig, deepspeed_config, save_config
 from dist_contrast.data.augment import DeviceAugment
 from dist_contrast.data.pipeline import TrainLoader, train_loader
 from dist_contrast.data.sources import build_sources, mix_seed
 from dist_contrast.data.tario import FAULT_REASONS
 from dist_contrast.errors import CheckpointError
-from dist_contrast.methods import Method, build_method
+from dist_contrast.methods import LossOutput, Method, build_method
 from dist_contrast.metrics import MetricsLogger
 
 # DeepSpeed's ZeRO-2 calls a collective that torch now marks deprecated; it is not ours to fix.
@@ -142,6 +144,20 @@ def _train(cfg: Config, env: distributed.DistEnv) -> Path:
     return run_dir
 
 
+@dataclass
+class Window:
+    """What is summed between two logged steps."""
+
+    first_step: int
+    start: float = field(default_factory=time.perf_counter)
+    loss_sum: float = 0.0
+    n: int = 0
+    data_wait: float = 0.0
+
+    def add(self, loss: float) -> None:
+        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+
+
 class Trainer:
     """The training loop and what it must keep: step, data position, metrics."""
 
@@ -183,50 +199,61 @@ class Trainer:
         return to_device(self.augment(batch, seed), self.device, self.dtype)
 
     def run(self) -> None:
-        cfg, method = self.cfg, self.engine.module
+        cfg = self.cfg
         batches = iter(self.loader)
-        loss_sum, n_loss, data_wait = 0.0, 0, 0.0
-        t_last, last_logged = time.perf_counter(), self.step
+        window = Window(self.step)
         end = cfg.train.stop_at or cfg.train.steps
         while self.step < end:
             t0 = time.perf_counter()
             batch = next(batches)
-            data_wait += time.perf_counter() - t0  # time the loader kept this rank waiting
-            batch = self.augment_batch(batch)
-
-            out = self.engine(batch)
-            self.engine.backward(out.loss)
-            self.engine.step()
-
+            window.data_wait += time.perf_counter() - t0  # the loader kept this rank waiting
+            out = self.optimizer_step(self.augment_batch(batch))
             self.step += 1
-            loss_sum, n_loss = loss_sum + float(out.loss.detach()), n_loss + 1
+            window.add(float(out.loss.detach()))
             self.logger.advance()
             last = self.step == end
             if self.step % cfg.train.log_every == 0 or last:
-                elapsed = time.perf_counter() - t_last
-                self.logger.log(
-                    {
-                        "step": self.step,
-                        "loss": distributed.all_reduce_mean(loss_sum / n_loss),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "samples_per_sec": cfg.train.batch_size
-                        * self.world
-                        * (self.step - last_logged)
-                        / elapsed,
-                        "negatives_per_query": method.negatives_per_query(
-                            cfg.train.batch_size, self.world
-                        ),
-                        "data_wait_frac": distributed.all_reduce_mean(data_wait / elapsed),
-                        **self.skipped(),
-                        **{k: distributed.all_reduce_mean(v) for k, v in out.metrics.items()},
-                    }
-                )
-                loss_sum, n_loss, data_wait = 0.0, 0, 0.0
-                t_last, last_logged = time.perf_counter(), self.step
+                self.logger.log(self.record(window, out))
+                window = Window(self.step)
             if self.step % cfg.checkpoint.every == 0 or last:
                 t_save = time.perf_counter()
                 self.save()
-                t_last += time.perf_counter() - t_save  # throughput excludes checkpoint writes
+                window.start += time.perf_counter() - t_save  # throughput excludes saving
+
+    def record(self, window: Window, out: LossOutput) -> dict:
+        """One line of metrics.jsonl: means over the steps since the last one, all ranks."""
+        elapsed = time.perf_counter() - window.start
+        samples = self.cfg.train.batch_size * self.world * (self.step - window.first_step)
+        return {
+            "step": self.step,
+            "loss": distributed.all_reduce_mean(window.loss_sum / window.n),
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_sec": samples / elapsed,
+            "negatives_per_query": self.engine.module.negatives_per_query(
+                self.loss_batch, self.world
+            ),
+            "data_wait_frac": distributed.all_reduce_mean(window.data_wait / elapsed),
+            **self.skipped(),
+            **{k: distributed.all_reduce_mean(v) for k, v in out.metrics.items()},
+        }
+
+    @property
+    def loss_batch(self) -> int:
+        """Samples per rank that one loss sees (its negatives come from them)."""
+        t = self.cfg.train
+        return t.batch_size if t.accumulation_mode == "cached" else t.batch_size // t.accumulation
+
+    def optimizer_step(self, batch: dict) -> LossOutput:
+        """Forward, backward and one optimizer step over this rank's batch."""
+        parts = self.cfg.train.accumulation
+        if parts == 1:
+            out = self.engine(batch)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            return out
+        if self.cfg.train.accumulation_mode == "cached":
+            return cached_step(self.engine, batch, parts)
+        return plain_step(self.engine, batch, parts)
 
     def skipped(self) -> dict[str, int]:
         """Skipped data so far, summed over ranks, by reason (``skipped_<reason>``)."""

@@ -127,3 +127,25 @@ def test_deepspeed_launcher_two_ranks(digits_dir, tmp_path):
     rows = _metrics(tmp_path / "simclr_digits")
     assert rows[-1]["step"] == 4
     assert rows[0]["negatives_per_query"] == 2 * 32 * 2 - 2
+
+
+def test_cached_accumulation_under_deepspeed_matches_one_batch(digits_dir, tmp_path):
+    """DeepSpeed with 4 accumulation steps of 8 (cached) follows the run with batches of 32."""
+    losses = {}
+    for acc in (1, 4):
+        args = _overrides(
+            digits_dir,
+            tmp_path,
+            **{
+                "train.steps": 4,
+                "train.log_every": 1,
+                "train.accumulation": acc,
+                "run.name": f"acc{acc}",
+            },
+        )
+        proc = run_cli("train", "--config", CONFIG, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = _metrics(tmp_path / f"acc{acc}")
+        assert rows[0]["negatives_per_query"] == 2 * 32 - 2  # the whole batch, not 8
+        losses[acc] = [r["loss"] for r in rows]
+    assert losses[4] == pytest.approx(losses[1], rel=1e-5)

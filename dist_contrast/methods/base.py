@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dist_contrast.losses._common import upcast
+
 
 @dataclass
 class LossOutput:
@@ -54,7 +56,7 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
             # sum <embedding, cached dL/dembedding> (+ <loss param, its cached gradient>): its
             # gradient is the chain rule's contribution of this micro-batch.
             emb = self.embed(batch)
-            total = sum((emb[k].float() * grads[k]).sum() for k in emb)
+            total = sum((upcast(emb[k]) * grads[k]).sum() for k in emb)
             for p, g in zip(self.loss_parameters(), param_grads or [], strict=False):
                 total = total + (p * g).sum()
             return total
