@@ -53,17 +53,34 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save(engine, root: Path, step: int, keep: int, client_state: dict | None = None) -> Path:
-    """All ranks write their part of step ``step``; then rank 0 moves ``latest`` and prunes."""
+def rank_file(step_dir: Path, rank: int) -> Path:
+    return step_dir / f"rank_{rank:05d}.pt"
+
+
+def save(engine, root: Path, step: int, keep: int, rank_state: dict | None = None) -> Path:
+    """All ranks write their part of step ``step`` (DeepSpeed's files, and each rank its own
+    ``rank_XXXXX.pt``: data position, queue shard); then rank 0 moves ``latest`` and prunes."""
     tag = step_tag(step)
-    state = {"step": step, **(client_state or {})}
-    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    if rank_state is not None:
+        path = rank_file(root / tag, distributed.rank())
+        tmp = path.with_suffix(".tmp")
+        torch.save(rank_state, tmp)
+        os.replace(tmp, path)
     distributed.barrier()
     if distributed.is_main():
         _write_latest(root, tag)
         _prune(root, keep)
     distributed.barrier()
     return root / tag
+
+
+def load_rank_state(step_dir: Path, rank: int) -> dict | None:
+    """What this rank saved with the checkpoint, or None (another world size, an old run)."""
+    path = rank_file(step_dir, rank)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def resolve_resume(root: Path, spec: str) -> Path | None:

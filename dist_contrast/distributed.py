@@ -173,15 +173,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def all_gather_object(obj):
-    """A picklable object from every rank, as a list in rank order."""
-    if not is_dist() or world_size() == 1:
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def all_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is true on every rank: one decision for all."""
     t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device())

@@ -6,6 +6,7 @@ The engine knows a method only through ``method(batch) -> LossOutput``.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -175,22 +176,26 @@ class Trainer:
         step_dir = checkpoint.resolve_resume(self.ckpt_root, self.cfg.checkpoint.resume)
         if step_dir is None:
             return
-        client = checkpoint.load(self.engine, step_dir)
-        self.step = int(client["step"])
-        data = client.get("data")
-        if data is not None and len(data) == self.world:
-            self.loader.load_state_dict(data[self.rank])
+        self.step = int(checkpoint.load(self.engine, step_dir)["step"])
+        state = checkpoint.load_rank_state(step_dir, self.rank)
+        same_world = state is not None and state["world"] == self.world
+        if same_world:
+            self.loader.load_state_dict(state["data"])
+            self.engine.module.load_extra_state(state["method"])
         elif distributed.is_main():
             print(
-                f"dist-contrast: warning: {step_dir} holds no data position for "
-                f"{self.world} rank(s); the data stream starts again from its beginning"
+                f"dist-contrast: warning: {step_dir} holds no per-rank state for {self.world} "
+                f"rank(s): the data stream restarts and rank-local state (queues) is new",
+                file=sys.stderr,
             )
 
     def save(self) -> None:
-        data = distributed.all_gather_object(self.loader.state_dict())
-        checkpoint.save(
-            self.engine, self.ckpt_root, self.step, self.cfg.checkpoint.keep, {"data": data}
-        )
+        state = {
+            "world": self.world,
+            "data": self.loader.state_dict(),
+            "method": self.engine.module.extra_state(),
+        }
+        checkpoint.save(self.engine, self.ckpt_root, self.step, self.cfg.checkpoint.keep, state)
 
     def augment_batch(self, batch: dict) -> dict:
         """The per-pixel half of the views, on the training device."""
