@@ -1,0 +1,210 @@
+"""The MoCo queue, sharded across ranks (He et al. 2020; MoCo v2, Chen et al. 2020).
+
+Each of the W ranks holds K_total / W keys in a ring buffer and enqueues only its own keys
+(nothing is gathered on enqueue). A query is scored against the queue of *every* rank through a
+distributed log-sum-exp (:mod:`dist_contrast.negatives.dlse`): the queries are gathered, each
+rank scores them against its shard, the per-shard log-sum-exps are combined. So every query
+sees all K_total negatives while the memory each rank spends on the queue stays flat in W.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_contrast import distributed
+from dist_contrast.losses._common import (
+    check_input,
+    check_same_shape,
+    check_temperature,
+    fp32_region,
+    global_mean,
+    normalize,
+)
+from dist_contrast.negatives._rows import move_buffers, unit_rows
+from dist_contrast.negatives.dlse import distributed_logsumexp
+
+
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _world_rank(world: int | None, rank: int | None) -> tuple[int, int]:
+    world = distributed.world_size() if world is None else _check_int(world, "world", 1)
+    rank = distributed.rank() if rank is None else _check_int(rank, "rank", 0)
+    if rank >= world:
+        raise ValueError(f"rank must be < world ({world}), got {rank}")
+    return world, rank
+
+
+def queue_info_nce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    shard: torch.Tensor,
+    temperature: float = 0.07,
+    *,
+    tile: int | None = None,
+    shard_normalized: bool = False,
+) -> torch.Tensor:
+    """InfoNCE of this rank's queries against the queue shards of every rank.
+
+    Convention (MoCo, as :func:`dist_contrast.losses.info_nce` with ``negatives``): ``q``,
+    ``k`` [n, D] and the queue rows are L2-normalised, logits are dot products divided by
+    ``temperature``, and the loss of ``q[i]`` is the cross-entropy of its key ``k[i]`` (the
+    positive, scored on this rank) among ``k[i]`` and the K_total negatives, which are the
+    concatenation over ranks of each rank's ``shard`` [K_r, D]. No gradient flows into the
+    shard; keys are not detached here (a momentum encoder's come without gradient).
+
+    Returns ``W * sum_i loss_i / N`` (N queries over all ranks): the mean over this rank's
+    queries when ranks hold equal batches; in general the mean over ranks of these values is
+    the global mean, and W ranks with averaged gradients get the gradients of one process on
+    the global batch with the queue ``shard_0 || ... || shard_{W-1}``. A collective: every
+    rank calls it. Runs in fp32 (fp64 stays fp64) whatever the autocast. ``tile`` bounds the
+    logits held at once to N x ``tile`` (see :func:`dlse.local_logsumexp`);
+    ``shard_normalized=True`` skips normalising the shard (ShardedQueue stores unit rows).
+    """
+    check_input(q, "q")
+    check_input(k, "k")
+    check_same_shape(q, k, "q", "k")
+    if shard.dim() != 2 or shard.shape[1] != q.shape[1]:
+        raise ValueError(f"shard must have shape [K, {q.shape[1]}], got {tuple(shard.shape)}")
+    check_temperature(temperature)
+    with fp32_region():
+        qn, kn = normalize(q), normalize(k)
+        negatives = shard.detach() if shard_normalized else normalize(shard.detach())
+        pos = (qn * kn).sum(dim=1) / temperature
+        lse_neg, n_all = distributed_logsumexp(qn, negatives.to(qn.dtype), temperature, tile)
+        per_query = torch.logaddexp(pos, lse_neg) - pos
+        return global_mean(per_query.sum(), n_all, True)
+
+
+class ShardedQueue(nn.Module):
+    """A MoCo queue of ``size`` = K_total keys of dimension ``dim``, of which this rank holds
+    K_shard = K_total / W (W must divide ``size``).
+
+    - Storage: the buffer ``keys`` [K_shard, dim] of unit rows in ``dtype`` (fp32 by default,
+      whatever the autocast), registered with ``persistent=False``: it moves with ``.to()`` but
+      is not in ``module.state_dict()`` (which DeepSpeed saves from one rank); it keeps its
+      dtype when an enclosing model is cast (``.half()``, ``.bfloat16()``). Each rank saves
+      :meth:`shard_state_dict` in its own file and loads it with :meth:`load_shard_state_dict`.
+    - Initialisation: random unit vectors; global row ``i`` (rank ``i // K_shard``, slot
+      ``i % K_shard``) comes from a generator seeded with ``(seed, i // 1024)``, so every rank
+      starts from different rows and the W shards put together are the queue one process would
+      start from with the same ``size`` and ``seed``, whatever W.
+    - :meth:`enqueue`: this rank's keys only, detached, normalised, written in order at a ring
+      pointer that wraps around (the batch need not divide K_shard; a batch larger than
+      K_shard leaves its last K_shard keys). Deterministic.
+    - :meth:`info_nce`: every query against all K_total keys (a collective), see
+      :func:`queue_info_nce`. MoCo scores against the queue first and enqueues after.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        size: int,
+        *,
+        world: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        tile: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int(dim, "dim", 1)
+        _check_int(size, "size", 1)
+        self.world, self.rank = _world_rank(world, rank)
+        if size % self.world:
+            raise ValueError(
+                f"queue size {size} must be a multiple of the number of ranks {self.world} "
+                f"(each holds size / ranks keys); e.g. {size - size % self.world or self.world}"
+            )
+        if tile is not None:
+            _check_int(tile, "tile", 1)
+        self.dim, self.size, self.seed, self.tile = dim, size, seed, tile
+        shard = size // self.world
+        rows = torch.arange(self.rank * shard, (self.rank + 1) * shard)
+        self.register_buffer("keys", unit_rows(rows, dim, seed, dtype), persistent=False)
+        self._ptr = 0
+
+    def _apply(self, fn, recurse: bool = True):
+        return move_buffers(self, fn)
+
+    @property
+    def shard_size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def ptr(self) -> int:
+        """The slot the next enqueued key goes to."""
+        return self._ptr
+
+    @property
+    def negatives_per_query(self) -> int:
+        return self.size
+
+    @property
+    def shard_bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size()
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, size={self.size}, shard={self.shard_size}, "
+            f"rank={self.rank}/{self.world}, dtype={self.keys.dtype}"
+        )
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write this rank's keys [B, dim] (detached, L2-normalised, stored in the queue's
+        dtype) at the ring pointer, in order, wrapping around. Local: no collective.
+
+        Call it on the steps that are kept only (every rank decides alike): non-finite keys
+        would stay in the queue until overwritten."""
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"keys must have shape [B, {self.dim}], got {tuple(keys.shape)}")
+        with fp32_region():
+            rows = normalize(keys.detach()).to(self.keys.dtype)
+        n, size = rows.shape[0], self.shard_size
+        kept = min(n, size)  # of a batch larger than the shard, the last `size` keys remain
+        slots = (self._ptr + n - kept + torch.arange(kept, device=self.keys.device)) % size
+        self.keys.index_copy_(0, slots, rows[n - kept :].to(self.keys.device))
+        self._ptr = (self._ptr + n) % size
+
+    def logsumexp(self, q: torch.Tensor, temperature: float) -> tuple[torch.Tensor, int]:
+        """``(lse, N)``: log-sum-exp of ``q @ queue.T / temperature`` over all K_total keys for
+        this rank's rows of ``q`` (used as given), and the number of queries over all ranks."""
+        return distributed_logsumexp(q, self.keys, temperature, self.tile)
+
+    def info_nce(self, q: torch.Tensor, k: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+        """InfoNCE of ``q`` against its key ``k`` and the K_total queued keys (a collective);
+        see :func:`queue_info_nce` for the convention and the reduction."""
+        return queue_info_nce(q, k, self.keys, temperature, tile=self.tile, shard_normalized=True)
+
+    def shard_state_dict(self) -> dict:
+        """This rank's part of the checkpoint: its keys, its pointer and the layout."""
+        return {
+            "keys": self.keys.detach().cpu().clone(),
+            "ptr": self._ptr,
+            "size": self.size,
+            "world": self.world,
+            "rank": self.rank,
+        }
+
+    def load_shard_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`shard_state_dict` returned on the same rank of a job with the
+        same number of ranks and the same queue size."""
+        want = {"size": self.size, "world": self.world, "rank": self.rank}
+        got = {key: state.get(key) for key in want}
+        if got != want:
+            raise ValueError(f"queue shard state is for {got}, this queue is {want}")
+        keys = state["keys"]
+        if tuple(keys.shape) != tuple(self.keys.shape):
+            raise ValueError(
+                f"queue shard state has keys {tuple(keys.shape)}, expected {tuple(self.keys.shape)}"
+            )
+        ptr = int(state["ptr"])
+        if not 0 <= ptr < self.shard_size:
+            raise ValueError(f"queue shard state has pointer {ptr}, outside 0..{self.shard_size}")
+        self.keys.copy_(keys.to(self.keys.dtype))
+        self._ptr = ptr
