@@ -99,6 +99,9 @@ class LossConfig:
     temperature: float = 0.2
     # "all": negatives gathered from every rank (with gradient); "off": this rank's batch only.
     gather: Literal["all", "off"] = "all"
+    # Tiled softmax: the B x B logits are never materialised whole (large batches).
+    memory_efficient: bool = False
+    tile: int = 1024
 
 
 @dataclass
@@ -370,6 +373,7 @@ def validate(cfg: Config) -> None:
         0 <= cfg.train.stop_at <= cfg.train.steps, "train.stop_at", "must be in [0, train.steps]"
     )
     _check(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
+    _check(cfg.loss.tile > 0, "loss.tile", "must be > 0")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _check(cfg.checkpoint.every > 0, "checkpoint.every", "must be > 0")
     _check(cfg.checkpoint.keep > 0, "checkpoint.keep", "must be > 0")

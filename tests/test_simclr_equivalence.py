@@ -13,12 +13,13 @@ from multiproc import run_ranks
 GLOBAL_B = 12
 
 
-def _tiny_cfg(gather="all"):
+def _tiny_cfg(gather="all", memory_efficient=False):
+    loss = {"gather": gather, "temperature": 0.3, "memory_efficient": memory_efficient, "tile": 5}
     return config_from_dict(
         {
             "model": {"width": 4, "proj_hidden_dim": 16, "proj_dim": 8},
             "data": {"image_size": 8},
-            "loss": {"gather": gather, "temperature": 0.3},
+            "loss": loss,
         }
     )
 
@@ -30,9 +31,9 @@ def _inputs():
     return v1, v2
 
 
-def _method():
+def _method(memory_efficient=False):
     torch.manual_seed(0)
-    return build_method(_tiny_cfg()).double()
+    return build_method(_tiny_cfg(memory_efficient=memory_efficient)).double()
 
 
 def _reference():
@@ -43,8 +44,8 @@ def _reference():
     return float(loss.detach()), {n: p.grad.clone() for n, p in method.named_parameters()}
 
 
-def _rank_step(rank, world):
-    method = _method()
+def _rank_step(rank, world, memory_efficient=False):
+    method = _method(memory_efficient)
     v1, v2 = _inputs()
     per = GLOBAL_B // world
     sl = slice(rank * per, (rank + 1) * per)
@@ -59,10 +60,11 @@ def _rank_step(rank, world):
     return float(mean_loss) / world, {n: p.grad.clone() for n, p in method.named_parameters()}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ranks_equal_one_process(world):
+@pytest.mark.parametrize("world, tiled", [(2, False), (4, False), (2, True)])
+def test_ranks_equal_one_process(world, tiled):
+    """Also with the tiled softmax (loss.memory_efficient) against the full one-process loss."""
     ref_loss, ref_grads = _reference()
-    for loss, grads in run_ranks(_rank_step, world):
+    for loss, grads in run_ranks(_rank_step, world, tiled):
         assert loss == pytest.approx(ref_loss, rel=1e-12)
         for name, g in ref_grads.items():
             assert torch.allclose(grads[name], g, rtol=1e-9, atol=1e-12), name

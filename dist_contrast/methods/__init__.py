@@ -19,7 +19,8 @@ def build_method(cfg: Config) -> Method:
     encoder = build_encoder_from_config(cfg)
     if cfg.method.name == "simclr":
         projector = MLPHead(encoder.out_dim, cfg.model.proj_hidden_dim, cfg.model.proj_dim)
-        loss = NTXentLoss(cfg.loss.temperature, cfg.loss.gather)
+        loss = NTXentLoss(cfg.loss.temperature, cfg.loss.gather, cfg.loss.memory_efficient,
+                          cfg.loss.tile if cfg.loss.memory_efficient else None)
         return SimCLR(encoder, projector, loss)
     raise ValueError(f"unknown method {cfg.method.name!r}")
 
