@@ -21,8 +21,9 @@ expects (each rank's loss a mean over its own queries, DeepSpeed averaging gradi
 Cost per rank and step: one all_gather of N x D queries (plus an all_reduce of N x D in the
 backward), one all_gather of N floats (forward) and one all_reduce of N floats (backward);
 compute N x K_shard x D, the same as scoring n local queries against K_total negatives.
-Memory: the N x K_shard logits, or N x ``tile`` with ``tile`` set (the backward recomputes
-each tile). Everything runs in the dtype of ``x`` (callers upcast to at least fp32 inside
+Memory: the N x K_shard logits, or one ``tile x tile`` block of them at a time with ``tile``
+set (the tiled softmax of :mod:`dist_contrast.negatives.tiled`; the backward recomputes each
+block). Results are in the dtype of ``x`` (callers upcast to at least fp32 inside
 ``fp32_region()``).
 """
 
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from dist_contrast import distributed
+from dist_contrast.negatives.tiled import tiled_logsumexp
 
 
 def _multi_rank() -> bool:
@@ -65,30 +67,15 @@ class _LogSumExp(torch.autograd.Function):
         return (p @ keys) * ctx.scale, None, None
 
 
-class _TiledLogSumExp(torch.autograd.Function):
-    """``logsumexp(x @ keys.T * scale, dim=1)`` over column tiles of ``tile`` keys: forward
-    keeps a running log-sum-exp, backward recomputes each tile's softmax. Memory O(N x tile).
-    Gradient for ``x`` only (the keys are constants)."""
+class _TiledLogSumExp:
+    """``apply(x, keys, scale, tile)``: ``logsumexp(x @ keys.T * scale, dim=1)`` through
+    :func:`dist_contrast.negatives.tiled.tiled_logsumexp` (running log-sum-exp forward, block
+    recompute backward, memory O(tile x tile)), with the keys as constants and the result in
+    the dtype of ``x``. Gradient for ``x`` only."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keys: torch.Tensor, scale: float, tile: int):
-        lse = x.new_full((x.shape[0],), float("-inf"))
-        for start in range(0, keys.shape[0], tile):
-            part = torch.logsumexp(x @ keys[start : start + tile].T * scale, dim=1)
-            lse = torch.logaddexp(lse, part)
-        ctx.save_for_backward(x, keys, lse)
-        ctx.scale, ctx.tile = scale, tile
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, keys, lse = ctx.saved_tensors
-        out = torch.zeros_like(x)
-        for start in range(0, keys.shape[0], ctx.tile):
-            block = keys[start : start + ctx.tile]
-            p = torch.exp(x @ block.T * ctx.scale - lse[:, None])
-            out.addmm_(p * grad[:, None], block)
-        return out * ctx.scale, None, None, None
+    def apply(x: torch.Tensor, keys: torch.Tensor, scale: float, tile: int) -> torch.Tensor:
+        return tiled_logsumexp(x, keys.detach(), tile=tile, scale=scale).to(x.dtype)
 
 
 def local_logsumexp(
@@ -97,7 +84,8 @@ def local_logsumexp(
     """``logsumexp(x @ keys.T / temperature, dim=1)`` [N], with gradient for ``x`` only.
 
     ``tile=None`` materialises the N x K logits (their log-softmax is kept for the backward);
-    ``tile=t`` never holds more than N x t of them and recomputes them in the backward."""
+    ``tile=t`` never holds more than a t x t block of them and recomputes them in the backward
+    (:func:`dist_contrast.negatives.tiled.tiled_logsumexp`)."""
     keys = keys.detach().to(x.dtype)
     if tile is not None and tile < 1:
         raise ValueError(f"tile must be a positive number of keys or None, got {tile}")
