@@ -1,11 +1,35 @@
-"""Initial rows of sharded buffers that do not depend on how many ranks share them."""
+"""What the sharded buffers (ShardedQueue, MemoryBank) share: argument and layout checks,
+initial rows that do not depend on how many ranks share them, dtype-keeping moves, checks of a
+rank's saved state."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from dist_contrast import distributed
+
 BLOCK = 1024  # global rows drawn from one generator
+
+
+def multi_rank() -> bool:
+    """A process group of more than one rank is running."""
+    return distributed.is_dist() and distributed.world_size() > 1
+
+
+def check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def world_rank(world: int | None, rank: int | None) -> tuple[int, int]:
+    """``(world, rank)``: the given ones, checked, or those of the running process group."""
+    world = distributed.world_size() if world is None else check_int(world, "world", 1)
+    rank = distributed.rank() if rank is None else check_int(rank, "rank", 0)
+    if rank >= world:
+        raise ValueError(f"rank must be < world ({world}), got {rank}")
+    return world, rank
 
 
 def unit_rows(rows: torch.Tensor, dim: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -35,3 +59,19 @@ def move_buffers(module: torch.nn.Module, fn) -> torch.nn.Module:
         if buf is not None:
             module._buffers[name] = buf.to(fn(buf.new_empty(0)).device)
     return module
+
+
+def check_shard_state(
+    state: dict, want: dict, rows: str, current: torch.Tensor, what: str, this: str
+) -> torch.Tensor:
+    """``state[rows]``, once ``state`` (what a ``shard_state_dict`` returned) is known to have
+    the layout ``want`` and rows of the shape of ``current``; a clear error otherwise."""
+    got = {key: state.get(key) for key in want}
+    if got != want:
+        raise ValueError(f"{what} shard state is for {got}, {this} is {want}")
+    stored = state[rows]
+    if tuple(stored.shape) != tuple(current.shape):
+        raise ValueError(
+            f"{what} shard state has {rows} {tuple(stored.shape)}, expected {tuple(current.shape)}"
+        )
+    return stored

@@ -26,19 +26,21 @@ from dist_contrast.losses._common import (
     global_mean,
     normalize,
 )
-from dist_contrast.negatives._rows import move_buffers, unit_rows
+from dist_contrast.negatives._rows import (
+    check_int,
+    check_shard_state,
+    move_buffers,
+    multi_rank,
+    unit_rows,
+    world_rank,
+)
 from dist_contrast.negatives.dlse import combine_logsumexp, combine_sum, local_logsumexp
-from dist_contrast.negatives.queue import _check_int, _world_rank
 
 MODES = ("nce", "softmax")
 
 
-def _multi_rank() -> bool:
-    return distributed.is_dist() and distributed.world_size() > 1
-
-
 def _total_negatives(k: int) -> int:
-    return int(distributed.all_reduce_sum([float(k)])[0]) if _multi_rank() else k
+    return int(distributed.all_reduce_sum([float(k)])[0]) if multi_rank() else k
 
 
 def _check_bank_inputs(features, positives, negatives, temperature) -> None:
@@ -80,7 +82,7 @@ def estimate_bank_z(
 ) -> float:
     """``Z = n_data * mean(exp(s / T))`` over the similarities of every rank's features to
     their positives and to the negatives of every rank (a collective; the same on all ranks)."""
-    n_data = _check_int(n_data, "n_data", 1)
+    n_data = check_int(n_data, "n_data", 1)
     _check_bank_inputs(features, positives, negatives, temperature)
     with fp32_region(), torch.no_grad():
         f, _, neg, pos = _normalized(features, positives, negatives, temperature)
@@ -123,7 +125,7 @@ def bank_loss(
     """
     check_choice(mode, "mode", MODES)
     if mode == "nce":
-        n_data = _check_int(n_data, "n_data", 1)
+        n_data = check_int(n_data, "n_data", 1)
     if z is not None:
         check_positive(z, "z")
     proximal = float(proximal)
@@ -191,16 +193,16 @@ class MemoryBank(nn.Module):
         tile: int | None = None,
     ) -> None:
         super().__init__()
-        _check_int(n_data, "n_data", 1)
-        _check_int(dim, "dim", 1)
+        check_int(n_data, "n_data", 1)
+        check_int(dim, "dim", 1)
         momentum = float(momentum)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.world, self.rank = _world_rank(world, rank)
+        self.world, self.rank = world_rank(world, rank)
         if n_data < self.world:
             raise ValueError(f"n_data ({n_data}) must be >= the number of ranks ({self.world})")
         if tile is not None:
-            _check_int(tile, "tile", 1)
+            check_int(tile, "tile", 1)
         self.n_data, self.dim, self.momentum, self.tile = n_data, dim, momentum, tile
         owned = torch.arange(self.rank, n_data, self.world)
         self.register_buffer("rows", unit_rows(owned, dim, seed, dtype), persistent=False)
@@ -250,7 +252,7 @@ class MemoryBank(nn.Module):
         mine = self.owner(all_idx) == self.rank
         out = self.rows.new_zeros(all_idx.shape[0], self.dim)
         out[mine] = self.rows[all_idx[mine] // self.world]
-        if _multi_rank():
+        if multi_rank():
             torch.distributed.all_reduce(out)
         return out[offset : offset + indices.shape[0]]
 
@@ -282,7 +284,7 @@ class MemoryBank(nn.Module):
         """``k`` rows [k, dim] drawn uniformly with replacement from this rank's shard (local;
         the bank's own generator unless one is given). A sample's own row is not excluded
         (as in InstDisc); with k per rank the batch is scored against W * k negatives."""
-        _check_int(k, "k", 1)
+        check_int(k, "k", 1)
         slots = torch.randint(self.shard_size, (k,), generator=generator or self.generator)
         return self.rows[slots.to(self.rows.device)]
 
@@ -335,15 +337,7 @@ class MemoryBank(nn.Module):
         """Restore what :meth:`shard_state_dict` returned on the same rank of a job with the
         same number of ranks and the same data set size."""
         want = {"n_data": self.n_data, "world": self.world, "rank": self.rank}
-        got = {key: state.get(key) for key in want}
-        if got != want:
-            raise ValueError(f"memory bank shard state is for {got}, this bank is {want}")
-        rows = state["rows"]
-        if tuple(rows.shape) != tuple(self.rows.shape):
-            raise ValueError(
-                f"memory bank shard state has rows {tuple(rows.shape)}, "
-                f"expected {tuple(self.rows.shape)}"
-            )
+        rows = check_shard_state(state, want, "rows", self.rows, "memory bank", "this bank")
         self.rows.copy_(rows.to(self.rows.dtype))
         self.z.fill_(float(state["z"]))
         self.generator.set_state(state["generator"])

@@ -33,12 +33,8 @@ import torch
 import torch.distributed as dist
 
 from dist_contrast import distributed
+from dist_contrast.negatives._rows import multi_rank
 from dist_contrast.negatives.tiled import tiled_logsumexp
-
-
-def _multi_rank() -> bool:
-    return distributed.is_dist() and distributed.world_size() > 1
-
 
 # --------------------------------------------------------------------------------------------
 # Step 2: log-sum-exp against this rank's shard
@@ -140,14 +136,14 @@ class _CombineSum(torch.autograd.Function):
 
 def combine_logsumexp(lse_local: torch.Tensor) -> torch.Tensor:
     """The log-sum-exp over ranks of per-rank log-sum-exps [N] (identity on one process)."""
-    if not _multi_rank():
+    if not multi_rank():
         return lse_local
     return _CombineLogSumExp.apply(lse_local)
 
 
 def combine_sum(partial: torch.Tensor) -> torch.Tensor:
     """The sum over ranks of per-rank partial sums [N] (identity on one process)."""
-    if not _multi_rank():
+    if not multi_rank():
         return partial
     return _CombineSum.apply(partial)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_contrast import distributed
 from dist_contrast.losses._common import (
     check_input,
     check_same_shape,
@@ -21,22 +20,14 @@ from dist_contrast.losses._common import (
     global_mean,
     normalize,
 )
-from dist_contrast.negatives._rows import move_buffers, unit_rows
+from dist_contrast.negatives._rows import (
+    check_int,
+    check_shard_state,
+    move_buffers,
+    unit_rows,
+    world_rank,
+)
 from dist_contrast.negatives.dlse import distributed_logsumexp
-
-
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _world_rank(world: int | None, rank: int | None) -> tuple[int, int]:
-    world = distributed.world_size() if world is None else _check_int(world, "world", 1)
-    rank = distributed.rank() if rank is None else _check_int(rank, "rank", 0)
-    if rank >= world:
-        raise ValueError(f"rank must be < world ({world}), got {rank}")
-    return world, rank
 
 
 def queue_info_nce(
@@ -112,16 +103,16 @@ class ShardedQueue(nn.Module):
         tile: int | None = None,
     ) -> None:
         super().__init__()
-        _check_int(dim, "dim", 1)
-        _check_int(size, "size", 1)
-        self.world, self.rank = _world_rank(world, rank)
+        check_int(dim, "dim", 1)
+        check_int(size, "size", 1)
+        self.world, self.rank = world_rank(world, rank)
         if size % self.world:
             raise ValueError(
                 f"queue size {size} must be a multiple of the number of ranks {self.world} "
                 f"(each holds size / ranks keys); e.g. {size - size % self.world or self.world}"
             )
         if tile is not None:
-            _check_int(tile, "tile", 1)
+            check_int(tile, "tile", 1)
         self.dim, self.size, self.seed, self.tile = dim, size, seed, tile
         shard = size // self.world
         rows = torch.arange(self.rank * shard, (self.rank + 1) * shard)
@@ -195,14 +186,7 @@ class ShardedQueue(nn.Module):
         """Restore what :meth:`shard_state_dict` returned on the same rank of a job with the
         same number of ranks and the same queue size."""
         want = {"size": self.size, "world": self.world, "rank": self.rank}
-        got = {key: state.get(key) for key in want}
-        if got != want:
-            raise ValueError(f"queue shard state is for {got}, this queue is {want}")
-        keys = state["keys"]
-        if tuple(keys.shape) != tuple(self.keys.shape):
-            raise ValueError(
-                f"queue shard state has keys {tuple(keys.shape)}, expected {tuple(self.keys.shape)}"
-            )
+        keys = check_shard_state(state, want, "keys", self.keys, "queue", "this queue")
         ptr = int(state["ptr"])
         if not 0 <= ptr < self.shard_size:
             raise ValueError(f"queue shard state has pointer {ptr}, outside 0..{self.shard_size}")
