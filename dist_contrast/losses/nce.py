@@ -29,6 +29,15 @@ def _check_n_data(n_data: int | None) -> int:
     return n_data
 
 
+def nce_terms(
+    log_p_pos: torch.Tensor, log_p_neg: torch.Tensor, log_k_noise: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstDisc's NCE terms from ``log P = s / T - log Z``, with ``h = P / (P + K P_n)``:
+    ``-log h(pos)`` [B] for the positives' [B] and ``-log(1 - h(neg))`` [B, K] for the
+    negatives' [B, K] (``log_k_noise = log(K P_n) = log(K / n_data)``)."""
+    return F.softplus(log_k_noise - log_p_pos), F.softplus(log_p_neg - log_k_noise)
+
+
 def _logits(features, positives, negatives, temperature) -> torch.Tensor:
     """Validated [B, 1 + K] logits: the positive bank row first, then the K negatives."""
     check_input(features, "features")
@@ -121,11 +130,9 @@ def nce_loss(
             return F.cross_entropy(logits, targets)
         log_z = math.log(z) if z is not None else _log_z(logits, n_data, use_gather)
         log_p = logits - log_z
-        k = logits.shape[1] - 1
-        log_k_noise = math.log(k / n_data)
-        log_h_pos = -F.softplus(log_k_noise - log_p[:, 0])
-        log_1m_h_neg = -F.softplus(log_p[:, 1:] - log_k_noise)
-        return -(log_h_pos + log_1m_h_neg.sum(dim=1)).mean()
+        log_k_noise = math.log((logits.shape[1] - 1) / n_data)
+        pos_term, neg_terms = nce_terms(log_p[:, 0], log_p[:, 1:], log_k_noise)
+        return (pos_term + neg_terms.sum(dim=1)).mean()
 
 
 class NCELoss(nn.Module):

@@ -26,6 +26,7 @@ from dist_contrast.losses._common import (
     global_mean,
     normalize,
 )
+from dist_contrast.losses.nce import MODES, nce_terms
 from dist_contrast.negatives._rows import (
     check_int,
     check_shard_state,
@@ -35,8 +36,6 @@ from dist_contrast.negatives._rows import (
     world_rank,
 )
 from dist_contrast.negatives.dlse import combine_logsumexp, combine_sum, local_logsumexp
-
-MODES = ("nce", "softmax")
 
 
 def _total_negatives(k: int) -> int:
@@ -144,8 +143,8 @@ def bank_loss(
             k_total = _total_negatives(negatives.shape[0])
             log_z = math.log(z) if z is not None else _log_z(pos, neg_logits, n_data, k_total)
             log_k_noise = math.log(k_total / n_data)
-            partial = F.softplus(neg_logits - log_z - log_k_noise).sum(dim=1)
-            per_sample = F.softplus(log_k_noise - (pos - log_z)) + combine_sum(partial)[own]
+            pos_term, neg_terms = nce_terms(pos - log_z, neg_logits - log_z, log_k_noise)
+            per_sample = pos_term + combine_sum(neg_terms.sum(dim=1))[own]  # all ranks' negatives
         if proximal > 0:
             per_sample = per_sample + proximal * (f - p).pow(2).sum(dim=1)
         return global_mean(per_sample.sum(), f_all.shape[0], True)
