@@ -88,6 +88,13 @@ def check_input(x: torch.Tensor, name: str, ndim: int = 2) -> None:
     check_rows(x, name)
 
 
+def check_input_pair(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
+    """:func:`check_input` for both batches, and the same shape."""
+    check_input(a, na)
+    check_input(b, nb)
+    check_same_shape(a, b, na, nb)
+
+
 def check_labels(labels: torch.Tensor, n: int, name: str = "labels") -> None:
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(labels).__name__}")

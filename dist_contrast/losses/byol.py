@@ -7,17 +7,14 @@ from torch import nn
 
 from dist_contrast.losses._common import (
     check_gather,
-    check_input,
-    check_same_shape,
+    check_input_pair,
     fp32_region,
     normalize,
 )
 
 
 def _regression(p: torch.Tensor, z: torch.Tensor, np_: str, nz: str) -> torch.Tensor:
-    check_input(p, np_)
-    check_input(z, nz)
-    check_same_shape(p, z, np_, nz)
+    check_input_pair(p, z, np_, nz)
     return (2 - 2 * (normalize(p) * normalize(z.detach())).sum(dim=1)).mean()
 
 

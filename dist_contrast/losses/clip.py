@@ -11,9 +11,8 @@ from torch import nn
 from dist_contrast.losses._common import (
     check_finite,
     check_gather,
-    check_input,
+    check_input_pair,
     check_positive,
-    check_same_shape,
     check_tiling,
     fp32_region,
     gather,
@@ -27,9 +26,7 @@ CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 
 
 def check_pair(image: torch.Tensor, text: torch.Tensor) -> None:
-    check_input(image, "image")
-    check_input(text, "text")
-    check_same_shape(image, text, "image", "text")
+    check_input_pair(image, text, "image", "text")
 
 
 def clip_loss(

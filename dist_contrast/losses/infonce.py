@@ -9,7 +9,7 @@ from torch import nn
 from dist_contrast.losses._common import (
     check_gather,
     check_input,
-    check_same_shape,
+    check_input_pair,
     check_temperature,
     check_tiling,
     fp32_region,
@@ -62,9 +62,7 @@ def info_nce(
     ``tile x tile`` block at a time (default tile 1024), memory O(tile^2) instead of
     O(n_local x (N + K)), at the price of recomputing the blocks in the backward.
     """
-    check_input(q, "q")
-    check_input(k, "k")
-    check_same_shape(q, k, "q", "k")
+    check_input_pair(q, k, "q", "k")
     if negatives is not None:
         check_input(negatives, "negatives")
         if negatives.shape[1] != q.shape[1]:

@@ -13,8 +13,8 @@ from dist_contrast.losses._common import (
     check_choice,
     check_gather,
     check_input,
+    check_input_pair,
     check_positive,
-    check_same_shape,
     check_temperature,
     fp32_region,
     normalize,
@@ -40,9 +40,7 @@ def nce_terms(
 
 def _logits(features, positives, negatives, temperature) -> torch.Tensor:
     """Validated [B, 1 + K] logits: the positive bank row first, then the K negatives."""
-    check_input(features, "features")
-    check_input(positives, "positives")
-    check_same_shape(features, positives, "features", "positives")
+    check_input_pair(features, positives, "features", "positives")
     if not isinstance(negatives, torch.Tensor) or negatives.dim() not in (2, 3):
         got = tuple(negatives.shape) if isinstance(negatives, torch.Tensor) else negatives
         raise ValueError(f"negatives must have shape [K, D] or [B, K, D], got {got}")

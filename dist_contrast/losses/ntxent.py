@@ -10,8 +10,7 @@ from torch import nn
 
 from dist_contrast.losses._common import (
     check_gather,
-    check_input,
-    check_same_shape,
+    check_input_pair,
     check_temperature,
     check_tiling,
     fp32_region,
@@ -34,22 +33,37 @@ class TwoViews(NamedTuple):
     a2: torch.Tensor
 
 
-def two_views(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_mode: str) -> TwoViews:
-    """Validate, normalise, gather and score. Call inside ``fp32_region()``."""
-    check_input(z1, "z1")
-    check_input(z2, "z2")
-    check_same_shape(z1, z2, "z1", "z2")
+class _Views(NamedTuple):
+    a1: torch.Tensor  # normalised local views [n, D]
+    a2: torch.Tensor
+    anchors: torch.Tensor  # [2n, D]: a1 then a2
+    columns: torch.Tensor  # [2N, D]: the views of every rank, all z1 then all z2
+    self_col: torch.Tensor  # [2n] column of each anchor itself
+    pos_col: torch.Tensor  # [2n] column of each anchor's other view
+    n_all: int
+    offset: int
+
+
+def _views(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_mode: str) -> _Views:
+    """Validate, normalise and gather: what both the full and the tiled NT-Xent score."""
+    check_input_pair(z1, z2, "z1", "z2")
     check_temperature(temperature)
     use_gather = check_gather(gather_mode)
     a1, a2 = normalize(z1), normalize(z2)
     c1, offset = gather(a1, use_gather)
     c2, _ = gather(a2, use_gather)
-    n_local, n_all = a1.shape[0], c1.shape[0]
-    logits = torch.cat([a1, a2]) @ torch.cat([c1, c2]).T / temperature
-    idx = torch.arange(n_local, device=logits.device) + offset
-    self_col = torch.cat([idx, idx + n_all])
-    pos_col = torch.cat([idx + n_all, idx])
-    return TwoViews(logits, self_col, pos_col, n_all, offset, a1, a2)
+    n_all = c1.shape[0]
+    idx = torch.arange(a1.shape[0], device=a1.device) + offset
+    self_col, pos_col = torch.cat([idx, idx + n_all]), torch.cat([idx + n_all, idx])
+    anchors = torch.cat([a1, a2])
+    return _Views(a1, a2, anchors, torch.cat([c1, c2]), self_col, pos_col, n_all, offset)
+
+
+def two_views(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_mode: str) -> TwoViews:
+    """Validate, normalise, gather and score. Call inside ``fp32_region()``."""
+    v = _views(z1, z2, temperature, gather_mode)
+    logits = v.anchors @ v.columns.T / temperature
+    return TwoViews(logits, v.self_col, v.pos_col, v.n_all, v.offset, v.a1, v.a2)
 
 
 def nt_xent(
@@ -81,35 +95,22 @@ def nt_xent(
     use_gather = check_gather(gather_mode)
     check_tiling(memory_efficient, tile)
     with fp32_region():
-        if memory_efficient:
-            return _nt_xent_tiled(z1, z2, temperature, use_gather, tile)
+        if memory_efficient:  # the self view left out inside each block
+            v = _views(z1, z2, temperature, gather_mode)
+            per_anchor = tiled_cross_entropy(
+                v.anchors,
+                v.columns,
+                v.pos_col,
+                exclude=v.self_col,
+                scale=1 / temperature,
+                tile=tile,
+            )
+            return global_mean(per_anchor.sum(), 2 * v.n_all, use_gather)
         v = two_views(z1, z2, temperature, gather_mode)
         # in place: nothing saved for backward holds the logits (saves one [2n, 2N] copy)
         logits = v.logits.scatter_(1, v.self_col[:, None], float("-inf"))
         total = F.cross_entropy(logits, v.pos_col, reduction="sum")
         return global_mean(total, 2 * v.n_all, use_gather)
-
-
-def _nt_xent_tiled(z1, z2, temperature, use_gather: bool, tile: int | None) -> torch.Tensor:
-    """:func:`nt_xent` without the [2n, 2N] logits. Call inside ``fp32_region()``."""
-    check_input(z1, "z1")
-    check_input(z2, "z2")
-    check_same_shape(z1, z2, "z1", "z2")
-    check_temperature(temperature)
-    a1, a2 = normalize(z1), normalize(z2)
-    c1, offset = gather(a1, use_gather)
-    c2, _ = gather(a2, use_gather)
-    n_all = c1.shape[0]
-    idx = torch.arange(a1.shape[0], device=a1.device) + offset
-    per_anchor = tiled_cross_entropy(
-        torch.cat([a1, a2]),
-        torch.cat([c1, c2]),
-        torch.cat([idx + n_all, idx]),
-        exclude=torch.cat([idx, idx + n_all]),
-        scale=1 / temperature,
-        tile=tile,
-    )
-    return global_mean(per_anchor.sum(), 2 * n_all, use_gather)
 
 
 class NTXentLoss(nn.Module):

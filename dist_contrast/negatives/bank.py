@@ -18,9 +18,8 @@ from torch import nn
 from dist_contrast import distributed
 from dist_contrast.losses._common import (
     check_choice,
-    check_input,
+    check_input_pair,
     check_positive,
-    check_same_shape,
     check_temperature,
     fp32_region,
     global_mean,
@@ -43,9 +42,7 @@ def _total_negatives(k: int) -> int:
 
 
 def _check_bank_inputs(features, positives, negatives, temperature) -> None:
-    check_input(features, "features")
-    check_input(positives, "positives")
-    check_same_shape(features, positives, "features", "positives")
+    check_input_pair(features, positives, "features", "positives")
     if negatives.dim() != 2 or negatives.shape[1] != features.shape[1]:
         raise ValueError(
             f"negatives must have shape [k, {features.shape[1]}], got {tuple(negatives.shape)}"

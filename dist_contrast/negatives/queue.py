@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from dist_contrast.losses._common import (
-    check_input,
-    check_same_shape,
+    check_input_pair,
     check_temperature,
     fp32_region,
     global_mean,
@@ -56,9 +55,7 @@ def queue_info_nce(
     logits held at once to N x ``tile`` (see :func:`dlse.local_logsumexp`);
     ``shard_normalized=True`` skips normalising the shard (ShardedQueue stores unit rows).
     """
-    check_input(q, "q")
-    check_input(k, "k")
-    check_same_shape(q, k, "q", "k")
+    check_input_pair(q, k, "q", "k")
     if shard.dim() != 2 or shard.shape[1] != q.shape[1]:
         raise ValueError(f"shard must have shape [K, {q.shape[1]}], got {tuple(shard.shape)}")
     check_temperature(temperature)
