@@ -27,25 +27,15 @@ process on the global batch exactly as for the full-matrix losses.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from dist_contrast.losses._common import fp32_region, upcast
+
 DEFAULT_TILE = 1024
 _MASK_FILL = -1e30  # as in dist_contrast.losses._common: exp() of it is 0, sums stay finite
-
-
-@contextlib.contextmanager
-def _no_autocast() -> Iterator[None]:
-    cuda = torch.autocast(device_type="cuda", enabled=False) if torch.cuda.is_available() else None
-    with torch.autocast(device_type="cpu", enabled=False), cuda or contextlib.nullcontext():
-        yield
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _check_tile(tile: int) -> int:
@@ -172,7 +162,7 @@ def _as_scale(scale: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _promote(anchors: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = torch.promote_types(_upcast(anchors).dtype, _upcast(columns).dtype)
+    dtype = torch.promote_types(upcast(anchors).dtype, upcast(columns).dtype)
     return anchors.to(dtype), columns.to(dtype)
 
 
@@ -191,7 +181,7 @@ def tiled_logsumexp(
     _check_inputs(anchors, columns)
     tile = _check_tile(tile)
     exclude = _check_index(exclude, anchors.shape[0], "exclude")
-    with _no_autocast():
+    with fp32_region():
         a, c = _promote(anchors, columns)
         if exclude is not None:
             exclude = exclude.to(a.device)
@@ -271,7 +261,7 @@ def tiled_cross_entropy(
     if row_labels is not None:
         row_labels = _check_index(row_labels, n_rows, "row_labels")
         col_labels = _check_index(col_labels, n_cols, "col_labels")
-    with _no_autocast():
+    with fp32_region():
         a, c = _promote(anchors, columns)
         scale = _as_scale(scale, a)
         dev = a.device
