@@ -6,7 +6,14 @@ import torch
 from PIL import Image
 
 from dist_contrast.config import AugmentConfig, DataConfig
-from dist_contrast.data.augment import Crop, DeviceAugment, crop_view, resize_view, sample_crop
+from dist_contrast.data.augment import (
+    Crop,
+    DeviceAugment,
+    crop_view,
+    draft_for,
+    resize_view,
+    sample_crop,
+)
 
 
 def _jpeg(w=300, h=200):
@@ -80,3 +87,31 @@ def test_device_augment_is_seeded_normalised_and_covers_small_crops():
     state = torch.get_rng_state()
     device_aug(batch, seed=1)
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
+
+
+def _halves_jpeg() -> Image.Image:
+    arr = np.zeros((512, 512, 3), np.uint8)
+    arr[:, 256:] = 255  # left half black, right half white
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def test_crops_of_one_image_agree_when_one_is_decoded_at_a_reduced_scale():
+    im = _halves_jpeg()
+    crop_view(im, Crop(cx=256, cy=256, w=512, h=512), 64, 3, (512, 512))  # JPEG draft, 1/8
+    assert im.size == (64, 64)
+    right = crop_view(im, Crop(cx=384, cy=256, w=200, h=200), 64, 3, (512, 512))
+    assert right.float().mean() > 250  # still the white half, in the header's coordinates
+
+
+def test_the_crops_of_an_image_share_the_scale_the_most_demanding_one_needs():
+    full, small = Crop(cx=256, cy=256, w=512, h=512), Crop(cx=384, cy=256, w=200, h=200)
+    im = _halves_jpeg()
+    draft_for(im, [(full, 64), (small, 64)])  # the small crop needs a 1/2-scale decode at least
+    crop_view(im, full, 64, 3, (512, 512))
+    assert im.size == (256, 256)
+    im = _halves_jpeg()
+    draft_for(im, [(full, 64), (small, 150)])  # ... and this one the full scale
+    crop_view(im, full, 64, 3, (512, 512))
+    assert im.size == (512, 512)

@@ -53,26 +53,41 @@ def sample_crop(
     return Crop(cx, cy, w, h, angle, rng.random() < flip_prob)
 
 
-def _reduce_for(im: Image.Image, crop: Crop, size: int) -> tuple[Image.Image, float]:
-    """Decode (JPEG draft) or reduce the image so the crop keeps at least ``size`` pixels."""
-    factor = min(crop.w, crop.h) / size
-    if factor < 2:
-        return im, 1.0
-    w0 = im.size[0]
-    if im.format == "JPEG":
-        im.draft(im.mode, (math.ceil(im.size[0] / factor), math.ceil(im.size[1] / factor)))
-    return im, im.size[0] / w0
+def draft_for(im: Image.Image, crops: list[tuple[Crop, int]]) -> None:
+    """Before any crop of ``im``: fix the scale a JPEG is decoded at (``draft``, DCT scaling) to
+    the smallest that keeps every (crop, output size) at least its output size. Pillow honours
+    only the first draft of an image, so this one decides for all the crops of it."""
+    if im.format != "JPEG":
+        return
+    factor = max(1.0, min(min(crop.w, crop.h) / size for crop, size in crops))
+    im.draft(im.mode, (math.ceil(im.size[0] / factor), math.ceil(im.size[1] / factor)))
 
 
-def crop_view(im: Image.Image, crop: Crop, size: int, channels: int) -> torch.Tensor:
-    """The crop resampled to ``size`` x ``size``: uint8 tensor [C, size, size]."""
-    im, f = _reduce_for(im, crop, size)
+def crop_view(
+    im: Image.Image,
+    crop: Crop,
+    size: int,
+    channels: int,
+    full_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The crop resampled to ``size`` x ``size``: uint8 tensor [C, size, size]. The crop is in
+    pixels of ``full_size`` (the image's size before any draft; default ``im.size``), also when
+    ``im`` was decoded at a reduced scale for another crop of it."""
+    full_w = (full_size or im.size)[0]
+    draft_for(im, [(crop, size)])  # no-op when the pixels are decoded already
     im = to_mode(im, channels)
+    f = im.size[0] / full_w
     k = int(min(crop.w, crop.h) * f / size)
     if k >= 2:  # integer box reduction first: an anti-aliased, cheap downscale
         im = im.reduce(k)
         f /= k
     cx, cy, sx, sy = crop.cx * f, crop.cy * f, crop.w * f / size, crop.h * f / size
+    box = _box_inside(cx, cy, crop.w * f, crop.h * f, im.size)
+    if crop.angle == 0 and box is not None:  # a separable resize: ~3x cheaper than the affine
+        out = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        if crop.flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _to_tensor(out, channels)
     cos, sin = math.cos(math.radians(crop.angle)), math.sin(math.radians(crop.angle))
     fx = -1.0 if crop.flip else 1.0
     a, b, d, e = fx * sx * cos, -sy * sin, fx * sx * sin, sy * cos
@@ -80,6 +95,17 @@ def crop_view(im: Image.Image, crop: Crop, size: int, channels: int) -> torch.Te
     coeffs = (a, b, cx - a * half - b * half, d, e, cy - d * half - e * half)
     out = im.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
     return _to_tensor(out, channels)
+
+
+def _box_inside(
+    cx: float, cy: float, w: float, h: float, im_size: tuple[int, int], eps: float = 1e-6
+) -> tuple[float, float, float, float] | None:
+    """The crop as (left, top, right, bottom) when it lies inside the image (up to rounding)."""
+    left, top, right, bottom = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    width, height = im_size
+    if left < -eps or top < -eps or right > width + eps or bottom > height + eps:
+        return None
+    return max(left, 0.0), max(top, 0.0), min(right, width), min(bottom, height)
 
 
 def resize_view(im: Image.Image, size: int, channels: int) -> torch.Tensor:
@@ -91,9 +117,10 @@ def resize_view(im: Image.Image, size: int, channels: int) -> torch.Tensor:
 
 
 def _to_tensor(im: Image.Image, channels: int) -> torch.Tensor:
+    # HWC -> CHW in numpy: one single-threaded copy. A torch .contiguous() here is an OpenMP
+    # parallel copy per view, which stalls for milliseconds when the cores are busy.
     arr = np.asarray(im, dtype=np.uint8)
-    t = torch.from_numpy(arr.copy())
-    return t[None] if channels == 1 else t.permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(arr[None] if channels == 1 else arr.transpose(2, 0, 1)))
 
 
 class Normalize(nn.Module):

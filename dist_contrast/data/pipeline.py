@@ -22,7 +22,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_contrast.config import AugmentConfig, DataConfig
-from dist_contrast.data.augment import Normalize, crop_view, resize_view, sample_crop
+from dist_contrast.data.augment import (
+    Crop,
+    Normalize,
+    crop_view,
+    draft_for,
+    resize_view,
+    sample_crop,
+)
 from dist_contrast.data.decode import Decoded, decode_or_count
 from dist_contrast.data.sources import Reader, Source, check_readers, mix, mix_seed
 from dist_contrast.data.tario import FAULT_REASONS, Faults, tar_samples
@@ -94,30 +101,22 @@ class ReaderStream(IterableDataset):
         a, d = self.augment, self.data
         rng = random.Random(mix_seed(self.seed, epoch, reader.rank, reader.worker, pos, 2))
         w, h = dec.image.size
-        big = (a.crop_scale_min, a.crop_scale_max)
-        out: dict[str, Any] = {}
-        for key in ("view1", "view2"):
-            crop = sample_crop(rng, w, h, big, a.rotation_deg, a.translate, a.flip_prob)
-            out[key] = crop_view(dec.image, crop, d.image_size, d.channels)
-        if a.small_crops:
-            small = [
-                crop_view(
-                    dec.image,
-                    sample_crop(
-                        rng,
-                        w,
-                        h,
-                        (a.small_scale_min, a.small_scale_max),
-                        a.rotation_deg,
-                        a.translate,
-                        a.flip_prob,
-                    ),
-                    a.small_size,
-                    d.channels,
-                )
-                for _ in range(a.small_crops)
-            ]
-            out["small_crops"] = torch.stack(small)
+
+        def crop(scale: tuple[float, float]) -> Crop:
+            return sample_crop(rng, w, h, scale, a.rotation_deg, a.translate, a.flip_prob)
+
+        big = [crop((a.crop_scale_min, a.crop_scale_max)) for _ in range(2)]
+        small = [crop((a.small_scale_min, a.small_scale_max)) for _ in range(a.small_crops)]
+        # one decode for all the crops, at the scale the most demanding one needs
+        draft_for(dec.image, [(c, d.image_size) for c in big] + [(c, a.small_size) for c in small])
+        out: dict[str, Any] = {
+            key: crop_view(dec.image, c, d.image_size, d.channels, (w, h))
+            for key, c in zip(("view1", "view2"), big, strict=True)
+        }
+        if small:
+            out["small_crops"] = torch.stack(
+                [crop_view(dec.image, c, a.small_size, d.channels, (w, h)) for c in small]
+            )
         out.update(label=dec.label, index=dec.index)
         if dec.caption is not None:
             out["caption"] = dec.caption
