@@ -42,6 +42,8 @@ class DataConfig:
     resampled: bool = False
     epoch_samples: int = 0
     num_workers: int = 1
+    # batches each worker keeps ready; more costs CPU on a small machine (shared-memory traffic)
+    prefetch_factor: int = 2
     shuffle_buffer: int = 512
     image_size: int = 16
     channels: int = 1
@@ -387,6 +389,7 @@ def validate(cfg: Config) -> None:
 
 def _validate_data(d: DataConfig) -> None:
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     _check(d.image_size >= 8, "data.image_size", "must be >= 8")
     _check(d.channels in (1, 3), "data.channels", "must be 1 or 3")

@@ -174,16 +174,29 @@ def _take(items: Iterator[dict], n: int) -> Iterator[dict]:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a batch. In a loader worker, tensors are stacked straight into shared memory (as
+    torch's default_collate does): handing the batch to the training process then copies
+    nothing more, where a plain stack is copied once again into shared memory when sent."""
+    in_worker = get_worker_info() is not None
     out: dict[str, Any] = {}
     for key in items[0]:
         values = [it[key] for it in items]
         if isinstance(values[0], torch.Tensor):
-            out[key] = torch.stack(values)
+            out[key] = _stack(values, in_worker)
         elif isinstance(values[0], int):
             out[key] = torch.tensor(values)
         else:
             out[key] = values
     return out
+
+
+def _stack(values: list[torch.Tensor], shared: bool) -> torch.Tensor:
+    if not shared:
+        return torch.stack(values)
+    first = values[0]
+    storage = first.untyped_storage()._new_shared(len(values) * first.nbytes)
+    out = first.new_empty(0).set_(storage).view(len(values), *first.shape)
+    return torch.stack(values, out=out)
 
 
 class TrainLoader:
@@ -268,7 +281,8 @@ class TrainLoader:
         if self._it is None:
             self.stream.epoch = self.epoch
             self.stream.resume = {w: p for w, p in self.pos.items() if p["raw"]}
-            extra = {"prefetch_factor": 4, "persistent_workers": False} if self.num_workers else {}
+            d = self.stream.data
+            extra = {"prefetch_factor": d.prefetch_factor} if self.num_workers else {}
             self._it = iter(
                 DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, **extra)
             )
