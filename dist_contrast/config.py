@@ -81,36 +81,83 @@ class AugmentConfig:
     small_scale_max: float = 0.4
 
 
+ENCODER_NAMES = Literal[
+    "resnet_tiny", "resnet_small", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"
+]
+
+
 @dataclass
 class ModelConfig:
-    encoder: Literal["resnet_tiny", "resnet_small"] = "resnet_tiny"
-    width: int = 32
-    norm: Literal["group", "batch", "none"] = "group"
+    encoder: ENCODER_NAMES = "resnet_tiny"
+    width: int = 32  # ResNets: channels of the first stage (64 is the standard ResNet-18/50)
+    # ResNets: "small" is a 3x3 stride-1 stem without max-pool (digits, CIFAR); "imagenet" is
+    # the 7x7 stride-2 stem with max-pool.
+    stem: Literal["small", "imagenet"] = "small"
+    # "batch" normalises over each rank's batch; "sync_batch" over the global batch
+    # (SyncBatchNorm, CUDA); "group" and "none" do not depend on the batch at all.
+    norm: Literal["group", "batch", "sync_batch", "none"] = "group"
+    patch_size: int = 4  # ViTs
+    activation_checkpointing: bool = False  # recompute block activations in the backward
     proj_hidden_dim: int = 256
     proj_dim: int = 64
+    proj_layers: int = 2  # projector: Linear (-> norm -> ReLU -> Linear) x (layers - 1)
+    proj_norm: bool = False  # batch norm inside the projector/predictor (BYOL, MoCo v3)
+    pred_hidden_dim: int = 256  # predictor of BYOL / MoCo v3
+
+
+METHOD_NAMES = Literal[
+    "simclr", "moco_v2", "moco_v3", "supcon", "byol", "instdisc", "dcl", "metric"
+]
 
 
 @dataclass
 class MethodConfig:
-    name: Literal["simclr"] = "simclr"
+    name: METHOD_NAMES = "simclr"
+    # Momentum (EMA) target encoder: MoCo v2/v3, BYOL. "cosine" goes from `momentum` at step 0
+    # to `momentum_final` at the last step (BYOL, MoCo v3); "constant" keeps `momentum`.
+    momentum: float = 0.99
+    momentum_final: float = 1.0
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    queue_size: int = 4096  # MoCo v2: negatives in all, K_total; each rank holds K_total / W
+    # MoCo v2 on per-rank batch norm: the key batch is shuffled across ranks (shuffle-BN).
+    shuffle_bn: bool = False
+    bank_momentum: float = 0.5  # InstDisc: memory bank update momentum
+    bank_negatives: int = 0  # InstDisc: negatives sampled from the bank per query; 0 = all
 
 
 @dataclass
 class LossConfig:
-    name: Literal["ntxent"] = "ntxent"
+    name: Literal[
+        "ntxent",
+        "infonce",
+        "supcon",
+        "dcl",
+        "byol",
+        "nce",
+        "contrastive",
+        "triplet",
+        "npair",
+        "angular",
+    ] = "ntxent"
     temperature: float = 0.2
     # "all": negatives gathered from every rank (with gradient); "off": this rank's batch only.
     gather: Literal["all", "off"] = "all"
     # Tiled softmax: the B x B logits are never materialised whole (large batches).
     memory_efficient: bool = False
     tile: int = 1024
+    # Pairwise losses (method "metric"): margins, triplet mining, angular bound.
+    margin: float = 0.05
+    pos_margin: float = 0.0
+    neg_margin: float = 1.0
+    mining: Literal["all", "hard", "semihard"] = "all"
+    angle_deg: float = 40.0
 
 
 @dataclass
 class TrainConfig:
     steps: int = 200
     batch_size: int = 128  # per rank
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "lars", "lamb"] = "adamw"
     lr: float = 2e-3
     min_lr_ratio: float = 0.01
     warmup_steps: int = 30
@@ -125,6 +172,9 @@ class TrainConfig:
     # each micro-batch its own loss (fewer negatives).
     accumulation: int = 1
     accumulation_mode: Literal["cached", "plain"] = "cached"
+    # NaN/inf guard: a step whose loss or gradients are not finite on any rank is skipped on
+    # every rank; this many skipped steps in a row stop the run with a message.
+    max_bad_steps: int = 5
 
 
 @dataclass
@@ -154,6 +204,7 @@ class LoggingConfig:
     wandb: bool = True  # offline mode; `wandb sync runs/<name>/wandb/offline-run-*` uploads later
     wandb_project: str = "dist-contrast"
     progress: bool = True
+    plots: bool = True  # loss and throughput PNGs in <run>/plots/ at the end
 
 
 @dataclass

@@ -214,6 +214,7 @@ class Trainer:
             window.data_wait += time.perf_counter() - t0  # the loader kept this rank waiting
             out = self.optimizer_step(self.augment_batch(batch))
             self.step += 1
+            self.engine.module.on_step_end(self.step, cfg.train.steps)
             window.add(float(out.loss.detach()))
             self.logger.advance()
             last = self.step == end

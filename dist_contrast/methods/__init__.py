@@ -1,28 +1,41 @@
-"""Methods: batch -> embeddings -> loss. Built from the config by :func:`build_method`."""
+"""Methods: batch -> embeddings -> loss. Built from the config by :func:`build_method`.
+
+Each method lives in its own module, which exposes ``build(cfg) -> Method``.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 from dist_contrast.config import Config
-from dist_contrast.losses import NTXentLoss
 from dist_contrast.methods.base import LossOutput, Method
 from dist_contrast.methods.simclr import SimCLR
-from dist_contrast.models import MLPHead, build_encoder
+from dist_contrast.models import build_encoder
+
+# method.name -> module of dist_contrast.methods that builds it
+MODULES = {
+    "simclr": "simclr",
+    "dcl": "simclr",
+    "moco_v2": "moco",
+    "moco_v3": "moco",
+    "byol": "byol",
+    "instdisc": "instdisc",
+    "supcon": "supcon",
+    "metric": "metric",
+}
 
 
 def build_encoder_from_config(cfg: Config):
-    m = cfg.model
-    return build_encoder(m.encoder, cfg.data.channels, m.width, m.norm)
+    return build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
 
 
 def build_method(cfg: Config) -> Method:
     """The method of ``cfg``, with freshly initialised weights (seed them before calling)."""
-    encoder = build_encoder_from_config(cfg)
-    if cfg.method.name == "simclr":
-        projector = MLPHead(encoder.out_dim, cfg.model.proj_hidden_dim, cfg.model.proj_dim)
-        loss = NTXentLoss(cfg.loss.temperature, cfg.loss.gather, cfg.loss.memory_efficient,
-                          cfg.loss.tile if cfg.loss.memory_efficient else None)
-        return SimCLR(encoder, projector, loss)
-    raise ValueError(f"unknown method {cfg.method.name!r}")
+    name = cfg.method.name
+    if name not in MODULES:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(MODULES)}")
+    module = importlib.import_module(f"dist_contrast.methods.{MODULES[name]}")
+    return module.build(cfg)
 
 
 __all__ = ["LossOutput", "Method", "SimCLR", "build_encoder_from_config", "build_method"]

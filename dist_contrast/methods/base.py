@@ -42,10 +42,14 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Trainable parameters of the objective itself (a learnable temperature)."""
         return []
 
-    def forward(self, batch: dict[str, torch.Tensor], mode: str = "train",
-                cache: dict[str, torch.Tensor] | None = None,
-                grads: dict[str, torch.Tensor] | None = None,
-                param_grads: list[torch.Tensor] | None = None):
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        mode: str = "train",
+        cache: dict[str, torch.Tensor] | None = None,
+        grads: dict[str, torch.Tensor] | None = None,
+        param_grads: list[torch.Tensor] | None = None,
+    ):
         if mode == "train":
             return self.loss(self.embed(batch), batch)
         if mode == "embed":
@@ -65,6 +69,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def negatives_per_query(self, batch_size: int, world: int) -> int:
         """Negatives each query is scored against, for a per-rank batch of ``batch_size``."""
         return 0
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called by the engine after each optimizer step that was taken (not after a skipped
+        one), with the number of steps done: momentum encoders follow the online one here."""
 
     def extra_state(self) -> dict:
         """This rank's state outside the module's parameters (a queue shard): saved per rank."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_contrast.config import Config
 from dist_contrast.losses import NTXentLoss
 from dist_contrast.methods.base import LossOutput, Method
+from dist_contrast.models import build_encoder, build_head
 
 
 class SimCLR(Method):
-    def __init__(self, encoder: nn.Module, projector: nn.Module, loss: NTXentLoss) -> None:
+    def __init__(self, encoder: nn.Module, projector: nn.Module, loss: nn.Module) -> None:
         super().__init__()
         self.encoder, self.projector, self.criterion = encoder, projector, loss
 
@@ -25,3 +27,15 @@ class SimCLR(Method):
 
     def negatives_per_query(self, batch_size: int, world: int) -> int:
         return self.criterion.negatives_per_query(batch_size, world)
+
+
+def build(cfg: Config) -> SimCLR:
+    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
+    projector = build_head(encoder.out_dim, cfg.model)
+    loss = NTXentLoss(
+        cfg.loss.temperature,
+        cfg.loss.gather,
+        cfg.loss.memory_efficient,
+        cfg.loss.tile if cfg.loss.memory_efficient else None,
+    )
+    return SimCLR(encoder, projector, loss)
