@@ -1,4 +1,8 @@
-"""SimCLR (Chen et al. 2020): two views, a shared encoder and projector, NT-Xent."""
+"""SimCLR (Chen et al. 2020): two views, a shared encoder and projector, NT-Xent.
+
+Method "dcl" is the same structure trained with the decoupled contrastive loss (DCL, Yeh et al.
+2022: the positive pair left out of the softmax denominator), ``loss.name=dcl``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import torch
 from torch import nn
 
 from dist_contrast.config import Config
-from dist_contrast.losses import NTXentLoss
+from dist_contrast.losses import DCLLoss, NTXentLoss
+from dist_contrast.methods._choice import LossChoiceError, check_loss_name
 from dist_contrast.methods.base import LossOutput, Method
 from dist_contrast.models import build_encoder, build_head
 
@@ -29,13 +34,22 @@ class SimCLR(Method):
         return self.criterion.negatives_per_query(batch_size, world)
 
 
-def build(cfg: Config) -> SimCLR:
-    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
-    projector = build_head(encoder.out_dim, cfg.model)
-    loss = NTXentLoss(
+def _criterion(cfg: Config) -> nn.Module:
+    if cfg.method.name == "dcl":
+        check_loss_name(cfg, ("dcl",))
+        if cfg.loss.memory_efficient:
+            raise LossChoiceError("loss.memory_efficient (tiled softmax) is not available for DCL")
+        return DCLLoss(cfg.loss.temperature, gather=cfg.loss.gather)
+    return NTXentLoss(
         cfg.loss.temperature,
         cfg.loss.gather,
         cfg.loss.memory_efficient,
         cfg.loss.tile if cfg.loss.memory_efficient else None,
     )
-    return SimCLR(encoder, projector, loss)
+
+
+def build(cfg: Config) -> SimCLR:
+    """SimCLR ("simclr", NT-Xent) or DCL ("dcl", DCLLoss) from ``cfg``."""
+    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
+    projector = build_head(encoder.out_dim, cfg.model)
+    return SimCLR(encoder, projector, _criterion(cfg))
