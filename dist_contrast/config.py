@@ -197,6 +197,10 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     batch_size: int = 512
+    # Linear probe: multinomial logistic regression on standardised frozen features,
+    # full-batch L-BFGS from zero weights (deterministic), L2 penalty on the weights.
+    linear_weight_decay: float = 1e-3
+    linear_max_iter: int = 200
 
 
 @dataclass
@@ -436,6 +440,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.proj_dim > 0, "model.proj_dim", "must be > 0")
     _check(cfg.eval.knn_k > 0, "eval.knn_k", "must be > 0")
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+    _check(cfg.eval.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")
+    _check(cfg.eval.linear_max_iter > 0, "eval.linear_max_iter", "must be > 0")
 
 
 def _validate_data(d: DataConfig) -> None:
