@@ -1,21 +1,70 @@
-"""Encoders and heads. Model code knows nothing of ranks or DeepSpeed."""
+"""Encoders and heads. Model code knows nothing of ranks or DeepSpeed.
+
+Encoders (``model.encoder``): ``resnet_tiny`` / ``resnet_small`` (small digits/CIFAR ResNets),
+``resnet18`` / ``resnet50`` (He et al. 2016; ``model.width`` channels in the first stage,
+``model.stem`` imagenet or small), ``vit_tiny`` / ``vit_small`` / ``vit_base`` (Dosovitskiy et
+al. 2021; ``model.patch_size``; LayerNorm, so ``model.norm`` and ``model.width`` do not apply).
+Every encoder maps images to a ``(batch, out_dim)`` representation and exposes ``out_dim``.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 
 from dist_contrast.config import ModelConfig
 from dist_contrast.models.heads import MLPHead
-from dist_contrast.models.resnet import SmallResNet
+from dist_contrast.models.layers import check_norm
+from dist_contrast.models.resnet import BasicBlock, Bottleneck, ResNet, SmallResNet
+from dist_contrast.models.vit import VIT_SIZES, VisionTransformer
 
-ENCODERS = {"resnet_tiny": (1, 1, 1), "resnet_small": (2, 2, 2)}
+Builder = Callable[[ModelConfig, int, int], nn.Module]
+
+
+def _small(blocks: tuple[int, ...]) -> Builder:
+    def build(m: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
+        check_norm(m.norm)
+        return SmallResNet(in_channels, m.width, blocks, m.norm, m.activation_checkpointing)
+
+    return build
+
+
+def _resnet(block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...]) -> Builder:
+    def build(m: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
+        check_norm(m.norm)
+        return ResNet(
+            in_channels, m.width, block, layers, m.stem, m.norm, m.activation_checkpointing
+        )
+
+    return build
+
+
+def _vit(name: str) -> Builder:
+    def build(m: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
+        return VisionTransformer(
+            in_channels, image_size, m.patch_size, VIT_SIZES[name], m.activation_checkpointing
+        )
+
+    return build
+
+
+ENCODERS: dict[str, Builder] = {
+    "resnet_tiny": _small((1, 1, 1)),
+    "resnet_small": _small((2, 2, 2)),
+    "resnet18": _resnet(BasicBlock, (2, 2, 2, 2)),
+    "resnet50": _resnet(Bottleneck, (3, 4, 6, 3)),
+    **{name: _vit(name) for name in VIT_SIZES},
+}
 
 
 def build_encoder(model: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
     """The encoder ``model.encoder``; it exposes ``out_dim``, the width of its representation."""
     if model.encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {model.encoder!r}; choose one of {sorted(ENCODERS)}")
-    return SmallResNet(in_channels, model.width, ENCODERS[model.encoder], model.norm)
+    if model.width < 1:
+        raise ValueError(f"model.width must be >= 1, got {model.width}")
+    return ENCODERS[model.encoder](model, in_channels, image_size)
 
 
 def build_head(in_dim: int, model: ModelConfig, out_dim: int | None = None) -> MLPHead:
@@ -34,4 +83,13 @@ def build_predictor(model: ModelConfig) -> MLPHead:
     return MLPHead(model.proj_dim, model.pred_hidden_dim, model.proj_dim, 2, model.proj_norm)
 
 
-__all__ = ["ENCODERS", "MLPHead", "SmallResNet", "build_encoder", "build_head", "build_predictor"]
+__all__ = [
+    "ENCODERS",
+    "MLPHead",
+    "ResNet",
+    "SmallResNet",
+    "VisionTransformer",
+    "build_encoder",
+    "build_head",
+    "build_predictor",
+]

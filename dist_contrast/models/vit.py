@@ -1,0 +1,132 @@
+"""Vision Transformers (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"). No distributed
+code.
+
+Conventions: a ``patch_size`` x ``patch_size`` stride-``patch_size`` convolution embeds the
+patches; a learnable class token is prepended and a learnable position embedding (one per token
+of the ``image_size / patch_size`` grid, plus the class token) is added; inputs of another size
+divisible by the patch size get it bicubically interpolated. Pre-norm blocks:
+``x + Attn(LN(x))`` then ``x + MLP(LN(x))`` (GELU, hidden = 4 x dim); attention goes through
+``torch.nn.functional.scaled_dot_product_attention``. A final LayerNorm; the representation is
+the class token, ``out_dim`` = embedding dim. Normalisation is LayerNorm throughout:
+``model.norm`` does not apply to ViTs. Weights: truncated normal (std 0.02) for linear layers,
+class token and position embedding, zero biases (as in timm / MoCo v3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_contrast.models.layers import run_blocks
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    dim: int
+    depth: int
+    heads: int
+    mlp_ratio: int = 4
+
+
+VIT_SIZES = {
+    "vit_tiny": ViTSize(192, 12, 3),
+    "vit_small": ViTSize(384, 12, 6),
+    "vit_base": ViTSize(768, 12, 12),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embedding dim {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder without a classification head; ``forward`` returns the final class token."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        patch_size: int,
+        size: ViTSize,
+        checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(
+                f"image size {image_size} is not divisible by model.patch_size {patch_size}; "
+                "choose a patch size that divides data.image_size"
+            )
+        self.grid = image_size // patch_size
+        self.patch_embed = nn.Conv2d(in_channels, size.dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, size.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, size.dim))
+        self.blocks = nn.Sequential(
+            *(Block(size.dim, size.heads, size.mlp_ratio) for _ in range(size.depth))
+        )
+        self.norm = nn.LayerNorm(size.dim, eps=1e-6)
+        self.out_dim = size.dim
+        self.checkpointing = checkpointing
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """The position embedding for an ``h`` x ``w`` patch grid: as learnt for the build-time
+        grid, bicubically interpolated for another one (smaller multi-crop views, as in DINO)."""
+        if (h, w) == (self.grid, self.grid):
+            return self.pos_embed
+        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        grid = patches.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_embed.stride[0]
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(
+                f"image of {tuple(x.shape[-2:])} px is not divisible by the patch size {p}"
+            )
+        x = self.patch_embed(x)
+        pos = self._pos_embed(x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
+        x = run_blocks(self.blocks, x, self.checkpointing and self.training)
+        return self.norm(x)[:, 0]
