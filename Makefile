@@ -13,6 +13,7 @@ DIGITS        ?= data/digits
 STAMP_RUN     := $(shell date +%Y%m%d-%H%M%S)
 RUN           ?= simclr_digits-$(STAMP_RUN)
 PYTEST_ARGS   ?=
+QUALITY_ARGS  ?=
 
 ifeq ($(origin PYTHON),undefined)
 PYTHON := $(VENV)/bin/python
@@ -21,7 +22,7 @@ else
 SETUP  := external-env
 endif
 
-.PHONY: setup train test lint data clean-runs external-env
+.PHONY: setup train test quality lint data clean-runs external-env
 
 setup: $(SETUP)
 
@@ -49,6 +50,11 @@ train: $(SETUP) $(DIGITS)/counts.json
 test: $(SETUP)
 	$(PYTHON) -m ruff check dist_contrast tests bench
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# Every configs/*_digits.yaml trained on 2 local ranks, then kNN and linear probe of the trained
+# and of the initial encoder: the method table of the README (bench/results/quality.json).
+quality: $(SETUP) $(DIGITS)/counts.json
+	$(PYTHON) -m dist_contrast.cli bench quality $(QUALITY_ARGS)
 
 lint: $(SETUP)
 	$(PYTHON) -m ruff check dist_contrast tests bench
