@@ -429,6 +429,14 @@ def validate(cfg: Config) -> None:
     _check(
         0 <= cfg.train.stop_at <= cfg.train.steps, "train.stop_at", "must be in [0, train.steps]"
     )
+    _check(cfg.train.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
+    _check(
+        cfg.train.optimizer not in ("lars", "lamb")
+        or (cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"),
+        "train.optimizer",
+        "lars and lamb need deepspeed.zero_stage=0 and deepspeed.precision=fp32 (their per-layer "
+        "trust ratio needs whole fp32 parameters, not the flat partitions of ZeRO or bf16/fp16)",
+    )
     _check(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
     _check(cfg.loss.tile > 0, "loss.tile", "must be > 0")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
