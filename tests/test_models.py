@@ -1,0 +1,285 @@
+"""Encoders and heads: shapes, parameter counts against published figures and an independent
+arithmetic count, activation checkpointing against the unchecked model, the ViT block against
+torch's own TransformerEncoderLayer, the norm choices and the error messages."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dist_contrast.config import ModelConfig
+from dist_contrast.models import MLPHead, build_encoder, build_head, build_predictor
+from dist_contrast.models.vit import Block
+
+from multiproc import run_ranks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is many times faster than several on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{"width": 8, "norm": "batch", **kw})
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+SHAPES = [  # encoder, extra config, channels, image size, out_dim
+    ("resnet_tiny", {}, 1, 16, 32),
+    ("resnet_small", {"norm": "group"}, 1, 16, 32),
+    ("resnet18", {"stem": "small"}, 3, 32, 64),
+    ("resnet18", {"stem": "imagenet", "norm": "group"}, 3, 32, 64),
+    ("resnet50", {"stem": "small", "norm": "none"}, 3, 32, 256),
+    ("resnet50", {"stem": "imagenet"}, 3, 32, 256),
+    ("vit_tiny", {"patch_size": 8}, 3, 32, 192),
+    ("vit_small", {"patch_size": 16}, 1, 32, 384),
+]
+
+
+@pytest.mark.parametrize("name,extra,channels,size,out_dim", SHAPES)
+def test_output_shape_and_out_dim(name, extra, channels, size, out_dim):
+    torch.manual_seed(0)
+    enc = build_encoder(_cfg(encoder=name, **extra), channels, size)
+    y = enc(torch.randn(2, channels, size, size))
+    assert enc.out_dim == out_dim
+    assert y.shape == (2, out_dim) and torch.isfinite(y).all()
+
+
+def _resnet_count(bottleneck: bool, layers: tuple[int, ...], width: int = 64) -> int:
+    """Parameters of a batch-norm ResNet without classifier, counted from the architecture
+    tables of He et al. 2016 (Table 1): conv k x k: k*k*c_in*c_out (no bias), batch norm: 2*c."""
+
+    def conv(k: int, c_in: int, c_out: int) -> int:
+        return k * k * c_in * c_out
+
+    total = conv(7, 3, width) + 2 * width  # stem
+    c = width
+    for i, n in enumerate(layers):
+        mid = width * 2**i
+        out = 4 * mid if bottleneck else mid
+        for j in range(n):
+            if bottleneck:
+                total += conv(1, c, mid) + conv(3, mid, mid) + conv(1, mid, out) + 2 * (2 * mid)
+            else:
+                total += conv(3, c, mid) + conv(3, mid, mid) + 2 * mid
+            total += 2 * out  # last norm of the block
+            if j == 0 and (i > 0 or c != out):
+                total += conv(1, c, out) + 2 * out  # projection shortcut
+            c = out
+    return total
+
+
+def test_resnet_parameter_counts():
+    # Published totals with the 1000-class fc (torchvision model cards): ResNet-18 11,689,512,
+    # ResNet-50 25,557,032; the fc holds 512*1000+1000 and 2048*1000+1000 of them.
+    with torch.device("meta"):
+        r18 = build_encoder(_cfg(encoder="resnet18", width=64, stem="imagenet"), 3, 224)
+        r50 = build_encoder(_cfg(encoder="resnet50", width=64, stem="imagenet"), 3, 224)
+    assert _count(r18) == 11_689_512 - (512 * 1000 + 1000) == 11_176_512
+    assert _count(r50) == 25_557_032 - (2048 * 1000 + 1000) == 23_508_032
+    assert _count(r18) == _resnet_count(False, (2, 2, 2, 2))
+    assert _count(r50) == _resnet_count(True, (3, 4, 6, 3))
+    assert (r18.out_dim, r50.out_dim) == (512, 2048)
+
+
+def test_vit_base_parameter_count():
+    # Published: ViT-B/16 at 224 has 86,567,656 parameters with its 1000-class head
+    # (768*1000+1000). By hand: patch embedding 16*16*3*768 + 768; class token 768; position
+    # embedding (1 + 14*14)*768; per block two LayerNorms 4*768, qkv 768*2304 + 2304,
+    # projection 768*768 + 768, MLP 768*3072 + 3072 + 3072*768 + 768; final LayerNorm 2*768.
+    d, n = 768, 14 * 14
+    block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    by_hand = (16 * 16 * 3 * d + d) + d + (1 + n) * d + 12 * block + 2 * d
+    with torch.device("meta"):
+        vit = build_encoder(_cfg(encoder="vit_base", patch_size=16), 3, 224)
+    assert _count(vit) == by_hand == 86_567_656 - (768 * 1000 + 1000) == 85_798_656
+    assert vit.out_dim == 768
+
+
+def test_vit_block_matches_torch_transformer_layer():
+    """A pre-norm block with SDPA attention equals torch.nn.TransformerEncoderLayer
+    (norm_first, GELU, no dropout) carrying the same weights."""
+    torch.manual_seed(0)
+    dim, heads = 32, 4
+    ours = Block(dim, heads, 4)
+    ref = nn.TransformerEncoderLayer(
+        dim, heads, 4 * dim, dropout=0.0, activation="gelu", layer_norm_eps=1e-6,
+        batch_first=True, norm_first=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(ours.attn.qkv.weight)
+        ref.self_attn.in_proj_bias.copy_(ours.attn.qkv.bias)
+        ref.self_attn.out_proj.weight.copy_(ours.attn.proj.weight)
+        ref.self_attn.out_proj.bias.copy_(ours.attn.proj.bias)
+        ref.linear1.load_state_dict(ours.mlp[0].state_dict())
+        ref.linear2.load_state_dict(ours.mlp[2].state_dict())
+        ref.norm1.load_state_dict(ours.norm1.state_dict())
+        ref.norm2.load_state_dict(ours.norm2.state_dict())
+    x = torch.randn(3, 5, dim)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_vit_position_embedding_interpolates_for_other_sizes():
+    torch.manual_seed(0)
+    vit = build_encoder(_cfg(encoder="vit_tiny", patch_size=8), 3, 32)
+    assert vit.pos_embed.shape == (1, 1 + 16, 192)
+    assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 192)  # a 2x2 grid: a smaller crop
+    with pytest.raises(ValueError, match="not divisible by the patch size 8"):
+        vit(torch.randn(2, 3, 20, 20))
+
+
+def _perturbed(model: nn.Module) -> nn.Module:
+    """Norm scales away from their zero/one init, so every path carries a gradient."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+                m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize(
+    "name,extra,channels,size",
+    [
+        ("resnet_tiny", {}, 1, 16),
+        ("resnet18", {"stem": "small"}, 3, 16),
+        ("resnet50", {"stem": "small", "norm": "group"}, 3, 16),
+        ("vit_tiny", {"patch_size": 8}, 3, 16),
+    ],
+)
+def test_activation_checkpointing_gives_equal_gradients(name, extra, channels, size):
+    torch.manual_seed(0)
+    plain = _perturbed(build_encoder(_cfg(encoder=name, **extra), channels, size))
+    ckpt = build_encoder(_cfg(encoder=name, activation_checkpointing=True, **extra), channels, size)
+    ckpt.load_state_dict(plain.state_dict())
+    blocks = getattr(ckpt, "blocks", None) or ckpt.stages
+    calls = []
+    blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(4, channels, size, size)
+    for model in (plain, ckpt):
+        model(x).pow(2).sum().backward()
+    assert len(calls) == 2, "the checkpointed block must run again in the backward"
+    for (k, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=k)
+    for (k, b), c in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
+        torch.testing.assert_close(c, b, rtol=0, atol=0, msg=k)  # running stats updated once
+    ckpt.eval()
+    calls.clear()
+    ckpt(x).sum().backward()
+    assert len(calls) == 1, "no checkpointing in eval mode"
+
+
+def test_resnet_zero_init_of_last_norm():
+    torch.manual_seed(0)
+    for name in ("resnet18", "resnet50"):
+        for norm in ("batch", "group"):
+            enc = build_encoder(_cfg(encoder=name, norm=norm), 3, 16)
+            assert all(b.last_norm.weight.abs().sum() == 0 for b in enc.blocks)
+            assert all(b.norm1.weight.abs().sum() > 0 for b in enc.blocks)
+
+
+def test_norm_choices_build_the_named_layers():
+    kinds = {"batch": nn.BatchNorm2d, "group": nn.GroupNorm}
+    for norm, kind in kinds.items():
+        enc = build_encoder(_cfg(encoder="resnet18", norm=norm, width=12), 3, 16)
+        assert sum(isinstance(m, kind) for m in enc.modules()) == 1 + 8 * 2 + 3
+    enc = build_encoder(_cfg(encoder="resnet18", norm="none"), 3, 16)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in enc.modules())
+    # group norm: gcd(32, channels) groups in ResNet-18/50 (width 12: 4, 8, 16, 32 groups)
+    enc = build_encoder(_cfg(encoder="resnet18", norm="group", width=12), 3, 16)
+    assert {m.num_groups for m in enc.modules() if isinstance(m, nn.GroupNorm)} == {4, 8, 16, 32}
+
+
+def test_sync_batch_norm_needs_cuda():
+    cfg = _cfg(encoder="resnet18", norm="sync_batch")
+    if torch.cuda.is_available():
+        enc = build_encoder(cfg, 3, 16)
+        assert any(isinstance(m, nn.SyncBatchNorm) for m in enc.modules())
+    else:
+        with pytest.raises(ValueError, match="needs CUDA.*model.norm=batch.*shuffle_bn.*group"):
+            build_encoder(cfg, 3, 16)
+        with pytest.raises(ValueError, match="needs CUDA"):
+            build_encoder(_cfg(encoder="resnet_tiny", norm="sync_batch"), 1, 16)
+    # ViTs use LayerNorm: the norm key does not apply to them
+    assert build_encoder(_cfg(encoder="vit_tiny", norm="sync_batch", patch_size=8), 3, 16)
+
+
+def _sync_bn_on_cpu(rank: int, world: int) -> str:
+    bn = nn.SyncBatchNorm(4)
+    try:
+        bn(torch.randn(4, 4, 2, 2))
+    except ValueError as e:
+        return str(e)
+    return "ran"
+
+
+def test_torch_sync_batch_norm_refuses_cpu_under_gloo():
+    """Why ``sync_batch`` is refused without CUDA: torch's SyncBatchNorm raises for CPU inputs
+    on an initialised gloo group. If a later torch runs it, the build-time error must go."""
+    results = run_ranks(_sync_bn_on_cpu, 2)
+    assert all("expected input tensor to be on GPU" in r for r in results), results
+
+
+@pytest.mark.parametrize(
+    "extra,size,match",
+    [
+        ({"encoder": "resnet99"}, 16, "unknown encoder 'resnet99'"),
+        ({"encoder": "resnet18", "stem": "huge"}, 16, "unknown model.stem 'huge'"),
+        ({"encoder": "resnet18", "norm": "layer"}, 16, "unknown model.norm 'layer'"),
+        ({"encoder": "resnet_tiny", "norm": "layer"}, 16, "unknown model.norm 'layer'"),
+        ({"encoder": "resnet50", "width": 0}, 16, "model.width must be >= 1"),
+        ({"encoder": "vit_tiny", "patch_size": 8}, 30, "image size 30 is not divisible by"),
+        ({"encoder": "vit_tiny", "patch_size": 0}, 16, "not divisible by model.patch_size 0"),
+    ],
+)
+def test_bad_config_gives_value_error(extra, size, match):
+    with pytest.raises(ValueError, match=match):
+        build_encoder(_cfg(**extra), 3, size)
+
+
+def _naive_head(head: MLPHead, x: torch.Tensor, norm: bool) -> torch.Tensor:
+    """The head written out with functional ops on its own parameters (training-mode BN)."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    bns = [m for m in head.modules() if isinstance(m, nn.BatchNorm1d)]
+    for i, lin in enumerate(linears[:-1]):
+        x = x @ lin.weight.T + (0 if lin.bias is None else lin.bias)
+        if norm:
+            mu, var = x.mean(0), x.var(0, unbiased=False)
+            x = (x - mu) / torch.sqrt(var + bns[i].eps) * bns[i].weight + bns[i].bias
+        x = x.clamp_min(0)
+    return x @ linears[-1].weight.T + linears[-1].bias
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("norm", [False, True])
+def test_mlp_head(layers, norm):
+    torch.manual_seed(0)
+    head = build_head(10, _cfg(proj_hidden_dim=16, proj_layers=layers, proj_norm=norm), 6)
+    x = torch.randn(8, 10)
+    ref = _naive_head(copy.deepcopy(head), x, norm)
+    torch.testing.assert_close(head(x), ref, rtol=1e-5, atol=1e-5)
+    n_lin = sum(isinstance(m, nn.Linear) for m in head.modules())
+    n_bn = sum(isinstance(m, nn.BatchNorm1d) for m in head.modules())
+    assert (n_lin, n_bn) == (layers, (layers - 1) if norm else 0)
+    hidden = 10 if layers == 1 else 16
+    expected = hidden * 6 + 6 + (layers > 1) * (10 * 16 + (layers - 2) * 16 * 16)
+    expected += (layers - 1) * (2 * 16 if norm else 16)  # BN scale+shift, or linear biases
+    assert _count(head) == expected
+
+
+def test_predictor_and_head_defaults():
+    cfg = _cfg(proj_dim=12, pred_hidden_dim=20)
+    pred = build_predictor(cfg)
+    assert pred(torch.randn(3, 12)).shape == (3, 12)
+    assert build_head(7, cfg)(torch.randn(3, 7)).shape == (3, 12)
+    with pytest.raises(ValueError, match="at least one layer"):
+        MLPHead(4, 4, 4, layers=0)
