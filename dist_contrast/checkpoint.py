@@ -1,14 +1,22 @@
-"""Checkpoint layout of a run: ``checkpoints/step_XXXXXXXX/`` directories written by DeepSpeed,
-and a ``latest`` pointer written last (temp file + rename) after every rank has finished, so a
-crash mid-save leaves the previous checkpoint loadable and ``latest`` pointing at it."""
+"""Checkpoint layout of a run: ``checkpoints/step_XXXXXXXX/`` directories and a ``latest``
+pointer.
+
+A save is never written in place: every rank writes its part (DeepSpeed's files and its own
+``rank_XXXXX.pt``) into ``.tmp_step_XXXXXXXX/``; after a barrier, rank 0 renames it to
+``step_XXXXXXXX/``, then moves ``latest`` (temp file + rename), then prunes. A process killed
+anywhere in that sequence leaves the previous checkpoint complete and ``latest`` pointing at it;
+a half-written ``.tmp_*`` directory is never read, and the next save removes it.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dist_contrast import distributed
@@ -16,6 +24,7 @@ from dist_contrast.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
+TMP_PREFIX = ".tmp_"
 
 
 def step_tag(step: int) -> str:
@@ -57,22 +66,64 @@ def rank_file(step_dir: Path, rank: int) -> Path:
     return step_dir / f"rank_{rank:05d}.pt"
 
 
-def save(engine, root: Path, step: int, keep: int, rank_state: dict | None = None) -> Path:
-    """All ranks write their part of step ``step`` (DeepSpeed's files, and each rank its own
-    ``rank_XXXXX.pt``: data position, queue shard); then rank 0 moves ``latest`` and prunes."""
+def _clear_partial(root: Path) -> None:
+    """Remove the temporary directories of saves that never finished (a killed job)."""
+    for path in root.glob(f"{TMP_PREFIX}step_*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save(
+    engine,
+    root: Path,
+    step: int,
+    keep: int,
+    rank_state: dict | None = None,
+    client_state: dict | None = None,
+) -> Path:
+    """All ranks write their part of step ``step`` into a temporary directory (DeepSpeed's
+    files, with ``client_state`` and ``step``; each rank its own ``rank_XXXXX.pt``: data
+    position, queue shard, RNG); then rank 0 renames it, moves ``latest`` and prunes."""
     tag = step_tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    tmp_tag = TMP_PREFIX + tag
+    if distributed.is_main():
+        _clear_partial(root)
+    distributed.barrier()
+    client = {**(client_state or {}), "step": step}
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False)
     if rank_state is not None:
-        path = rank_file(root / tag, distributed.rank())
+        path = rank_file(root / tmp_tag, distributed.rank())
         tmp = path.with_suffix(".tmp")
         torch.save(rank_state, tmp)
         os.replace(tmp, path)
     distributed.barrier()
     if distributed.is_main():
+        final = root / tag
+        if final.exists():  # left by a job killed before it moved `latest` there
+            shutil.rmtree(final)
+        os.replace(root / tmp_tag, final)
         _write_latest(root, tag)
         _prune(root, keep)
     distributed.barrier()
     return root / tag
+
+
+def rng_state() -> dict:
+    """This process's random generators: Python, NumPy, torch CPU and CUDA."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_rank_state(step_dir: Path, rank: int) -> dict | None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from dist_contrast import checkpoint, distributed
 from dist_contrast.accumulate import cached_step, plain_step
@@ -23,9 +22,12 @@ from dist_contrast.data.augment import DeviceAugment
 from dist_contrast.data.pipeline import TrainLoader, train_loader
 from dist_contrast.data.sources import build_sources, mix_seed
 from dist_contrast.data.tario import FAULT_REASONS
-from dist_contrast.errors import CheckpointError
+from dist_contrast.errors import CheckpointError, ConfigError, DivergedError
+from dist_contrast.guard import StepGuard
 from dist_contrast.methods import LossOutput, Method, build_method
-from dist_contrast.metrics import MetricsLogger
+from dist_contrast.metrics import MetricsLogger, embedding_metrics
+from dist_contrast.optim import build_optimizer
+from dist_contrast.plots import write_plots
 
 # DeepSpeed's ZeRO-2 calls a collective that torch now marks deprecated; it is not ours to fix.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
@@ -60,35 +62,16 @@ def warmup_cosine(train: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and normalisation weights (every parameter with ndim <= 1)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, train.weight_decay)
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999))
-    return torch.optim.SGD(groups, lr=train.lr, momentum=0.9, nesterov=True)
-
-
 def wrap(method: Method, cfg: Config, world: int):
-    """DeepSpeed around the method: optimizer, LR schedule, ZeRO stage and precision."""
+    """DeepSpeed around the method: optimizer, ZeRO stage and precision. The LR schedule stays
+    with the trainer, which steps it only after a step that was taken (see guard.py)."""
     import deepspeed
 
     optimizer = build_optimizer(method, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, optimizer, _, _ = deepspeed.initialize(
         model=method,
         optimizer=optimizer,
-        lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world),
         dist_init_required=False,
     )
@@ -108,6 +91,11 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype | None = Non
 
 def prepare(cfg: Config) -> None:
     """Everything a user can get wrong, checked before any process group starts."""
+    if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "deepspeed.precision=fp16 needs a CUDA device (DeepSpeed's fp16 loss scaling); "
+            "use deepspeed.precision=bf16 or fp32 on this machine"
+        )
     build_sources(cfg.data.train_shards, cfg.data.train_weights, "data.train_shards")
     check_run_dir(cfg)
     checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
@@ -142,12 +130,14 @@ def _train(cfg: Config, env: distributed.DistEnv) -> Path:
         trainer.run()
     finally:
         trainer.logger.close()
+    if main and cfg.logging.plots:
+        write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
     return run_dir
 
 
 @dataclass
 class Window:
-    """What is summed between two logged steps."""
+    """What is summed between two logged steps (the loss over the steps taken only)."""
 
     first_step: int
     start: float = field(default_factory=time.perf_counter)
@@ -155,12 +145,17 @@ class Window:
     n: int = 0
     data_wait: float = 0.0
 
-    def add(self, loss: float) -> None:
-        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+    def add(self, loss: float, taken: bool) -> None:
+        if taken:
+            self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
 
 
 class Trainer:
-    """The training loop and what it must keep: step, data position, metrics."""
+    """The training loop and what it must keep: step, data position, metrics.
+
+    ``step`` counts batches consumed, skipped ones included: the data position, checkpoint
+    names, ``train.stop_at`` and the log cadence follow it. The LR schedule counts the steps
+    taken (a skipped step does not advance it), and so does the optimizer."""
 
     def __init__(
         self, cfg: Config, engine, scheduler, loader: TrainLoader, rank: int, world: int
@@ -171,17 +166,25 @@ class Trainer:
         self.augment = DeviceAugment(cfg.augment, cfg.data).to(self.device)
         self.ckpt_root = cfg.run_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
+        fp16 = cfg.deepspeed.precision == "fp16"  # gradients: DeepSpeed's loss scaler decides
+        self.guard = StepGuard(engine.module, scheduler.optimizer, check_grads=not fp16)
 
     def resume(self) -> None:
         step_dir = checkpoint.resolve_resume(self.ckpt_root, self.cfg.checkpoint.resume)
         if step_dir is None:
             return
-        self.step = int(checkpoint.load(self.engine, step_dir)["step"])
+        client = checkpoint.load(self.engine, step_dir)
+        self.step = int(client["step"])
+        if "scheduler" in client:
+            self.scheduler.load_state_dict(client["scheduler"])
+        self.guard.skipped_steps = int(client.get("skipped_steps", 0))
         state = checkpoint.load_rank_state(step_dir, self.rank)
         same_world = state is not None and state["world"] == self.world
         if same_world:
             self.loader.load_state_dict(state["data"])
             self.engine.module.load_extra_state(state["method"])
+            if "rng" in state:
+                checkpoint.set_rng_state(state["rng"])
         elif distributed.is_main():
             print(
                 f"dist-contrast: warning: {step_dir} holds no per-rank state for {self.world} "
@@ -194,8 +197,15 @@ class Trainer:
             "world": self.world,
             "data": self.loader.state_dict(),
             "method": self.engine.module.extra_state(),
+            "rng": checkpoint.rng_state(),
         }
-        checkpoint.save(self.engine, self.ckpt_root, self.step, self.cfg.checkpoint.keep, state)
+        client = {
+            "scheduler": self.scheduler.state_dict(),
+            "skipped_steps": self.guard.skipped_steps,
+        }
+        checkpoint.save(
+            self.engine, self.ckpt_root, self.step, self.cfg.checkpoint.keep, state, client
+        )
 
     def augment_batch(self, batch: dict) -> dict:
         """The per-pixel half of the views, on the training device."""
@@ -212,45 +222,40 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(batches)
             window.data_wait += time.perf_counter() - t0  # the loader kept this rank waiting
-            out = self.optimizer_step(self.augment_batch(batch))
-            self.step += 1
-            self.engine.module.on_step_end(self.step, cfg.train.steps)
-            window.add(float(out.loss.detach()))
+            batch = self.augment_batch(batch)
+            out, taken = self.train_step(batch)
+            self.step += 1  # the batch is consumed, whether the step was taken or skipped
+            window.add(float(out.loss.detach()), taken)
             self.logger.advance()
             last = self.step == end
             if self.step % cfg.train.log_every == 0 or last:
-                self.logger.log(self.record(window, out))
+                self.logger.log(self.record(window, out, batch))
                 window = Window(self.step)
             if self.step % cfg.checkpoint.every == 0 or last:
                 t_save = time.perf_counter()
                 self.save()
                 window.start += time.perf_counter() - t_save  # throughput excludes saving
 
-    def record(self, window: Window, out: LossOutput) -> dict:
-        """One line of metrics.jsonl: means over the steps since the last one, all ranks."""
-        elapsed = time.perf_counter() - window.start
-        samples = self.cfg.train.batch_size * self.world * (self.step - window.first_step)
-        return {
-            "step": self.step,
-            "loss": distributed.all_reduce_mean(window.loss_sum / window.n),
-            "lr": self.scheduler.get_last_lr()[0],
-            "samples_per_sec": samples / elapsed,
-            "negatives_per_query": self.engine.module.negatives_per_query(
-                self.loss_batch, self.world
-            ),
-            "data_wait_frac": distributed.all_reduce_mean(window.data_wait / elapsed),
-            **self.skipped(),
-            **{k: distributed.all_reduce_mean(v) for k, v in out.metrics.items()},
-        }
-
-    @property
-    def loss_batch(self) -> int:
-        """Samples per rank that one loss sees (its negatives come from them)."""
-        t = self.cfg.train
-        return t.batch_size if t.accumulation_mode == "cached" else t.batch_size // t.accumulation
+    def train_step(self, batch: dict) -> tuple[LossOutput, bool]:
+        """One optimizer step over ``batch``, or none if its loss or gradients are not finite
+        on some rank (the same decision on every rank); whether the step was taken."""
+        out = self.optimizer_step(batch)
+        taken = self.guard.end_step(self.engine.was_step_applied())
+        if taken:
+            self.scheduler.step()
+            self.engine.module.on_step_end(self.step + 1, self.cfg.train.steps)
+        elif self.guard.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise DivergedError(
+                f"stopped at step {self.step + 1}: {self.guard.bad_in_a_row} steps in a row had "
+                f"a non-finite loss or gradient on some rank (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); lower train.lr or raise train.warmup_steps, "
+                f"and continue from the last checkpoint with checkpoint.resume=latest"
+            )
+        return out, taken
 
     def optimizer_step(self, batch: dict) -> LossOutput:
-        """Forward, backward and one optimizer step over this rank's batch."""
+        """Forward, backward and DeepSpeed's step over this rank's batch (gradient clipping
+        and accumulation included; the guard's pre-hook may turn the update into a no-op)."""
         parts = self.cfg.train.accumulation
         if parts == 1:
             out = self.engine(batch)
@@ -260,6 +265,46 @@ class Trainer:
         if self.cfg.train.accumulation_mode == "cached":
             return cached_step(self.engine, batch, parts)
         return plain_step(self.engine, batch, parts)
+
+    def record(self, window: Window, out: LossOutput, batch: dict) -> dict:
+        """One line of metrics.jsonl: means over the steps since the last one, all ranks."""
+        elapsed = time.perf_counter() - window.start
+        samples = self.cfg.train.batch_size * self.world * (self.step - window.first_step)
+        loss = distributed.all_reduce_mean(window.loss_sum / window.n) if window.n else None
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_sec": samples / elapsed,
+            "negatives_per_query": self.engine.module.negatives_per_query(
+                self.loss_batch, self.world
+            ),
+            "data_wait_frac": distributed.all_reduce_mean(window.data_wait / elapsed),
+            "skipped_steps": self.guard.skipped_steps,
+            "bad_steps_in_a_row": self.guard.bad_in_a_row,
+            **self.skipped(),
+            **self.embedding_metrics(batch),
+            **{k: distributed.all_reduce_mean(v) for k, v in out.metrics.items()},
+        }
+
+    def embedding_metrics(self, batch: dict) -> dict[str, float]:
+        """Alignment and uniformity (Wang & Isola 2020) of the first two embeddings the method
+        gives for ``batch`` (two views, or image and text), the model in eval mode; {} if the
+        method gives one embedding per sample. Means over ranks."""
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                emb = self.engine(batch, mode="embed")
+        finally:
+            self.engine.train()
+        values = embedding_metrics(list(emb.values()))
+        return {k: distributed.all_reduce_mean(v) for k, v in values.items()}
+
+    @property
+    def loss_batch(self) -> int:
+        """Samples per rank that one loss sees (its negatives come from them)."""
+        t = self.cfg.train
+        return t.batch_size if t.accumulation_mode == "cached" else t.batch_size // t.accumulation
 
     def skipped(self) -> dict[str, int]:
         """Skipped data so far, summed over ranks, by reason (``skipped_<reason>``)."""

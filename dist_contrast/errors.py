@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or run directory that cannot be used."""
+
+
+class DivergedError(UserError):
+    """Training stopped: too many steps in a row with a non-finite loss or gradient."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from dist_contrast.config import Config, to_dict
 
@@ -42,8 +46,10 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.bar is not None:
+            loss = record["loss"]  # None when every step since the last line was skipped
             self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_sec']:.0f}"
+                loss="skipped" if loss is None else f"{loss:.4f}",
+                sps=f"{record['samples_per_sec']:.0f}",
             )
 
     def advance(self, n: int = 1) -> None:
@@ -58,6 +64,36 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         self.file = self.wandb = self.bar = None
+
+
+def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Wang & Isola 2020: mean ``||f(x) - f(y)||^alpha`` over positive pairs (rows of ``x`` and
+    ``y``), on L2-normalised embeddings. 0 is perfect alignment, 4 the worst (alpha = 2)."""
+    x, y = F.normalize(x.double(), dim=1), F.normalize(y.double(), dim=1)
+    return (x - y).norm(dim=1).pow(alpha).mean()
+
+
+def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola 2020: ``log mean exp(-t ||f(a) - f(b)||^2)`` over all pairs a != b of rows,
+    on L2-normalised embeddings; lower is more uniform."""
+    x = F.normalize(x.double(), dim=1)
+    sq = torch.pdist(x).pow(2)
+    return torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())
+
+
+def embedding_metrics(embeddings: list[torch.Tensor]) -> dict[str, float]:
+    """``alignment`` of the first two embeddings (row i of one is the positive of row i of the
+    other) and ``uniformity``, the mean of each one's (as Wang & Isola train with); {} unless
+    they are two [N, D] with N > 1."""
+    if len(embeddings) < 2:
+        return {}
+    x, y = embeddings[0].detach(), embeddings[1].detach()
+    if x.ndim != 2 or x.shape != y.shape or len(x) < 2:
+        return {}
+    return {
+        "alignment": float(alignment(x, y)),
+        "uniformity": float((uniformity(x) + uniformity(y)) / 2),
+    }
 
 
 def _start_wandb(run_dir: Path, cfg: Config):
