@@ -43,7 +43,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(
         f"kNN top-1 on {result['val_samples']} validation samples: trained "
         f"{100 * result['knn_top1']:.1f}%, random init {100 * result['knn_top1_random_init']:.1f}% "
-        f"({100 * gain:+.1f} points); written to {args.run}/eval.json"
+        f"({100 * gain:+.1f} points); linear probe: trained {100 * result['linear_top1']:.1f}%, "
+        f"random init {100 * result['linear_top1_random_init']:.1f}%; written to "
+        f"{args.run}/eval.json"
     )
     return 0
 

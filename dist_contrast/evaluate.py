@@ -1,5 +1,6 @@
-"""Evaluation of a run's encoder: kNN top-1 on the validation shards, against the same
-architecture at its initial weights (the run's seed), so the gain from training is visible."""
+"""Evaluation of a run's encoder: kNN top-1 and a linear probe (top-1 of a logistic regression
+on frozen features) on the validation shards, against the same architecture at its initial
+weights (the run's seed), so the gain from training is visible."""
 
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ from dist_contrast.methods import build_method
 
 
 @torch.no_grad()
-def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+def embed(
+    encoder: nn.Module, images: torch.Tensor, batch_size: int, normalize: bool = True
+) -> torch.Tensor:
+    """Features of ``images`` in eval mode; L2-normalised unless ``normalize=False``."""
     encoder.eval()
-    out = [encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return F.normalize(torch.cat(out).float(), dim=1)
+    out = torch.cat(
+        [encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    ).float()
+    return F.normalize(out, dim=1) if normalize else out
 
 
 def knn_top1(
@@ -48,6 +54,43 @@ def knn_top1(
         votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
         correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
     return correct / len(test_feats)
+
+
+def linear_probe_top1(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    weight_decay: float = 1e-3,
+    max_iter: int = 200,
+) -> float:
+    """Top-1 of a multinomial logistic regression fitted on frozen training features.
+
+    Features are standardised with the training mean and std; the weights and bias start at
+    zero and full-batch L-BFGS (strong Wolfe line search, float64) minimises the mean
+    cross-entropy plus ``weight_decay / 2 * ||W||^2`` (the bias is not penalised). The problem
+    is convex and nothing is random, so the result is deterministic."""
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    x = train_feats.double()
+    mean, std = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)
+    x = (x - mean) / std
+    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, train_labels) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        logits = ((test_feats.double() - mean) / std) @ w + b
+    return float((logits.argmax(dim=1) == test_labels).double().mean())
 
 
 def load_run(run_dir: Path) -> tuple[Config, Path]:
@@ -74,8 +117,27 @@ def trained_encoder(cfg: Config, step_dir: Path) -> nn.Module:
     return method.encoder
 
 
+def _scores(cfg: Config, encoder: nn.Module, train_x, train_y, val_x, val_y) -> dict:
+    """kNN (normalised features) and linear-probe (raw features) top-1 of one encoder."""
+    bs, e = cfg.eval.batch_size, cfg.eval
+    train_f, val_f = embed(encoder, train_x, bs, False), embed(encoder, val_x, bs, False)
+    knn = knn_top1(
+        F.normalize(train_f, dim=1),
+        train_y,
+        F.normalize(val_f, dim=1),
+        val_y,
+        e.knn_k,
+        e.knn_temperature,
+    )
+    linear = linear_probe_top1(
+        train_f, train_y, val_f, val_y, e.linear_weight_decay, e.linear_max_iter
+    )
+    return {"knn_top1": knn, "linear_top1": linear}
+
+
 def evaluate_run(run_dir: str | Path) -> dict:
-    """kNN top-1 of the trained and the initial encoder; written to ``eval.json``."""
+    """kNN and linear-probe top-1 of the trained and the initial encoder, written to
+    ``eval.json``: ``knn_top1``, ``linear_top1`` and the same with ``_random_init``."""
     run_dir = Path(run_dir)
     cfg, step_dir = load_run(run_dir)
     train_x, train_y = read_all(
@@ -95,19 +157,13 @@ def evaluate_run(run_dir: str | Path) -> dict:
     result: dict = {
         "checkpoint": step_dir.name,
         "knn_k": cfg.eval.knn_k,
+        "linear_weight_decay": cfg.eval.linear_weight_decay,
         "train_samples": len(train_y),
         "val_samples": len(val_y),
     }
-    for name, enc in (("knn_top1", trained), ("knn_top1_random_init", initial)):
-        bs = cfg.eval.batch_size
-        result[name] = knn_top1(
-            embed(enc, train_x, bs),
-            train_y,
-            embed(enc, val_x, bs),
-            val_y,
-            cfg.eval.knn_k,
-            cfg.eval.knn_temperature,
-        )
+    for suffix, enc in (("", trained), ("_random_init", initial)):
+        scores = _scores(cfg, enc, train_x, train_y, val_x, val_y)
+        result.update({f"{k}{suffix}": v for k, v in scores.items()})
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, run_dir / "eval.json")
