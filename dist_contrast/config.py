@@ -89,14 +89,16 @@ ENCODER_NAMES = Literal[
 @dataclass
 class ModelConfig:
     encoder: ENCODER_NAMES = "resnet_tiny"
-    width: int = 32  # ResNets: channels of the first stage (64 is the standard ResNet-18/50)
+    # ResNets: channels of the first stage (64 is the standard ResNet-18/50); not used by ViTs
+    width: int = 32
     # ResNets: "small" is a 3x3 stride-1 stem without max-pool (digits, CIFAR); "imagenet" is
     # the 7x7 stride-2 stem with max-pool.
     stem: Literal["small", "imagenet"] = "small"
     # "batch" normalises over each rank's batch; "sync_batch" over the global batch
-    # (SyncBatchNorm, CUDA); "group" and "none" do not depend on the batch at all.
+    # (SyncBatchNorm, CUDA); "group" and "none" do not depend on the batch at all. ViTs use
+    # LayerNorm whatever this says.
     norm: Literal["group", "batch", "sync_batch", "none"] = "group"
-    patch_size: int = 4  # ViTs
+    patch_size: int = 4  # ViTs: must divide data.image_size (and augment.small_size)
     activation_checkpointing: bool = False  # recompute block activations in the backward
     proj_hidden_dim: int = 256
     proj_dim: int = 64
@@ -446,10 +448,28 @@ def validate(cfg: Config) -> None:
     _validate_augment(cfg.augment, cfg.data)
     _check(cfg.model.width > 0, "model.width", "must be > 0")
     _check(cfg.model.proj_dim > 0, "model.proj_dim", "must be > 0")
+    _validate_patch_size(cfg)
     _check(cfg.eval.knn_k > 0, "eval.knn_k", "must be > 0")
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
     _check(cfg.eval.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")
     _check(cfg.eval.linear_max_iter > 0, "eval.linear_max_iter", "must be > 0")
+
+
+def _validate_patch_size(cfg: Config) -> None:
+    if not cfg.model.encoder.startswith("vit"):
+        return
+    p = cfg.model.patch_size
+    _check(p > 0, "model.patch_size", "must be > 0")
+    _check(
+        cfg.data.image_size % p == 0,
+        "model.patch_size",
+        f"({p}) must divide data.image_size ({cfg.data.image_size}) for a ViT encoder",
+    )
+    _check(
+        cfg.augment.small_crops == 0 or cfg.augment.small_size % p == 0,
+        "model.patch_size",
+        f"({p}) must divide augment.small_size ({cfg.augment.small_size}) for a ViT encoder",
+    )
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from dist_contrast.config import ModelConfig
+from dist_contrast.config import ModelConfig, load_config
+from dist_contrast.errors import ConfigError
 from dist_contrast.models import MLPHead, build_encoder, build_head, build_predictor
 from dist_contrast.models.vit import Block
 
@@ -283,3 +284,17 @@ def test_predictor_and_head_defaults():
     assert build_head(7, cfg)(torch.randn(3, 7)).shape == (3, 12)
     with pytest.raises(ValueError, match="at least one layer"):
         MLPHead(4, 4, 4, layers=0)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model.patch_size=5"], r"'model.patch_size' \(5\) must divide data.image_size \(16\)"),
+        (["model.patch_size=0"], "'model.patch_size' must be > 0"),
+        (["model.patch_size=16", "augment.small_crops=2"], r"must divide augment.small_size \(8\)"),
+    ],
+)
+def test_config_rejects_vit_patch_sizes(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["model.encoder=vit_tiny", *overrides])
+    load_config(None, ["model.encoder=resnet18", *overrides])  # ResNets ignore the patch size
