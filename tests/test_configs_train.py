@@ -1,5 +1,6 @@
 """Every digits config trains on 2 ranks (torchrun, DeepSpeed, gloo) as its header says:
-a couple of steps, a checkpoint, a finite loss in metrics.jsonl.
+a couple of steps, a checkpoint, a finite loss in metrics.jsonl. Every ImageNet template
+loads, builds its method and names its Slurm command.
 
 The configs are globbed when the tests are collected, so a new configs/*_digits.yaml is covered
 without touching this file. Each run is as small as the config allows (2 steps of 16 samples
@@ -13,10 +14,13 @@ import math
 
 import pytest
 
+from dist_contrast.config import load_config
+from dist_contrast.methods import build_method
+
 from conftest import ROOT, run_torchrun
 
-pytestmark = pytest.mark.slow
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*_digits.yaml"))
+TEMPLATES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("imagenet/*"))
 STEPS = 2
 
 
@@ -24,6 +28,17 @@ def test_configs_found():
     assert "configs/simclr_digits.yaml" in CONFIGS and len(CONFIGS) >= 2
 
 
+@pytest.mark.parametrize("config", TEMPLATES)
+def test_imagenet_template_builds(config):
+    text = (ROOT / config).read_text()
+    assert f"sbatch slurm/train.sbatch {config}" in text
+    cfg = load_config(ROOT / config, ["model.norm=batch"])  # sync_batch needs CUDA
+    assert cfg.data.image_size == 224 and cfg.model.encoder == "resnet50"
+    method = build_method(cfg)
+    assert type(method.criterion).__name__ in ("NTXentLoss", "SupConLoss")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_digits_config_trains_on_two_ranks(config, digits_dir, tmp_path):
     overrides = {
