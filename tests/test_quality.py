@@ -76,3 +76,32 @@ def test_two_step_run_writes_table_and_json(digits_dir, tmp_path, capsys):
     run = tmp_path / "runs" / "simclr"
     assert (run / "eval.json").is_file() and (run / "train.log").is_file()
     assert json.loads((run / "eval.json").read_text())["linear_top1"] == row["linear_top1"]
+
+
+def test_linear_probe_matches_sklearn_logistic_regression():
+    """Our L-BFGS probe and sklearn's LogisticRegression reach the same optimum (mean
+    cross-entropy + wd/2 ||W||^2 is sklearn's objective with C = 1 / (n wd)): the same
+    validation predictions on overlapping classes, and the same accuracy twice over."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from dist_contrast.evaluate import linear_probe_top1
+
+    g = torch.Generator().manual_seed(0)
+    centers = 1.5 * torch.randn(4, 10, generator=g)
+    y = torch.randint(0, 4, (600,), generator=g)
+    x = centers[y] + 2.0 * torch.randn(600, 10, generator=g) + 3.0
+    train_x, train_y, val_x, val_y = x[:400], y[:400], x[400:], y[400:]
+    wd = 1e-2
+    ours = linear_probe_top1(train_x, train_y, val_x, val_y, weight_decay=wd)
+    assert linear_probe_top1(train_x, train_y, val_x, val_y, weight_decay=wd) == ours
+
+    a = train_x.double().numpy()
+    mean, std = a.mean(0), a.std(0, ddof=1)
+    ref = LogisticRegression(C=1 / (len(a) * wd), tol=1e-10, max_iter=10_000)
+    ref.fit((a - mean) / std, train_y.numpy())
+    pred = ref.predict((val_x.double().numpy() - mean) / std)
+    want = float(np.mean(pred == val_y.numpy()))
+    assert 0.4 < want < 0.95  # a problem where the boundary matters
+    assert ours == pytest.approx(want, abs=1 / len(val_y) + 1e-12)
