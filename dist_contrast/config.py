@@ -125,6 +125,9 @@ class MethodConfig:
     shuffle_bn: bool = False
     bank_momentum: float = 0.5  # InstDisc: memory bank update momentum
     bank_negatives: int = 0  # InstDisc: negatives sampled from the bank per query; 0 = all
+    bank_proximal: float = 0.0  # InstDisc: lambda of the proximal term lambda ||f_i - v_i||^2
+    # InstDisc: rows of the memory bank (sample indices); 0 = from the shards' counts.json
+    bank_size: int = 0
 
 
 @dataclass
@@ -449,6 +452,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.width > 0, "model.width", "must be > 0")
     _check(cfg.model.proj_dim > 0, "model.proj_dim", "must be > 0")
     _validate_patch_size(cfg)
+    _validate_method(cfg.method)
     _check(cfg.eval.knn_k > 0, "eval.knn_k", "must be > 0")
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
     _check(cfg.eval.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")
@@ -470,6 +474,16 @@ def _validate_patch_size(cfg: Config) -> None:
         "model.patch_size",
         f"({p}) must divide augment.small_size ({cfg.augment.small_size}) for a ViT encoder",
     )
+
+
+def _validate_method(m: MethodConfig) -> None:
+    _check(0 <= m.momentum <= 1, "method.momentum", "must be in [0, 1]")
+    _check(0 <= m.momentum_final <= 1, "method.momentum_final", "must be in [0, 1]")
+    _check(m.queue_size > 0, "method.queue_size", "must be > 0")
+    _check(0 <= m.bank_momentum <= 1, "method.bank_momentum", "must be in [0, 1]")
+    _check(m.bank_negatives >= 0, "method.bank_negatives", "must be >= 0 (0: the whole bank)")
+    _check(m.bank_proximal >= 0, "method.bank_proximal", "must be >= 0")
+    _check(m.bank_size >= 0, "method.bank_size", "must be >= 0 (0: from counts.json)")
 
 
 def _validate_data(d: DataConfig) -> None:
