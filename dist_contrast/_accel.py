@@ -1,10 +1,19 @@
 """Accelerator selection that must happen before DeepSpeed is imported."""
 
 import os
+import sys
 
 
 def configure_accelerator() -> str:
-    """Set ``DS_ACCELERATOR=cpu`` unless CUDA is usable or the user chose one; return it."""
+    """Set ``DS_ACCELERATOR=cpu`` unless CUDA is usable or the user chose one; return it.
+
+    Also, in a virtual environment, DeepSpeed's compiled ops (the CPU shared-memory comm op) go
+    to ``<venv>/torch_extensions`` unless ``TORCH_EXTENSIONS_DIR`` is set: the default cache in
+    the home directory is shared by every environment, so two clones rebuild it in turn, and a
+    build killed half-way leaves a lock that makes every later start wait forever."""
+    venv = sys.prefix != sys.base_prefix
+    if venv and "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 
