@@ -1,4 +1,4 @@
-"""The NaN/inf guard on 2 gloo ranks under DeepSpeed: a loss that is NaN on rank 1 only makes
+"""The NaN/inf guard on 2 gloo ranks under DeepSpeed (ZeRO-2 fp32, ZeRO-3 bf16): a loss NaN on rank 1 only makes
 both ranks skip that step (weights, optimizer state and LR schedule untouched, the same on both
 ranks), and max_bad_steps such steps in a row stop the run on every rank with DivergedError."""
 
@@ -76,7 +76,7 @@ def _skip_one(rank, world, digits, run_dir, stage, precision):
     return trace, taken, lr_steps, skipped, _weights(b, stage)
 
 
-@pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "bf16"), (0, "fp32")])
+@pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "bf16")])
 def test_nan_on_one_rank_skips_the_step_on_every_rank(digits_dir, tmp_path, stage, precision):
     results = run_ranks(_skip_one, 2, str(digits_dir), tmp_path, stage, precision, timeout=300)
     for trace, taken, lr_steps, skipped, straight in results:
