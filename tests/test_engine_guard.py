@@ -1,6 +1,7 @@
-"""The NaN/inf guard on 2 gloo ranks under DeepSpeed (ZeRO-2 fp32, ZeRO-3 bf16): a loss NaN on rank 1 only makes
-both ranks skip that step (weights, optimizer state and LR schedule untouched, the same on both
-ranks), and max_bad_steps such steps in a row stop the run on every rank with DivergedError."""
+"""The NaN/inf guard on 2 gloo ranks under DeepSpeed (ZeRO-2 fp32, ZeRO-3 bf16): a loss that is
+NaN on rank 1 only makes both ranks skip that step (weights, optimizer state and LR schedule
+untouched, the same on both ranks), and max_bad_steps such steps in a row stop the run on every
+rank with DivergedError."""
 
 import pytest
 import torch
