@@ -238,3 +238,53 @@ def test_instdisc_bank_updates_the_rows_of_the_batch():
                 assert torch.allclose(after[slot], want, atol=1e-6), i
             else:
                 assert torch.equal(after[slot], before[slot]), i
+
+
+# InstDisc on 2 ranks == one process: sample i scored against its own bank row (fetched from
+# rank i % 2) and the whole bank; gradients into the features only (the bank has none)
+
+
+def _naive_instdisc(f, index, rows, tau):
+    """Cross-entropy of each feature's own row among [own row, every bank row]."""
+    f = F.normalize(f, dim=1)
+    pos = (f * rows[index]).sum(dim=1, keepdim=True) / tau
+    logits = torch.cat([pos, f @ rows.T / tau], dim=1)
+    return F.cross_entropy(logits, torch.zeros(f.shape[0], dtype=torch.long))
+
+
+def _instdisc_softmax_rank(rank, world):
+    import torch.distributed as dist
+
+    from dist_contrast.methods import build_method
+    from dist_contrast.negatives import MemoryBank
+
+    torch.set_default_dtype(torch.float64)
+    cfg = _cfg(
+        method={"name": "instdisc", "bank_size": 20, "bank_negatives": 0},
+        loss={"name": "infonce", "temperature": 0.07},
+    )
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    index = [3, 7, 10, 12, 4, 11, 18, 19]
+    full = {**_views(8, 9), "index": torch.tensor(index)}
+    mine = {k: v[rank * 4 : (rank + 1) * 4] for k, v in full.items()}
+    out = method(mine)
+    out.loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in method.projector.parameters()])
+    dist.all_reduce(grads)
+    value = torch.tensor([float(out.loss)])
+    dist.all_reduce(value)
+    method.zero_grad()
+    rows = MemoryBank(20, 16, world=1, rank=0, seed=cfg.run.seed).rows  # fp32, as the method's
+    rows = F.normalize(rows, dim=1).double()  # what the loss scores against
+    ref = _naive_instdisc(method.embed(full)["f"], full["index"], rows, 0.07)
+    ref.backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in method.projector.parameters()])
+    return float(value) / world, float(ref), grads / world, ref_grads
+
+
+def test_instdisc_softmax_on_two_ranks_equals_one_process():
+    for value, ref, grads, ref_grads in run_ranks(_instdisc_softmax_rank, 2):
+        assert value == pytest.approx(ref, rel=1e-10)
+        assert torch.allclose(grads, ref_grads, rtol=1e-8, atol=1e-12)
+        assert ref_grads.abs().max() > 1e-6
