@@ -7,7 +7,9 @@ the same in train and val, as for digits), split them into train/val, and assign
 under the count and byte limits. (4) Worker processes write whole shards from that plan into a
 staging folder; the shards are moved in place at the end and ``counts.json`` last. The plan
 does not depend on the number of workers and tar headers carry a fixed mtime, so the shards
-are byte-for-byte identical whatever ``workers`` is.
+are byte-for-byte identical whatever ``workers`` is. Steps (1) and the probe of one image live in
+:mod:`dist_contrast.data._write_inputs`, step (3) in :mod:`dist_contrast.data._write_plan`;
+their names are re-exported here.
 
 Each sample holds the image bytes as read (key ``jpg``/``jpeg``/``png``/``webp``, never
 re-encoded), ``cls`` when labelled, ``txt`` when it has a non-empty caption, and ``json``
@@ -16,95 +18,64 @@ re-encoded), ``cls`` when labelled, ``txt`` when it has a non-empty caption, and
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import multiprocessing as mp
-import os
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from dist_contrast.data.shards import (
-    balanced_chunks,
-    check_out_dir,
-    commit_shards,
-    staging_dir,
-    tar_file_bytes,
-    tar_member_bytes,
+from dist_contrast.data._write_inputs import (
+    CSV_COLUMNS,
+    IMAGE_EXTS,
+    Candidate,
+    image_ext,
+    list_csv,
+    list_folder,
+    probe,
 )
+from dist_contrast.data._write_plan import (
+    VAL_SPLIT,
+    Sample,
+    ShardOptions,
+    ShardPlan,
+    meta_members,
+    plan_shards,
+    sample_bytes,
+    sample_key,
+    split_indices,
+)
+from dist_contrast.data.shards import check_out_dir, commit_shards, staging_dir
 from dist_contrast.errors import DataError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-VAL_SPLIT = "val"
+__all__ = [
+    "CSV_COLUMNS",
+    "IMAGE_EXTS",
+    "TAR_MTIME",
+    "VAL_SPLIT",
+    "Candidate",
+    "Sample",
+    "ShardOptions",
+    "ShardPlan",
+    "WriteResult",
+    "image_ext",
+    "list_csv",
+    "list_folder",
+    "meta_members",
+    "parallel_map",
+    "plan_shards",
+    "probe",
+    "probe_all",
+    "sample_bytes",
+    "sample_key",
+    "split_indices",
+    "write_csv",
+    "write_folder",
+    "write_samples",
+    "write_shard",
+]
+
 TAR_MTIME = 946684800  # 2000-01-01 UTC: a fixed header time keeps shards reproducible
-CSV_COLUMNS = ("path", "caption")
-
-
-@dataclass(frozen=True)
-class ShardOptions:
-    """How to cut the samples into shards (the CLI's options)."""
-
-    prefix: str = "train"
-    shard_size: int = 1000
-    max_shard_bytes: float | None = None
-    val_fraction: float = 0.0
-    seed: int = 0
-    workers: int = 1
-    progress: bool = True
-
-    def validate(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.prefix):
-            raise DataError(f"prefix '{self.prefix}' must be letters, digits, '-' or '_'")
-        if self.val_fraction and self.prefix == VAL_SPLIT:
-            raise DataError(f"prefix '{VAL_SPLIT}' is taken by the validation split")
-        if self.shard_size <= 0:
-            raise DataError(f"shard size must be > 0 (got {self.shard_size})")
-        if self.max_shard_bytes is not None and not 0 < self.max_shard_bytes < math.inf:
-            raise DataError(f"max shard bytes must be > 0 (got {self.max_shard_bytes})")
-        if not 0 <= self.val_fraction < 1:
-            raise DataError(f"validation fraction must be in [0, 1) (got {self.val_fraction})")
-        if self.workers <= 0:
-            raise DataError(f"workers must be > 0 (got {self.workers})")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """An image to probe: where to read it and what the data set says about it."""
-
-    path: str
-    source: str
-    label: int | None = None
-    class_name: str | None = None
-    caption: str | None = None
-    caption_path: str | None = None
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A probed, readable image with its global index."""
-
-    index: int
-    path: str
-    source: str
-    ext: str
-    size: int
-    label: int | None
-    class_name: str | None
-    caption: str | None
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    name: str
-    split: str
-    samples: tuple[Sample, ...]
 
 
 @dataclass
@@ -115,133 +86,7 @@ class WriteResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def image_ext(name: str) -> str | None:
-    ext = os.path.splitext(name)[1].lower().lstrip(".")
-    return ext if ext in IMAGE_EXTS else None
-
-
-# ---- (1) listing the candidates ------------------------------------------------------------
-
-
-def _visible(names: Sequence[str]) -> list[str]:
-    return sorted(n for n in names if not n.startswith("."))
-
-
-def _images_under(top: Path) -> list[Path]:
-    """Images anywhere below ``top``, sorted; hidden files and folders are ignored."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = _visible(dirnames)
-        found += [Path(dirpath, f) for f in _visible(filenames) if image_ext(f)]
-    return sorted(found)
-
-
-def _candidate(path: Path, root: Path, **labels: Any) -> Candidate:
-    side = path.with_suffix(".txt")
-    return Candidate(
-        path=str(path),
-        source=path.relative_to(root).as_posix(),
-        caption_path=str(side) if side.is_file() else None,
-        **labels,
-    )
-
-
-def list_folder(root: str | Path) -> list[Candidate]:
-    """``root/<class>/**/*.jpg`` (label = index of the sorted class name) or ``root/*.jpg``
-    with optional ``x.txt`` captions beside ``x.jpg`` (no label)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder '{root}' does not exist or is not a directory")
-    entries = _visible(os.listdir(root))
-    top = [root / n for n in entries if image_ext(n) and (root / n).is_file()]
-    classes = [n for n in entries if (root / n).is_dir()]
-    if top and classes:
-        raise DataError(
-            f"image folder '{root}' holds both images and sub-folders: use either "
-            "ROOT/<class>/*.jpg (labelled) or ROOT/*.jpg with x.txt captions"
-        )
-    if top:
-        found = [_candidate(p, root) for p in top]
-    else:
-        found = [
-            _candidate(p, root, label=k, class_name=name)
-            for k, name in enumerate(classes)
-            for p in _images_under(root / name)
-        ]
-    if not found:
-        exts = "/".join(f".{e}" for e in IMAGE_EXTS)
-        raise DataError(f"no images ({exts}) found in '{root}'")
-    return found
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in reader.fieldnames or []]
-            reader.fieldnames = header
-            return header, list(reader)
-    except UnicodeDecodeError:
-        raise DataError(f"CSV '{path}' is not UTF-8 text") from None
-    except OSError as exc:
-        raise DataError(f"cannot read CSV '{path}': {exc.strerror or exc}") from None
-    except csv.Error as exc:
-        raise DataError(f"CSV '{path}' line {reader.line_num}: {exc}") from None
-
-
-def list_csv(csv_path: str | Path) -> tuple[list[Candidate], list[tuple[str, str]]]:
-    """Rows of a CSV with a header and columns ``path,caption`` (others are ignored).
-
-    Relative paths are taken from the CSV's folder. Rows with an empty path are skipped."""
-    path = Path(csv_path)
-    if not path.is_file():
-        raise DataError(f"CSV file '{path}' does not exist")
-    header, rows = _read_csv(path)
-    missing = [c for c in CSV_COLUMNS if c not in header]
-    if missing:
-        found = ",".join(header) if header else "nothing"
-        raise DataError(
-            f"CSV '{path}' has no column {', '.join(repr(c) for c in missing)} "
-            f"(needs a header row with {','.join(CSV_COLUMNS)}; found {found})"
-        )
-    if not rows:
-        raise DataError(f"CSV '{path}' has a header but no rows")
-    found, skipped = [], []
-    for line, row in enumerate(rows, start=2):
-        src = (row.get("path") or "").strip()
-        if not src:
-            skipped.append((f"{path.name} line {line}", "empty path"))
-            continue
-        full = Path(src) if os.path.isabs(src) else path.parent / src
-        found.append(Candidate(path=str(full), source=src, caption=row.get("caption") or ""))
-    return found, skipped
-
-
-# ---- (2) probing ---------------------------------------------------------------------------
-
-
-def probe(c: Candidate) -> tuple[int, str | None] | str:
-    """(size, caption) for a readable image, else the reason it is skipped."""
-    from PIL import Image, UnidentifiedImageError
-
-    if image_ext(c.path) is None:
-        return f"not a {'/'.join(IMAGE_EXTS)} file"
-    try:
-        size = os.path.getsize(c.path)
-        with Image.open(c.path):  # reads the header only
-            pass
-        caption = c.caption
-        if c.caption_path is not None:
-            caption = Path(c.caption_path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return "no such file"
-    except UnidentifiedImageError:
-        return "not a readable image"
-    except UnicodeDecodeError:
-        return "caption file is not UTF-8"
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return size, (caption.strip() if caption else None)
+# ---- (2) probing all candidates -----------------------------------------------------------
 
 
 def probe_all(
@@ -268,85 +113,6 @@ def probe_all(
             )
         )
     return samples, skipped
-
-
-# ---- (3) split and plan --------------------------------------------------------------------
-
-
-def split_indices(labels: list[int | None], fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Indices per split. Stratified per label when every sample has one; fixed by ``seed``."""
-    n = len(labels)
-    if fraction == 0:
-        return {"train": np.arange(n)}
-    rng = np.random.default_rng(seed)
-    arr = np.array([-1 if lab is None else lab for lab in labels])
-    groups = [np.flatnonzero(arr == lab) for lab in np.unique(arr)]
-    val = np.concatenate(
-        [rng.permutation(g)[: int(np.floor(fraction * len(g) + 0.5))] for g in groups]
-    )
-    if len(val) == 0 or len(val) == n:
-        raise DataError(f"validation fraction {fraction} of {n} samples leaves a split empty")
-    return {"train": np.setdiff1d(np.arange(n), val), VAL_SPLIT: np.sort(val)}
-
-
-def sample_key(split: str, s: Sample) -> str:
-    return f"{split}-{s.index:06d}"
-
-
-def meta_members(s: Sample) -> dict[str, bytes]:
-    """The members of a sample other than its image: ``cls``, ``txt``, ``json``."""
-    meta: dict[str, Any] = {"index": s.index}
-    members = {}
-    if s.label is not None:
-        members["cls"] = str(s.label).encode()
-        meta["label"] = s.label
-        meta["class"] = s.class_name
-    if s.caption:
-        members["txt"] = s.caption.encode("utf-8")
-    meta["source"] = s.source
-    members["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    return members
-
-
-def sample_bytes(s: Sample) -> int:
-    sizes = [s.size] + [len(v) for v in meta_members(s).values()]
-    return sum(tar_member_bytes(n) for n in sizes)
-
-
-def _cut_by_bytes(chunk: list[Sample], limit: float | None) -> Iterator[list[Sample]]:
-    cur: list[Sample] = []
-    used = 0
-    for s in chunk:
-        b = sample_bytes(s)
-        if limit is not None and tar_file_bytes(b) > limit:
-            raise DataError(
-                f"'{s.source}' ({s.size} bytes) does not fit in a shard of "
-                f"--max-shard-bytes {limit:.0f}"
-            )
-        if cur and limit is not None and tar_file_bytes(used + b) > limit:
-            yield cur
-            cur, used = [], 0
-        cur.append(s)
-        used += b
-    if cur:
-        yield cur
-
-
-def plan_shards(
-    samples: list[Sample], splits: dict[str, np.ndarray], opts: ShardOptions
-) -> list[ShardPlan]:
-    """Shards of near-equal sample count (at most ``shard_size``), each cut further where it
-    would pass ``max_shard_bytes``. Named ``<split>-NNNNNN.tar``; train takes ``opts.prefix``."""
-    plans = []
-    for split, idx in splits.items():
-        name = opts.prefix if split == "train" else split
-        pieces = [
-            piece
-            for chunk in balanced_chunks(idx, opts.shard_size)
-            for piece in _cut_by_bytes([samples[i] for i in chunk], opts.max_shard_bytes)
-        ]
-        plans += [ShardPlan(f"{name}-{k:06d}.tar", name, tuple(p)) for k, p in enumerate(pieces)]
-    return plans
 
 
 # ---- (4) writing ---------------------------------------------------------------------------
