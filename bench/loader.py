@@ -40,222 +40,43 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import itertools
-import json
 import math
 import multiprocessing
 import os
 import platform
-import random
 import resource
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-SOURCE_SIZE = 256
-JPEG_QUALITY = 90
-TAR_MTIME = 946684800
-SCALE = (0.08, 1.0)
-RATIO = (3 / 4, 4 / 3)
-FLIP_PROB = 0.5
-# SimCLR's per-pixel augmentation (Chen et al. 2020, appendix A), as ours runs it on the device.
-SIMCLR_PIXEL_OPS = dict(
-    brightness=0.4,
-    contrast=0.4,
-    saturation=0.4,
-    hue=0.1,
-    jitter_prob=0.8,
-    grayscale_prob=0.2,
-    blur_prob=0.5,
-    blur_sigma_max=2.0,
-    solarize_prob=0.2,
-    noise_std=0.0,
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # bench files are loaded by path: their helpers live beside them
+    sys.path.insert(0, str(HERE))
+
+from _common import cpu_model, package_version, sync, usable_cores, write_json  # noqa: E402
+from _loader_data import SOURCE_SIZE, existing_shards, write_shards  # noqa: E402
+from _loader_pipelines import (  # noqa: E402
+    FLIP_PROB,
+    PIPELINES,
+    RATIO,
+    SCALE,
+    SIMCLR_PIXEL_OPS,
+    Baseline,
+    Ours,
+    TwoViews,
+    _checked,
+    configs,
+    rrc_box,
 )
 
-
-# --------------------------------------------------------------------------------------------
-# Synthetic shards
-
-
-def synthetic_jpeg(rng: np.random.Generator, size: int = SOURCE_SIZE) -> bytes:
-    """Smooth colour noise at three scales plus fine grain: compresses like a photo."""
-    img = np.full((size, size, 3), 128.0, np.float32)
-    for cells, weight in ((4, 0.7), (16, 0.4), (64, 0.2)):
-        low = rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)
-        up = Image.fromarray(low).resize((size, size), Image.Resampling.BICUBIC)
-        img += weight * (np.asarray(up, np.float32) - 128.0)
-    img += rng.normal(0.0, 6.0, img.shape).astype(np.float32)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime = len(data), TAR_MTIME
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shards(out: Path, images: int, shard_size: int, seed: int = 0) -> list[str]:
-    """``images`` samples (jpg, cls, json) in shards train-000000.tar, ... of ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    urls = []
-    for first in range(0, images, shard_size):
-        path = out / f"train-{first // shard_size:06d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(first, min(first + shard_size, images)):
-                key = f"{i:08d}"
-                _add(tar, f"{key}.jpg", synthetic_jpeg(rng))
-                _add(tar, f"{key}.cls", str(i % 100).encode())
-                _add(tar, f"{key}.json", json.dumps({"index": i}).encode())
-        urls.append(str(path))
-    return urls
-
-
-def existing_shards(folder: Path) -> list[str]:
-    return [str(p) for p in sorted(folder.glob("train-*.tar"))]
-
-
-# --------------------------------------------------------------------------------------------
-# The two pipelines: one warm-up epoch, then an endless stream of batches over the epochs.
-
-
-class Ours:
-    """``dist_contrast.data.pipeline.train_loader``: its workers live across epochs."""
-
-    def __init__(self, urls: list[str], args: argparse.Namespace, workers: int) -> None:
-        from dist_contrast.data.pipeline import train_loader
-
-        data, augment = configs(args, urls, workers)
-        self.loader = train_loader(data, augment, args.batch_size, seed=0, rank=0, world=1)
-
-    def epoch(self) -> Iterator:
-        return self.loader.iter_epoch()
-
-    def stream(self) -> Iterator:
-        return iter(self.loader)
-
-
-def configs(args: argparse.Namespace, urls: list[str], workers: int):
-    from dist_contrast.config import AugmentConfig, DataConfig
-
-    data = DataConfig(
-        train_shards=list(urls),
-        num_workers=workers,
-        shuffle_buffer=args.shuffle_buffer,
-        image_size=args.image_size,
-        channels=3,
-        mean=[0.485, 0.456, 0.406],
-        std=[0.229, 0.224, 0.225],
-    )
-    augment = AugmentConfig(
-        crop_scale_min=SCALE[0],
-        crop_scale_max=SCALE[1],
-        rotation_deg=0.0,
-        translate=0.0,
-        flip_prob=FLIP_PROB,
-        **SIMCLR_PIXEL_OPS,
-    )
-    return data, augment
-
-
-def rrc_box(rng: random.Random, width: int, height: int) -> tuple[int, int, int, int]:
-    """The crop box of torchvision's RandomResizedCrop.get_params (10 tries, then a centre crop
-    clamped to the aspect range): (left, top, right, bottom)."""
-    area = width * height
-    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*SCALE)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            return left, top, left + w, top + h
-    in_ratio = width / height
-    if in_ratio < RATIO[0]:
-        w, h = width, int(round(width / RATIO[0]))
-    elif in_ratio > RATIO[1]:
-        w, h = int(round(height * RATIO[1])), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-class TwoViews:
-    """(PIL image, label) -> (view1, view2, label): the common PIL-only random resized crop."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def view(self, img: Image.Image) -> torch.Tensor:
-        box = rrc_box(random, *img.size)
-        out = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
-        if random.random() < FLIP_PROB:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-    def __call__(self, sample: tuple) -> tuple:
-        img, label = sample
-        return self.view(img), self.view(img), label
-
-
-class Baseline:
-    """webdataset + PIL through a default DataLoader: its workers start at each epoch."""
-
-    def __init__(self, urls: list[str], args: argparse.Namespace, workers: int) -> None:
-        import webdataset as wds
-        from torch.utils.data import DataLoader
-
-        dataset = (
-            wds.WebDataset(urls, shardshuffle=len(urls))
-            .shuffle(args.shuffle_buffer)
-            .decode("pil")
-            .to_tuple("jpg", "cls")
-            .map(TwoViews(args.image_size))
-            .batched(args.batch_size, partial=False)
-        )
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=workers)
-
-    def epoch(self) -> Iterator:
-        return iter(self.loader)
-
-    def stream(self) -> Iterator:
-        return (batch for _ in itertools.count() for batch in self.loader)
-
-
-PIPELINES: dict[str, Callable[[list[str], argparse.Namespace, int], Ours | Baseline]] = {
-    "ours": Ours,
-    "baseline": Baseline,
-}
-
-
-def _checked(batch, size: int, batch_size: int) -> int:
-    """The samples in a batch, after checking its layout: two uint8 views [B, 3, S, S]."""
-    if isinstance(batch, dict):
-        v1, v2, label = batch["view1"], batch["view2"], batch["label"]
-    else:
-        v1, v2, label = batch
-    want = (batch_size, 3, size, size)
-    if v1.shape != want or v2.shape != want or v1.dtype != torch.uint8 or len(label) != want[0]:
-        raise RuntimeError(f"unexpected batch: {tuple(v1.shape)} {v1.dtype}, want {want}")
-    return want[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Measurement
+__all__ = ["Baseline", "Ours", "TwoViews", "rrc_box"]
 
 
 def _children_cpu() -> float | None:
@@ -365,10 +186,10 @@ def device_augment(urls: list[str], args: argparse.Namespace) -> dict:
     try:
         times = []
         for step in range(1 + args.repeats):  # one untimed call first
-            _sync(dev)
+            sync(dev)
             start = time.perf_counter()
             aug(batch, seed=step)
-            _sync(dev)
+            sync(dev)
             if step >= 1:
                 times.append(time.perf_counter() - start)
         name = device_name(dev)
@@ -385,11 +206,6 @@ def device_augment(urls: list[str], args: argparse.Namespace) -> dict:
     }
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -398,16 +214,7 @@ def device_name(dev: torch.device) -> str:
 
 
 def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores_usable": cores, "platform": platform.platform()}
+    return {"cpu": cpu_model(), "cores_usable": usable_cores(), "platform": platform.platform()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +354,7 @@ def _result(args: argparse.Namespace, made: str, load: tuple, rows: list, aug: d
         "machine": machine(),
         "torch": torch.__version__,
         "pillow": Image.__version__,
-        "webdataset": _version("webdataset"),
+        "webdataset": package_version("webdataset"),
         "load_average_start": load,
         "load_average_end": os.getloadavg(),
         "data": made,
@@ -578,20 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         aug = device_augment(urls, args)
     print(_table(rows, aug, _header(args, urls, machine(), load_before)))
     result = _result(args, made, load_before, rows, aug)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
