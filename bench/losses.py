@@ -16,8 +16,6 @@ ratio column is the time over NT-Xent's at the same B, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,12 @@ from pathlib import Path
 import torch
 
 from dist_contrast import losses as L
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # bench files are loaded by path: their helpers live beside them
+    sys.path.insert(0, str(HERE))
+
+from _common import cpu_model, profiled_peak_bytes, sync, write_json  # noqa: E402
 
 SAMPLES_PER_CLASS = 4
 QUEUE = 4096  # InfoNCE queue / NCE noise samples (InstDisc's K)
@@ -97,57 +101,39 @@ def _step(call, inputs) -> None:
         t.grad = None
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _time_ms(call, inputs, repeats: int, dev: torch.device) -> tuple[float, float]:
     times = []
     for _ in range(repeats):
-        _sync(dev)
+        sync(dev)
         start = time.perf_counter()
         _step(call, inputs)
-        _sync(dev)
+        sync(dev)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), min(times)
 
 
 def _peak_bytes(call, inputs, dev: torch.device) -> int | None:
     if dev.type == "cuda":
-        _sync(dev)
+        sync(dev)
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         _step(call, inputs)
-        _sync(dev)
+        sync(dev)
         return torch.cuda.max_memory_allocated(dev) - base
     from torch.profiler import ProfilerActivity, profile
 
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             _step(call, inputs)
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     except (AttributeError, RuntimeError):  # a torch without these profiler internals
         return None
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return profiled_peak_bytes(prof)
 
 
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} threads"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -248,10 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "dist-contrast bench losses " + " ".join(sys.argv[1:] if argv is None else argv),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

@@ -36,11 +36,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # bench files are loaded by path: their helpers live beside them
+    sys.path.insert(0, str(HERE))
+
+from _common import usable_cores, write_json  # noqa: E402
+
 TEMPERATURE = 0.2
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ def _launch(world, threads, result: Path, k_shard, dim, batch, repeats, warmup) 
 
 
 def _run_world(world: int, k_shard: int, dim: int, batch: int, repeats: int, warmup: int):
-    threads = max(1, _cores() // world)
+    threads = max(1, usable_cores() // world)
     with tempfile.TemporaryDirectory() as tmp:
         out = _launch(
             world, threads, Path(tmp) / "rank0.json", k_shard, dim, batch, repeats, warmup
@@ -167,7 +170,7 @@ def _run_world(world: int, k_shard: int, dim: int, batch: int, repeats: int, war
         "B": batch,
         "D": dim,
         "threads_per_rank": threads,
-        "oversubscribed": world > _cores(),
+        "oversubscribed": world > usable_cores(),
         "negatives_per_query": out["negatives_per_query"],
         "queue_bytes_sharded": out["sharded_bytes"],
         "queue_bytes_replicated": out["replicated_bytes"],
@@ -203,7 +206,7 @@ def _table(rows: list[dict]) -> str:
         mib = f"{r['queue_bytes_sharded'] / 2**20:.1f} vs {r['queue_bytes_replicated'] / 2**20:.1f}"
         note = f"{r['threads_per_rank']} thr/rank"
         if r["oversubscribed"]:
-            note += f", {r['W']} ranks on {_cores()} cores: oversubscribed"
+            note += f", {r['W']} ranks on {usable_cores()} cores: oversubscribed"
         lines.append(
             f"{r['W']:>2} {r['K_total']:>8} {r['negatives_per_query']:>9} {mib:>15} "
             f"{r['ms_sharded']:>11.1f} {r['ms_replicated']:>11.1f} {r['time_ratio']:>6.2f} "
@@ -246,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = (
         f"sharded vs replicated MoCo queue, K_shard={rows[0]['K_shard']}, D={rows[0]['D']}, "
-        f"B={rows[0]['B']} per rank, gloo on {_cores()} CPU cores ({platform.processor() or '?'}),"
+        f"B={rows[0]['B']} per rank, gloo on {usable_cores()} CPU cores "
+        f"({platform.processor() or '?'}),"
         f" torch {torch.__version__}\nstep = InfoNCE fwd+bwd + enqueue; ms = median over steps of "
         "the slowest rank; ratio = sharded / replicated (same K_total, same run): of the\n"
         "medians, of the minima, and the median of the ratios of adjacent (paired) steps"
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(_table(rows))
     result = {
-        "cores": _cores(),
+        "cores": usable_cores(),
         "torch": torch.__version__,
         "time": "per step the slowest rank's wall ms (InfoNCE fwd+bwd + enqueue); median, min; "
         "time_ratio_paired: median over steps of sharded / replicated of adjacent steps",
@@ -263,10 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "dist-contrast bench negatives_queue " + " ".join(argv),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

@@ -30,6 +30,12 @@ import torch
 from dist_contrast.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # bench files are loaded by path: their helpers live beside them
+    sys.path.insert(0, str(HERE))
+
+from _common import cpu_model, usable_cores, write_json  # noqa: E402
+
 COLUMNS = ("knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init")
 
 
@@ -51,16 +57,9 @@ def find_configs(names: str) -> list[Path]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     return f"{platform.system()} {cpu}, {cores} cores{gpu}, torch {torch.__version__}"
 
 
@@ -199,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_s": "wall time of launch/local.sh, process start and DeepSpeed set-up included",
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
