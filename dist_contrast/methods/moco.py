@@ -163,7 +163,10 @@ class MoCoV2(MomentumMethod):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.shuffle_bn and distributed.is_dist() and distributed.world_size() > 1):
+        # Shuffle-BN only matters where batch statistics are used: in training. An eval-mode
+        # pass (the engine's alignment/uniformity) leaves the step's key-call count alone.
+        multi = distributed.is_dist() and distributed.world_size() > 1
+        if not (self.training and self.shuffle_bn and multi):
             return self.target(x)
         self._key_calls += 1
         return self._shuffled_keys(x, mix_seed(self.seed, self.step, self._key_calls, 11))
