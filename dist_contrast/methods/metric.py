@@ -23,7 +23,8 @@ from torch import nn
 from dist_contrast.config import Config
 from dist_contrast.losses import AngularLoss, ContrastiveLoss, NPairLoss, TripletLoss
 from dist_contrast.methods._choice import check_loss_name
-from dist_contrast.methods.base import LossOutput, Method
+from dist_contrast.methods.base import LossOutput
+from dist_contrast.methods.simclr import TwoViews
 from dist_contrast.models import build_encoder, build_head
 
 LOSSES = ("contrastive", "triplet", "npair", "angular")
@@ -43,27 +44,10 @@ def pairwise_loss(cfg: Config) -> nn.Module:
     return AngularLoss(c.angle_deg, c.gather)
 
 
-class Metric(Method):
-    def __init__(self, encoder: nn.Module, projector: nn.Module, loss: nn.Module) -> None:
-        super().__init__()
-        self.encoder, self.projector, self.criterion = encoder, projector, loss
-
-    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        both = torch.cat([batch["view1"], batch["view2"]])
-        z1, z2 = self.projector(self.encoder(both)).chunk(2)
-        return {"z1": z1, "z2": z2}
-
+class Metric(TwoViews):
     def loss(self, emb: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> LossOutput:
-        if "label" not in batch:
-            raise ValueError("method 'metric' needs labelled samples (a 'label' in the batch)")
-        z, labels = interleave(emb["z1"], emb["z2"], batch["label"])
+        z, labels = interleave(emb["z1"], emb["z2"], self.labels(batch, "metric"))
         return LossOutput(self.criterion(F.normalize(z.float(), dim=1), labels))
-
-    def negatives_per_query(self, batch_size: int, world: int) -> int:
-        """Embeddings of other samples each anchor is compared with; which of them are
-        negatives depends on the labels."""
-        n = batch_size * (world if self.criterion.gather == "all" else 1)
-        return 2 * n - 2
 
 
 def interleave(

@@ -16,7 +16,10 @@ from dist_contrast.methods.base import LossOutput, Method
 from dist_contrast.models import build_encoder, build_head
 
 
-class SimCLR(Method):
+class TwoViews(Method):
+    """Two views of each image through one encoder and projector: ``z1``, ``z2``. SimCLR, DCL,
+    SupCon and the pairwise (metric) methods differ only in their loss."""
+
     def __init__(self, encoder: nn.Module, projector: nn.Module, loss: nn.Module) -> None:
         super().__init__()
         self.encoder, self.projector, self.criterion = encoder, projector, loss
@@ -27,6 +30,20 @@ class SimCLR(Method):
         z1, z2 = self.projector(self.encoder(both)).chunk(2)
         return {"z1": z1, "z2": z2}
 
+    def labels(self, batch: dict[str, torch.Tensor], method: str) -> torch.Tensor:
+        """The batch's labels, for the methods supervised by them."""
+        if "label" not in batch:
+            raise ValueError(f"method '{method}' needs labelled samples (a 'label' in the batch)")
+        return batch["label"]
+
+    def negatives_per_query(self, batch_size: int, world: int) -> int:
+        """Views of other samples each anchor is compared with (2N - 2, as SimCLR); with labels,
+        which of them are negatives depends on the labels."""
+        n = batch_size * (world if self.criterion.gather == "all" else 1)
+        return 2 * n - 2
+
+
+class SimCLR(TwoViews):
     def loss(self, emb: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> LossOutput:
         return LossOutput(self.criterion(emb["z1"], emb["z2"]))
 

@@ -10,36 +10,19 @@ ranks itself (views with gradient), so every view of the global batch is a contr
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from dist_contrast.config import Config
 from dist_contrast.losses import SupConLoss
 from dist_contrast.methods._choice import check_loss_name
-from dist_contrast.methods.base import LossOutput, Method
+from dist_contrast.methods.base import LossOutput
+from dist_contrast.methods.simclr import TwoViews
 from dist_contrast.models import build_encoder, build_head
 
 
-class SupCon(Method):
-    def __init__(self, encoder: nn.Module, projector: nn.Module, loss: SupConLoss) -> None:
-        super().__init__()
-        self.encoder, self.projector, self.criterion = encoder, projector, loss
-
-    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        both = torch.cat([batch["view1"], batch["view2"]])
-        z1, z2 = self.projector(self.encoder(both)).chunk(2)
-        return {"z1": z1, "z2": z2}
-
+class SupCon(TwoViews):
     def loss(self, emb: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> LossOutput:
-        if "label" not in batch:
-            raise ValueError("method 'supcon' needs labelled samples (a 'label' in the batch)")
         features = torch.stack([emb["z1"], emb["z2"]], dim=1)  # [B, 2, D]
-        return LossOutput(self.criterion(features, batch["label"]))
-
-    def negatives_per_query(self, batch_size: int, world: int) -> int:
-        """Views of other samples each anchor is contrasted with (2N - 2, as SimCLR); which of
-        them are negatives depends on the labels."""
-        n = batch_size * (world if self.criterion.gather == "all" else 1)
-        return 2 * n - 2
+        return LossOutput(self.criterion(features, self.labels(batch, "supcon")))
 
 
 def build(cfg: Config) -> SupCon:
