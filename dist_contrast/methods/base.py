@@ -42,6 +42,18 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Trainable parameters of the objective itself (a learnable temperature)."""
         return []
 
+    def towers(self) -> dict[str, nn.Module]:
+        """The networks ``dist-contrast export`` writes, by name: ``image`` (the encoder: images
+        [B, C, H, W] -> [B, D]) and ``heads`` (the projector and predictor that exist). A text
+        tower is named ``text`` (int64 token ids [B, L] -> [B, D]). Momentum copies, queues and
+        memory banks are training state and are not exported."""
+        heads = {
+            name: getattr(self, name)
+            for name in ("projector", "predictor")
+            if isinstance(getattr(self, name, None), nn.Module)
+        }
+        return {"image": self.encoder, "heads": nn.ModuleDict(heads)}
+
     def forward(
         self,
         batch: dict[str, torch.Tensor],
