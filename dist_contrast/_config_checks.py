@@ -39,6 +39,7 @@ def validate(cfg: Config) -> None:
         0 <= cfg.train.stop_at <= cfg.train.steps, "train.stop_at", "must be in [0, train.steps]"
     )
     _check(cfg.train.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
+    _check(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0")
     _check(
         cfg.train.optimizer not in ("lars", "lamb")
         or (cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"),

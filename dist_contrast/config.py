@@ -185,6 +185,9 @@ class TrainConfig:
     # NaN/inf guard: a step whose loss or gradients are not finite on any rank is skipped on
     # every rank; this many skipped steps in a row stop the run with a message.
     max_bad_steps: int = 5
+    # A collective that waits longer than this for a peer (a hung or lost rank) fails the run,
+    # so a broken job ends instead of holding its nodes.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
