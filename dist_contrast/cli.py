@@ -1,4 +1,4 @@
-"""``dist-contrast train|eval|shards``: thin commands over the library.
+"""``dist-contrast train|eval|export|shards``: thin commands over the library.
 
 Errors a user can cause are printed as one line (``dist-contrast: error: ...``) with a non-zero
 exit code, never as a traceback.
@@ -34,7 +34,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_export(args: argparse.Namespace) -> int:
+    from dist_contrast._export_eval import evaluate_export
+
+    if not args.data:
+        raise UserError("eval --export needs --data SHARDS (labelled or captioned shards)")
+    result = evaluate_export(args.export, args.data, args.val_data)
+    print(json.dumps(result, indent=1))
+    if "knn_top1" in result:
+        print(
+            f"kNN top-1 on {result['val_samples']} samples: {100 * result['knn_top1']:.1f}%; "
+            f"linear probe: {100 * result['linear_top1']:.1f}% ({result['split']})"
+        )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dist_contrast.export import ExportOptions, export_run
+
+    opts = ExportOptions(torchscript=args.torchscript, onnx=args.onnx, force=args.force)
+    out, manifest = export_run(args.run, args.out, opts)
+    towers = ", ".join(
+        f"{k} ({v['parameters']:,} parameters)" for k, v in manifest["towers"].items()
+    )
+    print(f"exported {manifest['checkpoint']} of {args.run}: {towers}; written to {out}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.export:
+        return _cmd_eval_export(args)
+    if args.data or args.val_data:
+        raise UserError("--data and --val-data go with --export (a run is evaluated on its own)")
     from dist_contrast.evaluate import evaluate_run
 
     result = evaluate_run(args.run)
@@ -157,9 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate config and paths, then exit")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="kNN evaluation of a run's latest checkpoint")
-    p.add_argument("--run", required=True, help="run directory (runs/NAME)")
+    p = sub.add_parser("eval", help="kNN and linear-probe evaluation of a run or an export")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="run directory (runs/NAME): its latest checkpoint")
+    which.add_argument("--export", help="export directory (from dist-contrast export)")
+    p.add_argument("--data", help="with --export: labelled shards the probes are fitted on")
+    p.add_argument("--val-data", help="with --export: shards measured on (default: 20%% of --data)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "export", help="a run's latest checkpoint -> fp32 safetensors per tower, config, card"
+    )
+    p.add_argument("--run", required=True, help="run directory (runs/NAME)")
+    p.add_argument("--out", help="export directory (default: RUN/export)")
+    p.add_argument("--torchscript", action="store_true", help="also TOWER/model.pt (traced)")
+    p.add_argument("--onnx", action="store_true", help="also TOWER/model.onnx (needs onnx)")
+    p.add_argument("--force", action="store_true", help="replace an existing export at --out")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("shards", help="write WebDataset shards")
     shard_sub = p.add_subparsers(dest="source", required=True)

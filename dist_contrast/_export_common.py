@@ -1,0 +1,122 @@
+"""What writing and loading an export share: its layout, the error, strict weight checks, the
+tokenizer a config names, and example inputs of a tower.
+
+Layout of an export directory::
+
+    export.json              towers, parameter counts, input specs, tokenizer, source run
+    config.yaml              the run's resolved config (what rebuilds the networks)
+    tokenizer.json           only for a BPE tokenizer
+    README.md                a model card: training config and evaluation figures
+    <tower>/model.safetensors   fp32 weights of each tower (image, text, heads)
+    <tower>/model.pt         optional TorchScript (traced) of an encoder tower
+    <tower>/model.onnx       optional ONNX of an encoder tower
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dist_contrast.config import Config
+from dist_contrast.errors import UserError
+
+EXPORT_JSON = "export.json"
+CONFIG_YAML = "config.yaml"
+TOKENIZER_JSON = "tokenizer.json"
+README_MD = "README.md"
+WEIGHTS = "model.safetensors"
+TORCHSCRIPT = "model.pt"
+ONNX = "model.onnx"
+FORMAT = "dist-contrast-export"
+VERSION = 1
+# Tower names whose module is an encoder with a forward; other towers are weights only.
+IMAGE, TEXT = "image", "text"
+ENCODER_TOWERS = (IMAGE, TEXT)
+
+
+class ExportError(UserError):
+    """A run that cannot be exported, or an export that cannot be loaded."""
+
+
+def check_state(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` into ``module`` after checking it fits exactly: the first key whose
+    shape differs (with both shapes), is missing, or is not expected is named in an
+    :class:`ExportError` (``where`` says where the weights come from)."""
+    own = module.state_dict()
+    for key, ref in own.items():
+        if key in state and tuple(state[key].shape) != tuple(ref.shape):
+            raise ExportError(
+                f"{where} holds weights of another architecture: '{key}' has shape "
+                f"{tuple(state[key].shape)} there, the config's model expects {tuple(ref.shape)}"
+            )
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    for keys, what in ((missing, "lacks"), (extra, "has the unexpected")):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ExportError(
+                f"{where} holds weights of another architecture: it {what} key '{keys[0]}'{more}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def tower_kind(name: str) -> str:
+    """``image`` / ``text`` for encoder towers, ``weights`` for the rest (heads)."""
+    return name if name in ENCODER_TOWERS else "weights"
+
+
+@dataclasses.dataclass
+class TokenizerSpec:
+    """The caption tokenizer a config names: ``<section>.tokenizer`` (``bytes`` or ``bpe``),
+    the path of a ``tokenizer.json`` (``<section>.tokenizer_path`` or ``tokenizer_file``) and
+    ``<section>.context_length`` (else ``model.context_length``, else the default)."""
+
+    section: str
+    kind: str
+    path_key: str | None
+    path: str | None
+    context_length: int
+
+
+def tokenizer_spec(cfg: Config) -> TokenizerSpec | None:
+    from dist_contrast.data.tokenizer import DEFAULT_CONTEXT_LENGTH
+
+    for field in dataclasses.fields(cfg):
+        sec = getattr(cfg, field.name)
+        kind = getattr(sec, "tokenizer", None)
+        if not isinstance(kind, str) or not kind:
+            continue
+        path_key = next((k for k in ("tokenizer_path", "tokenizer_file") if hasattr(sec, k)), None)
+        ctx = getattr(sec, "context_length", None) or getattr(cfg.model, "context_length", None)
+        return TokenizerSpec(
+            field.name,
+            kind,
+            path_key,
+            (getattr(sec, path_key) or None) if path_key else None,
+            int(ctx or DEFAULT_CONTEXT_LENGTH),
+        )
+    return None
+
+
+def build_spec_tokenizer(spec: TokenizerSpec | None, path: Path | None = None):
+    """The tokenizer of ``spec`` (``path`` replaces its file: the exported copy); the byte
+    tokenizer at the default context length when the config names none."""
+    from dist_contrast.data.tokenizer import build_tokenizer
+
+    if spec is None:
+        return build_tokenizer("bytes")
+    file = str(path) if path is not None and spec.kind != "bytes" else spec.path
+    return build_tokenizer(spec.kind, file, spec.context_length)
+
+
+def example_input(kind: str, cfg: Config, tokenizer=None, batch: int = 2) -> torch.Tensor:
+    """A deterministic input of a tower: images [B, C, S, S] or token ids [B, L]."""
+    gen = torch.Generator().manual_seed(0)
+    if kind == IMAGE:
+        size, ch = cfg.data.image_size, cfg.data.channels
+        return torch.randn(batch, ch, size, size, generator=gen)
+    texts = ["a photo of the digit 3", "a handwritten seven"][:batch]
+    return tokenizer.encode(texts * (batch // len(texts) + 1))[:batch]

@@ -1,0 +1,77 @@
+"""``dist-contrast eval --export DIR --data SHARDS [--val-data SHARDS]``: the kNN and
+linear-probe top-1 of an exported image encoder on any labelled shards.
+
+The images are read and normalised as the run's own evaluation reads them (``read_all`` with
+the export's data config), and scored by the same functions (:mod:`dist_contrast.evaluate`).
+Without ``--val-data``, a fixed 20% of ``--data`` (a permutation seeded 0) is held out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from dist_contrast._export_common import TEXT, ExportError
+from dist_contrast.data.pipeline import read_all
+from dist_contrast.data.shards import resolve_shards
+from dist_contrast.evaluate import _scores
+from dist_contrast.export import load_encoder, read_manifest
+
+HOLDOUT = 0.2
+
+
+def _holdout(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    n_val = max(1, int(round(HOLDOUT * len(y))))
+    if len(y) - n_val < 1:
+        raise ExportError(f"--data holds {len(y)} sample(s): too few to hold out a split")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, va = perm[n_val:], perm[:n_val]
+    return x[tr], y[tr], x[va], y[va]
+
+
+def _captioned(folder: Path, data: str, val_data: str | None) -> dict:
+    """Zero-shot and retrieval of an image-text export: ``dist_contrast.eval_clip``."""
+    if importlib.util.find_spec("dist_contrast.eval_clip") is None:
+        raise ExportError(
+            f"the shards of '{data}' have no labels; zero-shot and retrieval on captioned shards "
+            "are not available yet (dist_contrast.eval_clip)"
+        )
+    from dist_contrast import eval_clip
+
+    return eval_clip.evaluate_export(folder, data, val_data)
+
+
+def evaluate_export(folder: str | Path, data: str, val_data: str | None = None) -> dict:
+    """kNN (k and temperature of the export's ``eval`` config) and linear-probe top-1 of the
+    export's image tower: fitted on ``data``, measured on ``val_data`` (or a 20% hold-out)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    enc = load_encoder(folder, "image")  # on CPU, as evaluate_run
+    cfg = enc.config
+    x, y = read_all(resolve_shards(data, "--data"), cfg.data)
+    if bool((y < 0).any()):
+        if TEXT in manifest["towers"]:
+            return _captioned(folder, data, val_data)
+        raise ExportError(f"the shards of '{data}' have unlabelled samples (no cls / json label)")
+    if val_data:
+        val_x, val_y = read_all(resolve_shards(val_data, "--val-data"), cfg.data)
+        if bool((val_y < 0).any()):
+            raise ExportError(f"the shards of '{val_data}' have unlabelled samples")
+        split = "given"
+    else:
+        x, y, val_x, val_y = _holdout(x, y)
+        split = f"{int(HOLDOUT * 100)}% of --data held out (seed 0)"
+    scores = _scores(cfg, enc.module, x, y, val_x, val_y)
+    return {
+        "export": str(folder),
+        "checkpoint": manifest["checkpoint"],
+        "data": data,
+        "val_data": val_data,
+        "split": split,
+        "train_samples": len(y),
+        "val_samples": len(val_y),
+        "knn_k": cfg.eval.knn_k,
+        **scores,
+    }
