@@ -28,6 +28,7 @@ from dist_contrast.methods import LossOutput, Method, build_method
 from dist_contrast.metrics import MetricsLogger, embedding_metrics
 from dist_contrast.optim import build_optimizer
 from dist_contrast.plots import write_plots
+from dist_contrast.preempt import StopSignals
 
 # DeepSpeed's ZeRO-2 calls a collective that torch now marks deprecated; it is not ours to fix.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
@@ -104,14 +105,16 @@ def prepare(cfg: Config) -> None:
 def train(cfg: Config) -> Path:
     """Train ``cfg`` on every rank of the job; return the run directory."""
     prepare(cfg)
-    env = distributed.init()
-    try:
-        return _train(cfg, env)
-    finally:
-        distributed.shutdown()
+    # SIGUSR1/SIGTERM: stop at the next step with a checkpoint (preempt.py), from the start on.
+    with StopSignals() as stop:
+        env = distributed.init(cfg.train.collective_timeout_s)
+        try:
+            return _train(cfg, env, stop)
+        finally:
+            distributed.shutdown()
 
 
-def _train(cfg: Config, env: distributed.DistEnv) -> Path:
+def _train(cfg: Config, env: distributed.DistEnv, stop: StopSignals | None = None) -> Path:
     run_dir, main = cfg.run_dir, distributed.is_main()
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -124,6 +127,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> Path:
         cfg.data, cfg.augment, cfg.train.batch_size, cfg.run.seed, env.rank, env.world_size
     )
     trainer = Trainer(cfg, engine, scheduler, loader, env.rank, env.world_size)
+    trainer.stop = stop
     trainer.resume()
     trainer.logger = MetricsLogger(run_dir, cfg, trainer.step, enabled=main)
     try:
@@ -166,6 +170,7 @@ class Trainer:
         self.augment = DeviceAugment(cfg.augment, cfg.data).to(self.device)
         self.ckpt_root = cfg.run_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
+        self.stop: StopSignals | None = None  # set: a stop signal ends the run at a step end
         fp16 = cfg.deepspeed.precision == "fp16"  # gradients: DeepSpeed's loss scaler decides
         self.guard = StepGuard(engine.module, scheduler.optimizer, check_grads=not fp16)
 
@@ -231,10 +236,15 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or last:
                 self.logger.log(self.record(window, out, batch))
                 window = Window(self.step)
-            if self.step % cfg.checkpoint.every == 0 or last:
+            saved = self.step % cfg.checkpoint.every == 0 or last
+            if saved:
                 t_save = time.perf_counter()
                 self.save()
                 window.start += time.perf_counter() - t_save  # throughput excludes saving
+            if not last and self.stop is not None and self.stop.agreed():
+                if not saved:
+                    self.save()
+                raise self.stop.stop(self.step)  # every rank, after the same checkpoint
 
     def train_step(self, batch: dict) -> tuple[LossOutput, bool]:
         """One optimizer step over ``batch``, or none if its loss or gradients are not finite
