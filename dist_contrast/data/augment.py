@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,11 +43,22 @@ def sample_crop(
     rotation_deg: float = 0.0,
     translate: float = 0.0,
     flip_prob: float = 0.0,
+    tries: int = 10,
 ) -> Crop:
-    area = rng.uniform(*scale) * width * height
-    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    w = min(float(width), math.sqrt(area * aspect))
-    h = min(float(height), math.sqrt(area / aspect))
+    """A random resized crop as torchvision's RandomResizedCrop draws it: area fraction in
+    ``scale``, aspect ratio log-uniform in [3/4, 4/3], redrawn (up to ``tries`` times) until the
+    box fits the image, else a centre crop of the whole image clamped to that aspect range; then
+    the optional shift, rotation and flip."""
+    ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(tries):
+        area = rng.uniform(*scale) * width * height
+        aspect = math.exp(rng.uniform(*ratio))
+        w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+        if w <= width and h <= height:
+            break
+    else:
+        aspect = min(max(width / height, 3 / 4), 4 / 3)
+        w, h = min(float(width), height * aspect), min(float(height), width / aspect)
     cx = rng.uniform(w / 2, width - w / 2) + rng.uniform(-translate, translate) * width
     cy = rng.uniform(h / 2, height - h / 2) + rng.uniform(-translate, translate) * height
     angle = rng.uniform(-rotation_deg, rotation_deg) if rotation_deg else 0.0
@@ -117,10 +129,22 @@ def resize_view(im: Image.Image, size: int, channels: int) -> torch.Tensor:
 
 
 def _to_tensor(im: Image.Image, channels: int) -> torch.Tensor:
-    # HWC -> CHW in numpy: one single-threaded copy. A torch .contiguous() here is an OpenMP
-    # parallel copy per view, which stalls for milliseconds when the cores are busy.
-    arr = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(np.array(arr[None] if channels == 1 else arr.transpose(2, 0, 1)))
+    """uint8 [C, H, W], a view of the HWC pixels (channels-last strides): no transpose copy per
+    view. :func:`dist_contrast.data.pipeline.collate` stacks such views as HWC (one plain copy)
+    and the device side converts to float and contiguous in one step."""
+    arr = np.asarray(im, dtype=np.uint8)  # PIL hands over read-only bytes; never written to
+    if channels == 1:
+        arr = arr[:, :, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "array is not writable"
+        return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any strides) -> contiguous float in [0, 1]; float input -> contiguous."""
+    if x.dtype == torch.uint8:
+        return x.to(dtype=torch.float32, memory_format=torch.contiguous_format) / 255.0
+    return x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
 class Normalize(nn.Module):
@@ -133,7 +157,7 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
-            x = x.float() / 255.0
+            x = to_float(x)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
@@ -166,7 +190,7 @@ class DeviceAugment(nn.Module):
         self.normalize = Normalize(data.mean, data.std)
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = to_float(x)
         if len(self.ops):
             x = self.ops(x)
         if self.noise_std > 0:
