@@ -58,6 +58,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.proj_dim > 0, "model.proj_dim", "must be > 0")
     _validate_patch_size(cfg)
     _validate_method(cfg.method)
+    _validate_image_text(cfg)
     _check(cfg.eval.knn_k > 0, "eval.knn_k", "must be > 0")
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
     _check(cfg.eval.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")
@@ -89,6 +90,60 @@ def _validate_method(m: MethodConfig) -> None:
     _check(m.bank_negatives >= 0, "method.bank_negatives", "must be >= 0 (0: the whole bank)")
     _check(m.bank_proximal >= 0, "method.bank_proximal", "must be >= 0")
     _check(m.bank_size >= 0, "method.bank_size", "must be >= 0 (0: from counts.json)")
+
+
+def _validate_image_text(cfg: Config) -> None:
+    d, t, loss = cfg.data, cfg.text, cfg.loss
+    _check(d.views in (1, 2), "data.views", "must be 1 or 2")
+    _check(d.context_length >= 2, "data.context_length", "must be >= 2 (start and end of text)")
+    _check(
+        (d.tokenizer == "bpe") == bool(d.tokenizer_path),
+        "data.tokenizer_path",
+        "must be set for data.tokenizer=bpe (a tokenizer.json) and only then",
+    )
+    for key in ("width", "layers", "heads", "mlp_ratio"):
+        _check(getattr(t, key) > 0, f"text.{key}", "must be > 0")
+    _check(t.width % t.heads == 0, "text.heads", f"must divide text.width ({t.width})")
+    _check(loss.max_scale > 0, "loss.max_scale", "must be > 0")
+    _check(
+        d.tokenizer == "none" or d.require_caption,
+        "data.require_caption",
+        "must be true with a data.tokenizer (every sample of a batch needs a caption to tokenize)",
+    )
+    image_text = cfg.method.name == "clip"
+    _check(
+        image_text == (loss.name in ("clip", "siglip")),
+        "loss.name",
+        "clip and siglip go with method.name=clip, and method clip with them only",
+    )
+    if not image_text:
+        return
+    _check(
+        d.tokenizer != "none",
+        "data.tokenizer",
+        "must be bytes or bpe for method clip (its text tower reads token ids)",
+    )
+    _check(
+        not (loss.name == "siglip" and loss.memory_efficient),
+        "loss.memory_efficient",
+        "is not available for siglip (tiled softmax is for clip)",
+    )
+    _check(
+        not (loss.logits == "full" and loss.memory_efficient),
+        "loss.logits",
+        "full cannot be tiled: memory_efficient=true is the tiled form of logits=local",
+    )
+    _check(
+        not (cfg.method.queues and loss.name == "siglip"),
+        "method.queues",
+        "momentum queues go with loss.name=clip (a softmax over the queue)",
+    )
+    _check(
+        not (cfg.method.queues and loss.logits == "full"),
+        "loss.logits",
+        "must be local with method.queues (the momentum keys carry no gradient: each rank "
+        "scores its own queries)",
+    )
 
 
 def _validate_data(d: DataConfig) -> None:

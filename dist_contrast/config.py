@@ -57,6 +57,14 @@ class DataConfig:
     require_caption: bool = False  # skip (and count) samples without a non-empty caption
     max_image_pixels: int = 64_000_000  # larger images are rejected from their header
     warn_every_s: float = 30.0  # bad-data warnings: at most one line per reason per interval
+    # Crops per image: 2 (two views, SimCLR/MoCo/BYOL...) or 1 (image-text methods: view1 only).
+    views: int = 2
+    # Captions -> token ids in the loader workers (batch key "tokens"): "none", "bytes" (UTF-8
+    # bytes, nothing to train) or "bpe" (`tokenizer_path`: a tokenizer.json from
+    # `dist-contrast tokenizer train`). Rows of `context_length` ids, end-of-text kept.
+    tokenizer: Literal["none", "bytes", "bpe"] = "none"
+    tokenizer_path: str = ""
+    context_length: int = 32
 
 
 @dataclass
@@ -112,8 +120,20 @@ class ModelConfig:
     pred_hidden_dim: int = 256  # predictor of BYOL / MoCo v3
 
 
+@dataclass
+class TextConfig:
+    """The text tower of image-text methods (method.name=clip): a causal transformer over the
+    caption tokens (data.tokenizer), pooled at the end-of-text token, then a linear projection
+    to model.proj_dim (the image tower's encoder gets one too)."""
+
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+
+
 METHOD_NAMES = Literal[
-    "simclr", "moco_v2", "moco_v3", "supcon", "byol", "instdisc", "dcl", "metric"
+    "simclr", "moco_v2", "moco_v3", "supcon", "byol", "instdisc", "dcl", "metric", "clip"
 ]
 
 
@@ -133,6 +153,9 @@ class MethodConfig:
     bank_proximal: float = 0.0  # InstDisc: lambda of the proximal term lambda ||f_i - v_i||^2
     # InstDisc: rows of the memory bank (sample indices); 0 = from the shards' counts.json
     bank_size: int = 0
+    # CLIP: momentum image and text towers and two sharded queues of `queue_size` momentum
+    # features each (ALBEF-style), so each query sees the global batch plus the queue.
+    queues: bool = False
 
 
 @dataclass
@@ -148,6 +171,8 @@ class LossConfig:
         "triplet",
         "npair",
         "angular",
+        "clip",
+        "siglip",
     ] = "ntxent"
     temperature: float = 0.2
     # "all": negatives gathered from every rank (with gradient); "off": this rank's batch only.
@@ -155,6 +180,14 @@ class LossConfig:
     # Tiled softmax: the B x B logits are never materialised whole (large batches).
     memory_efficient: bool = False
     tile: int = 1024
+    # CLIP / SigLIP. `temperature` is the initial temperature (CLIP: 0.07; SigLIP: 0.1, i.e. a
+    # logit scale of 10); the learnable logit scale is clamped at `max_scale`. "local": each
+    # rank scores its own rows against the gathered columns (O(n x N)); "full": every rank
+    # scores the whole gathered N x N matrix (open_clip's local_loss=False). Same values and
+    # gradients; memory_efficient=true is the tiled form of "local" (CLIP only).
+    logits: Literal["local", "full"] = "local"
+    max_scale: float = 100.0
+    init_bias: float = -10.0  # SigLIP's learnable logit bias, initial value
     # Pairwise losses (method "metric"): margins, triplet mining, angular bound.
     margin: float = 0.05
     pos_margin: float = 0.0
@@ -214,6 +247,22 @@ class EvalConfig:
     # full-batch L-BFGS from zero weights (deterministic), L2 penalty on the weights.
     linear_weight_decay: float = 1e-3
     linear_max_iter: int = 200
+    # Zero-shot (image-text runs): class i's text embedding is the mean over `zeroshot_templates`
+    # ("{}" is replaced by the class name) of the normalised embeddings of the prompts. The
+    # defaults are the digits classes and templates held out from the digits captions.
+    zeroshot_classes: list[str] = field(
+        default_factory=lambda: [
+            "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"
+        ]
+    )
+    zeroshot_templates: list[str] = field(
+        default_factory=lambda: [
+            "a drawing of the number {}",
+            "an image of a {}",
+            "a low resolution {}",
+            "handwriting showing the digit {}",
+        ]
+    )
 
 
 @dataclass
@@ -230,6 +279,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -33,6 +33,7 @@ from dist_contrast.data.augment import (
 from dist_contrast.data.decode import Decoded, decode_or_count
 from dist_contrast.data.sources import Reader, Source, check_readers, mix, mix_seed
 from dist_contrast.data.tario import FAULT_REASONS, Faults, tar_samples
+from dist_contrast.data.tokenizer import Tokenizer, build_tokenizer
 from dist_contrast.errors import DataError
 
 
@@ -72,6 +73,19 @@ class ReaderStream(IterableDataset):
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch = 0
         self.resume: dict[int, dict] = {}  # worker -> {"batch", "raw", "faults"}
+        self._tokenizer: Tokenizer | None = None  # built where it is used (in the worker)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        d = self.data
+        if self._tokenizer is None and d.tokenizer != "none":
+            self._tokenizer = build_tokenizer(
+                d.tokenizer, d.tokenizer_path or None, d.context_length
+            )
+        return self._tokenizer
+
+    def __getstate__(self) -> dict:  # sent to the workers without a built tokenizer
+        return {**self.__dict__, "_tokenizer": None}
 
     def reader(self) -> Reader:
         info = get_worker_info()
@@ -105,13 +119,13 @@ class ReaderStream(IterableDataset):
         def crop(scale: tuple[float, float]) -> Crop:
             return sample_crop(rng, w, h, scale, a.rotation_deg, a.translate, a.flip_prob)
 
-        big = [crop((a.crop_scale_min, a.crop_scale_max)) for _ in range(2)]
+        big = [crop((a.crop_scale_min, a.crop_scale_max)) for _ in range(d.views)]
         small = [crop((a.small_scale_min, a.small_scale_max)) for _ in range(a.small_crops)]
         # one decode for all the crops, at the scale the most demanding one needs
         draft_for(dec.image, [(c, d.image_size) for c in big] + [(c, a.small_size) for c in small])
         out: dict[str, Any] = {
             key: crop_view(dec.image, c, d.image_size, d.channels, (w, h))
-            for key, c in zip(("view1", "view2"), big, strict=True)
+            for key, c in zip(("view1", "view2")[: d.views], big, strict=True)
         }
         if small:
             out["small_crops"] = torch.stack(
@@ -120,6 +134,8 @@ class ReaderStream(IterableDataset):
         out.update(label=dec.label, index=dec.index)
         if dec.caption is not None:
             out["caption"] = dec.caption
+            if self.tokenizer is not None:
+                out["tokens"] = self.tokenizer.encode(dec.caption)[0]
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -191,12 +207,20 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _stack(values: list[torch.Tensor], shared: bool) -> torch.Tensor:
-    if not shared:
-        return torch.stack(values)
+    """``torch.stack(values)``; in shared memory if ``shared``. Views whose pixels lie HWC (see
+    augment._to_tensor) are stacked HWC, a plain copy, and returned as a [B, C, H, W] view."""
     first = values[0]
-    storage = first.untyped_storage()._new_shared(len(values) * first.nbytes)
-    out = first.new_empty(0).set_(storage).view(len(values), *first.shape)
-    return torch.stack(values, out=out)
+    hwc = first.dim() == 3 and first.permute(1, 2, 0).is_contiguous()
+    if hwc:
+        values = [v.permute(1, 2, 0) for v in values]
+        first = values[0]
+    if shared:
+        storage = first.untyped_storage()._new_shared(len(values) * first.nbytes)
+        out = first.new_empty(0).set_(storage).view(len(values), *first.shape)
+        out = torch.stack(values, out=out)
+    else:
+        out = torch.stack(values)
+    return out.permute(0, 3, 1, 2) if hwc else out
 
 
 class TrainLoader:

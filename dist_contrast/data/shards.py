@@ -24,6 +24,18 @@ from dist_contrast.errors import DataError
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# Caption templates of the digits shards, one drawn per image (fixed by the seed). The zero-shot
+# evaluation prompts with other templates (eval.zeroshot_templates), held out from these.
+DIGIT_TEMPLATES = [
+    "a handwritten digit {}",
+    "a photo of the number {}",
+    "the digit {}, written by hand",
+    "a scan of a handwritten {}",
+    "a small grayscale image of a {}",
+    "the number {}",
+    "a pixelated {}",
+    "a blurry picture of the digit {}",
+]
 
 
 def _split_top_level(spec: str) -> list[str]:
@@ -151,7 +163,8 @@ def write_digits(
 ) -> dict:
     """Write scikit-learn's digits (1,797 8x8 images) as WebDataset shards.
 
-    Each sample holds ``png`` (8x8 grayscale), ``cls`` (the digit) and ``txt`` (a caption). The
+    Each sample holds ``png`` (8x8 grayscale), ``cls`` (the digit) and ``txt`` (a caption from
+    one of ``DIGIT_TEMPLATES``, drawn per image under ``seed``). The
     train/validation split is stratified and fixed by ``seed``. ``counts.json`` lists every
     shard with its sample count. Shards are written in a temporary folder and moved into
     ``out`` at the end, ``counts.json`` last, so an interrupted write leaves nothing half-done."""
@@ -171,6 +184,7 @@ def write_digits(
     train_idx, val_idx = train_test_split(
         index, test_size=val_fraction, random_state=seed, stratify=labels
     )
+    template = np.random.default_rng(seed).integers(len(DIGIT_TEMPLATES), size=len(labels))
     counts: dict = {}
     with staging_dir(out) as tmp:
         for split, idx in (("train", np.sort(train_idx)), ("val", np.sort(val_idx))):
@@ -184,7 +198,7 @@ def write_digits(
                                 "__key__": f"{split}-{i:06d}",
                                 "png": _png_bytes(images[i]),
                                 "cls": str(labels[i]),
-                                "txt": f"a handwritten digit {DIGIT_NAMES[labels[i]]}",
+                                "txt": DIGIT_TEMPLATES[template[i]].format(DIGIT_NAMES[labels[i]]),
                                 "json": json.dumps({"label": int(labels[i]), "index": int(i)}),
                             }
                         )
