@@ -38,6 +38,7 @@ def clip_loss(
     *,
     memory_efficient: bool = False,
     tile: int | None = None,
+    local: bool = True,
 ) -> torch.Tensor:
     """CLIP's symmetric cross-entropy over the image-text similarity matrix.
 
@@ -56,18 +57,27 @@ def clip_loss(
     ``memory_efficient=True``: the same values and gradients (the logit scale's included)
     through the tiled softmax (:mod:`dist_contrast.negatives.tiled`); the [n_local, N] logits
     exist one ``tile x tile`` block at a time (default 1024).
+
+    ``local=False`` (open_clip's ``local_loss=False``): every rank scores the whole gathered
+    [N, N] matrix and returns the global loss itself (the same value on every rank); the
+    gather's backward sums the W identical gradients, DeepSpeed's average divides them again:
+    the same gradients as the local form, at O(N^2) memory per rank. Not tiled.
     """
     check_pair(image, text)
     check_finite(logit_scale, "logit_scale")
     check_positive(max_scale, "max_scale")
     use_gather = check_gather(gather_mode)
     check_tiling(memory_efficient, tile)
+    if not local and memory_efficient:
+        raise ValueError("local=False scores the full matrix: it cannot be tiled")
     with fp32_region():
         img, txt = normalize(image), normalize(text)
         all_img, offset = gather(img, use_gather)
         all_txt, _ = gather(txt, use_gather)
         log_scale = torch.as_tensor(logit_scale, device=img.device)
         scale = upcast(log_scale).exp().clamp(max=max_scale)
+        if not local:
+            return _full_matrix_loss(all_img, all_txt, scale)
         targets = torch.arange(img.shape[0], device=img.device) + offset
         if memory_efficient:
             total = tiled_cross_entropy(img, all_txt, targets, scale=scale, tile=tile).sum()
@@ -76,6 +86,13 @@ def clip_loss(
             total = F.cross_entropy(scale * img @ all_txt.T, targets, reduction="sum")
             total = total + F.cross_entropy(scale * txt @ all_img.T, targets, reduction="sum")
         return global_mean(total / 2, all_img.shape[0], use_gather)
+
+
+def _full_matrix_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Mean of the two cross-entropies over the whole [N, N] matrix of normalised rows."""
+    logits = scale * img @ txt.T
+    targets = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 class ClipLoss(nn.Module):
@@ -88,6 +105,7 @@ class ClipLoss(nn.Module):
         gather: str = "all",
         memory_efficient: bool = False,
         tile: int | None = None,
+        local: bool = True,
     ) -> None:
         super().__init__()
         check_positive(init_temperature, "init_temperature")
@@ -96,7 +114,9 @@ class ClipLoss(nn.Module):
         check_tiling(memory_efficient, tile)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.max_scale, self.gather = max_scale, gather
-        self.memory_efficient, self.tile = memory_efficient, tile
+        self.memory_efficient, self.tile, self.local = memory_efficient, tile, local
+        if not local and memory_efficient:
+            raise ValueError("local=False scores the full matrix: it cannot be tiled")
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return clip_loss(
@@ -107,6 +127,7 @@ class ClipLoss(nn.Module):
             self.gather,
             memory_efficient=self.memory_efficient,
             tile=self.tile,
+            local=self.local,
         )
 
     def negatives_per_query(self, n_local: int, world: int) -> int:

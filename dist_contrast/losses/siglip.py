@@ -28,6 +28,7 @@ def siglip_loss(
     logit_scale: float | torch.Tensor = SIGLIP_INIT_LOGIT_SCALE,
     logit_bias: float | torch.Tensor = -10.0,
     gather_mode: str = "all",
+    local: bool = True,
 ) -> torch.Tensor:
     """SigLIP: an independent binary classification for every image-text pair.
 
@@ -40,7 +41,8 @@ def siglip_loss(
     Distributed: each rank scores its images against the texts of every rank (gathered with
     gradient; the positive of local image i is global text ``offset + i``), memory
     O(n_local x N), and returns ``W * (its sum) / N``: W ranks with averaged gradients equal
-    one process on the global batch.
+    one process on the global batch. ``local=False``: every rank scores the whole gathered
+    [N, N] matrix and returns the global loss (see :func:`dist_contrast.losses.clip_loss`).
     """
     check_pair(image, text)
     check_finite(logit_scale, "logit_scale")
@@ -49,6 +51,9 @@ def siglip_loss(
     with fp32_region():
         img, txt = normalize(image), normalize(text)
         all_txt, offset = gather(txt, use_gather)
+        if not local:
+            img, _ = gather(img, use_gather)
+            offset = 0
         scale = upcast(torch.as_tensor(logit_scale, device=img.device)).exp()
         bias = upcast(torch.as_tensor(logit_bias, device=img.device))
         logits = scale * img @ all_txt.T + bias
@@ -56,6 +61,8 @@ def siglip_loss(
         signs = -torch.ones_like(logits)
         signs[torch.arange(n, device=img.device), torch.arange(n, device=img.device) + offset] = 1
         total = -F.logsigmoid(signs * logits).sum()
+        if not local:
+            return total / all_txt.shape[0]
         return global_mean(total, all_txt.shape[0], use_gather)
 
 
@@ -64,7 +71,11 @@ class SigLipLoss(nn.Module):
     (init -10), as in the SigLIP paper."""
 
     def __init__(
-        self, init_scale: float = 10.0, init_bias: float = -10.0, gather: str = "all"
+        self,
+        init_scale: float = 10.0,
+        init_bias: float = -10.0,
+        gather: str = "all",
+        local: bool = True,
     ) -> None:
         super().__init__()
         if not check_finite(init_scale, "init_scale") > 0:
@@ -73,10 +84,12 @@ class SigLipLoss(nn.Module):
         check_gather(gather)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
-        self.gather = gather
+        self.gather, self.local = gather, local
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return siglip_loss(image, text, self.logit_scale, self.logit_bias, self.gather)
+        return siglip_loss(
+            image, text, self.logit_scale, self.logit_bias, self.gather, self.local
+        )
 
     def negatives_per_query(self, n_local: int, world: int) -> int:
         return n_local * (world if self.gather == "all" else 1) - 1

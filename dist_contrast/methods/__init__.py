@@ -22,6 +22,7 @@ MODULES = {
     "instdisc": "instdisc",
     "supcon": "supcon",
     "metric": "metric",
+    "clip": "clip",
 }
 
 

@@ -13,10 +13,11 @@ from collections.abc import Callable
 
 from torch import nn
 
-from dist_contrast.config import ModelConfig
+from dist_contrast.config import ModelConfig, TextConfig
 from dist_contrast.models.heads import MLPHead
 from dist_contrast.models.layers import check_norm
 from dist_contrast.models.resnet import BasicBlock, Bottleneck, ResNet, SmallResNet
+from dist_contrast.models.text import TextTransformer
 from dist_contrast.models.vit import VIT_SIZES, VisionTransformer
 
 Builder = Callable[[ModelConfig, int, int], nn.Module]
@@ -93,3 +94,19 @@ __all__ = [
     "build_head",
     "build_predictor",
 ]
+
+
+def build_text_encoder(
+    text: TextConfig, vocab_size: int, context_length: int, eot_id: int, checkpointing: bool
+) -> TextTransformer:
+    """The text tower of ``text`` over a tokenizer's vocabulary; exposes ``out_dim``."""
+    return TextTransformer(
+        vocab_size,
+        context_length,
+        eot_id,
+        text.width,
+        text.layers,
+        text.heads,
+        text.mlp_ratio,
+        checkpointing,
+    )

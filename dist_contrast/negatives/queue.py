@@ -12,12 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_contrast import distributed
 from dist_contrast.losses._common import (
     check_input_pair,
     check_temperature,
     fp32_region,
     global_mean,
     normalize,
+    upcast,
 )
 from dist_contrast.negatives._rows import (
     check_int,
@@ -26,7 +28,7 @@ from dist_contrast.negatives._rows import (
     unit_rows,
     world_rank,
 )
-from dist_contrast.negatives.dlse import distributed_logsumexp
+from dist_contrast.negatives.dlse import distributed_logsumexp, local_logsumexp
 
 
 def queue_info_nce(
@@ -66,6 +68,49 @@ def queue_info_nce(
         lse_neg, n_all = distributed_logsumexp(qn, negatives.to(qn.dtype), temperature, tile)
         per_query = torch.logaddexp(pos, lse_neg) - pos
         return global_mean(per_query.sum(), n_all, True)
+
+
+def queue_clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    image_keys: torch.Tensor,
+    text_keys: torch.Tensor,
+    image_shard: torch.Tensor,
+    text_shard: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    tile: int | None = None,
+) -> torch.Tensor:
+    """CLIP's symmetric loss against momentum keys and two sharded queues (ALBEF, Li et al.
+    2021, its image-text contrastive term without the distillation).
+
+    ``image``, ``text`` [n, D]: this rank's online features (with gradient); ``image_keys``,
+    ``text_keys`` [n, D]: this rank's momentum features of the same pairs (no gradient);
+    ``image_shard``, ``text_shard``: this rank's shards of the image and text queues (unit
+    rows). Everything is L2-normalised; logits are ``scale * cosine`` (``scale`` the clamped
+    exp of the learnable logit scale, with gradient). Image ``i`` is scored against the text
+    keys of the global batch (gathered, no gradient) and the K_total rows of the text queue
+    (every rank's shard, distributed log-sum-exp); its positive is its own pair's text key.
+    Texts likewise against image keys and the image queue. The loss is the mean of the two
+    cross-entropies; returns ``W * sum / N`` as the other distributed losses do (mean over
+    ranks = the global mean; averaged gradients = one process on the global batch with the
+    concatenated queue shards). A collective: every rank calls it.
+    """
+    check_input_pair(image, text, "image", "text")
+    check_input_pair(image_keys, text_keys, "image_keys", "text_keys")
+    with fp32_region():
+        img, txt = normalize(image), normalize(text)
+        with torch.no_grad():
+            img_k, offset = distributed.all_gather_with_offset(normalize(image_keys.detach()))
+            txt_k, _ = distributed.all_gather_with_offset(normalize(text_keys.detach()))
+        total = img.new_zeros(())
+        for q, keys, shard in ((img, txt_k, text_shard), (txt, img_k, image_shard)):
+            q = q * upcast(scale)
+            pos = (q * keys[offset : offset + q.shape[0]]).sum(dim=1)
+            lse_batch = local_logsumexp(q, keys, 1.0, tile)
+            lse_queue, n_all = distributed_logsumexp(q, shard.detach().to(q.dtype), 1.0, tile)
+            total = total + (torch.logaddexp(lse_batch, lse_queue) - pos).sum()
+        return global_mean(total / 2, n_all, True)
 
 
 class ShardedQueue(nn.Module):

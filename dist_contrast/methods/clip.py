@@ -1,0 +1,217 @@
+"""CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023): image-text pretraining.
+
+Two towers: the image encoder of ``model`` (ResNet or ViT) and a causal text transformer
+(:mod:`dist_contrast.models.text`) over the token ids the loader makes from the captions
+(``data.tokenizer``), each followed by a linear projection (no bias) to ``model.proj_dim``.
+The objective holds the learnable logit scale (and SigLIP's bias): ``loss.name`` clip or
+siglip, with its negatives gathered from every rank (``loss.logits`` local or full,
+``loss.memory_efficient`` for the tiled form).
+
+``method.queues=true`` adds momentum copies of both towers and two sharded queues of their
+features (ALBEF, Li et al. 2021, without the distillation): each image is scored against the
+momentum text features of the global batch and the text queue, each text likewise against
+images (:func:`dist_contrast.negatives.queue.queue_clip_loss`), so negatives exceed the global
+batch. The copies follow the online towers after each step (``method.momentum``, schedule as
+MoCo's) and this rank's momentum features of the step are enqueued.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_contrast.config import Config
+from dist_contrast.data.tokenizer import build_tokenizer
+from dist_contrast.losses import ClipLoss, SigLipLoss
+from dist_contrast.losses._common import upcast
+from dist_contrast.methods._choice import check_loss_name
+from dist_contrast.methods.base import LossOutput, Method
+from dist_contrast.methods.moco import Pending, calls_per_step
+from dist_contrast.models import build_encoder, build_text_encoder
+from dist_contrast.negatives import ShardedQueue
+from dist_contrast.negatives.momentum import ema_update, make_target, momentum_at
+from dist_contrast.negatives.queue import queue_clip_loss
+
+
+class Tower(nn.Module):
+    """An encoder followed by a linear projection to the joint embedding space."""
+
+    def __init__(self, encoder: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Linear(encoder.out_dim, dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=encoder.out_dim**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.encoder(x))
+
+
+class MomentumQueues(nn.Module):
+    """Momentum copies of both towers and the image and text queues (ALBEF)."""
+
+    def __init__(self, image: Tower, text: Tower, queue_size: int, seed: int, tile, calls):
+        super().__init__()
+        dim = image.proj.out_features
+        self.image, self.text = make_target(image), make_target(text)
+        self.image_queue = ShardedQueue(dim, queue_size, seed=seed, tile=tile)
+        self.text_queue = ShardedQueue(dim, queue_size, seed=seed + 1, tile=tile)
+        self.pending = Pending(calls)
+
+
+class CLIP(Method):
+    def __init__(
+        self,
+        image: Tower,
+        text: Tower,
+        criterion: ClipLoss | SigLipLoss,
+        queues: MomentumQueues | None = None,
+        *,
+        momentum: float = 0.995,
+        momentum_final: float = 1.0,
+        schedule: str = "constant",
+        tile: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.image, self.text, self.criterion, self.queues = image, text, criterion, queues
+        self.momentum, self.momentum_final, self.schedule = momentum, momentum_final, schedule
+        self.tile = tile
+        self.step = 0
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The image encoder: the representation kNN and the linear probe evaluate (a property,
+        so its parameters are registered once, under ``image.encoder``)."""
+        return self.image.encoder
+
+    def logit_scale(self) -> float:
+        """The scale the logits are multiplied by now (CLIP's clamped at ``max_scale``)."""
+        c = self.criterion
+        scale = float(c.logit_scale.detach().exp())
+        return min(scale, c.max_scale) if isinstance(c, ClipLoss) else scale
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> joint-space features (not normalised)."""
+        return self.image(x)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] -> joint-space features (not normalised)."""
+        return self.text(ids)
+
+    def towers(self) -> dict[str, nn.Module]:
+        heads = {"image_proj": self.image.proj, "text_proj": self.text.proj}
+        return {
+            "image": self.image.encoder,
+            "text": self.text.encoder,
+            "heads": nn.ModuleDict({**heads, "criterion": self.criterion}),
+        }
+
+    def embed_online(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"image": self.image(batch["view1"]), "text": self.text(batch["tokens"])}
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        emb = self.embed_online(batch)
+        if self.queues is not None:
+            with torch.no_grad():
+                emb["image_m"] = self.queues.image(batch["view1"])
+                emb["text_m"] = self.queues.text(batch["tokens"])
+        return emb
+
+    def forward(self, batch, mode="train", cache=None, grads=None, param_grads=None):
+        if mode == "surrogate":  # the momentum features carry no gradient: online towers only
+            emb = self.embed_online(batch)
+            total = sum((upcast(emb[k]) * grads[k]).sum() for k in emb)
+            for p, g in zip(self.loss_parameters(), param_grads or [], strict=False):
+                total = total + (p * g).sum()
+            return total
+        return super().forward(batch, mode, cache, grads, param_grads)
+
+    def loss(self, emb, batch) -> LossOutput:
+        c = self.criterion
+        metrics = {"logit_scale": self.logit_scale()}
+        if self.queues is None:
+            return LossOutput(c(emb["image"], emb["text"]), metrics)
+        q = self.queues
+        image_m, text_m = emb["image_m"].detach(), emb["text_m"].detach()
+        scale = c.logit_scale.exp().clamp(max=c.max_scale)
+        loss = queue_clip_loss(
+            emb["image"],
+            emb["text"],
+            image_m,
+            text_m,
+            q.image_queue.keys,
+            q.text_queue.keys,
+            scale,
+            tile=self.tile,
+        )
+        q.pending.add(image_m, text_m)
+        return LossOutput(loss, metrics)
+
+    def loss_parameters(self) -> list[nn.Parameter]:
+        return list(self.criterion.parameters())
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.step = step
+        if self.queues is None:
+            return
+        m = self.momentum
+        if self.schedule == "cosine":
+            m = momentum_at(step - 1, total_steps, self.momentum, self.momentum_final)
+        ema_update(self.queues.image, self.image, m)
+        ema_update(self.queues.text, self.text, m)
+        taken = self.queues.pending.take()  # this step's momentum features (none if skipped)
+        if taken:
+            self.queues.image_queue.enqueue(taken[0])
+            self.queues.text_queue.enqueue(taken[1])
+
+    def negatives_per_query(self, batch_size: int, world: int) -> int:
+        in_batch = batch_size * (world if self.criterion.gather == "all" else 1) - 1
+        return in_batch + (self.queues.image_queue.size if self.queues is not None else 0)
+
+    def extra_state(self) -> dict:
+        state: dict = {"step": self.step}
+        if self.queues is not None:
+            state["image_queue"] = self.queues.image_queue.shard_state_dict()
+            state["text_queue"] = self.queues.text_queue.shard_state_dict()
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if self.queues is not None:
+            self.queues.image_queue.load_shard_state_dict(state["image_queue"])
+            self.queues.text_queue.load_shard_state_dict(state["text_queue"])
+
+
+def build(cfg: Config) -> CLIP:
+    name = check_loss_name(cfg, ("clip", "siglip"))
+    d, loss, m = cfg.data, cfg.loss, cfg.method
+    tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path or None, d.context_length)
+    image_encoder = build_encoder(cfg.model, d.channels, d.image_size)
+    text_encoder = build_text_encoder(
+        cfg.text,
+        tokenizer.vocab_size,
+        d.context_length,
+        tokenizer.eot_id,
+        cfg.model.activation_checkpointing,
+    )
+    image, text = Tower(image_encoder, cfg.model.proj_dim), Tower(text_encoder, cfg.model.proj_dim)
+    local = loss.logits == "local"
+    tile = loss.tile if loss.memory_efficient else None
+    if name == "clip":
+        criterion: ClipLoss | SigLipLoss = ClipLoss(
+            loss.temperature, loss.max_scale, loss.gather, loss.memory_efficient, tile, local
+        )
+    else:
+        criterion = SigLipLoss(1 / loss.temperature, loss.init_bias, loss.gather, local)
+    queues = None
+    if m.queues:
+        queues = MomentumQueues(image, text, m.queue_size, cfg.run.seed, tile, calls_per_step(cfg))
+    return CLIP(
+        image,
+        text,
+        criterion,
+        queues,
+        momentum=m.momentum,
+        momentum_final=m.momentum_final,
+        schedule=m.momentum_schedule,
+        tile=tile,
+    )

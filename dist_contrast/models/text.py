@@ -1,0 +1,71 @@
+"""The text tower of image-text methods (CLIP, Radford et al. 2021). No distributed code.
+
+Conventions (CLIP's text transformer, smaller): token embedding + learnable position embedding
+(one per position of the context), pre-norm transformer blocks with a causal mask (the blocks
+of :mod:`dist_contrast.models.vit`), a final LayerNorm, and the representation is the feature
+at the end-of-text token (the first ``eot_id`` of each row; the tokenizers of
+:mod:`dist_contrast.data.tokenizer` always keep one). With the causal mask the padding after
+end-of-text never reaches that feature, so no padding mask is needed. Weights: normal std 0.02
+for the token embedding, 0.01 for the position embedding (CLIP), truncated normal 0.02 for the
+linear layers, zero biases.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_contrast.models.layers import run_blocks
+from dist_contrast.models.vit import Block
+
+
+class TextTransformer(nn.Module):
+    """int64 token ids [B, L] (L <= ``context_length``) -> [B, ``width``]."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        eot_id: int,
+        width: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"text width {width} is not divisible by {heads} heads")
+        self.vocab_size, self.context_length, self.eot_id = vocab_size, context_length, eot_id
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
+        self.blocks = nn.Sequential(
+            *(Block(width, heads, mlp_ratio, causal=True) for _ in range(layers))
+        )
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.out_dim = width
+        self.checkpointing = checkpointing
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """The position of the first end-of-text token of each row; a row without one (cut
+        by hand) pools at its last position."""
+        is_eot = ids == self.eot_id
+        first = is_eot.int().argmax(dim=1)
+        return torch.where(is_eot.any(dim=1), first, torch.full_like(first, ids.shape[1] - 1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() != 2 or ids.dtype != torch.int64:
+            raise ValueError(f"token ids must be int64 [B, L], got {ids.dtype} {tuple(ids.shape)}")
+        n = ids.shape[1]
+        if n > self.context_length:
+            raise ValueError(f"{n} tokens exceed the context length {self.context_length}")
+        x = self.token_embed(ids) + self.pos_embed[:, :n]
+        x = run_blocks(self.blocks, x, self.checkpointing and self.training)
+        x = self.norm(x)
+        return x[torch.arange(x.shape[0], device=x.device), self.eot_positions(ids)]
