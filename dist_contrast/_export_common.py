@@ -70,7 +70,8 @@ def tower_kind(name: str) -> str:
 
 @dataclasses.dataclass
 class TokenizerSpec:
-    """The caption tokenizer a config names: ``<section>.tokenizer`` (``bytes`` or ``bpe``),
+    """The caption tokenizer a config names: ``<section>.tokenizer`` (``bytes`` or ``bpe``;
+    ``none``: no captions),
     the path of a ``tokenizer.json`` (``<section>.tokenizer_path`` or ``tokenizer_file``) and
     ``<section>.context_length`` (else ``model.context_length``, else the default)."""
 
@@ -87,7 +88,7 @@ def tokenizer_spec(cfg: Config) -> TokenizerSpec | None:
     for field in dataclasses.fields(cfg):
         sec = getattr(cfg, field.name)
         kind = getattr(sec, "tokenizer", None)
-        if not isinstance(kind, str) or not kind:
+        if not isinstance(kind, str) or kind in ("", "none"):
             continue
         path_key = next((k for k in ("tokenizer_path", "tokenizer_file") if hasattr(sec, k)), None)
         ctx = getattr(sec, "context_length", None) or getattr(cfg.model, "context_length", None)

@@ -152,6 +152,11 @@ def _write_all(run_dir: Path, cfg: Config, step_dir: Path, tmp: Path, opts) -> d
     if spec is not None:
         manifest["tokenizer"] = {"kind": spec.kind, "context_length": spec.context_length}
         if spec.kind == "bpe":
+            if not spec.path or not Path(spec.path).is_file():
+                raise ExportError(
+                    f"the run's tokenizer file '{spec.path}' ({spec.section}.{spec.path_key}) "
+                    "is missing: run the export where the training found it"
+                )
             shutil.copyfile(spec.path, tmp / TOKENIZER_JSON)
             manifest["tokenizer"]["file"] = TOKENIZER_JSON
     for name, module in method.towers().items():
