@@ -31,30 +31,18 @@ def _holdout(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return x[tr], y[tr], x[va], y[va]
 
 
-def _captioned(folder: Path, data: str, val_data: str | None) -> dict:
-    """Zero-shot and retrieval of an image-text export: ``dist_contrast.eval_clip``."""
+def _image_text(folder: Path, data: str, val_data: str | None) -> dict:
+    """Zero-shot and retrieval of an image-text export (:mod:`dist_contrast.eval_clip`)."""
     if importlib.util.find_spec("dist_contrast.eval_clip") is None:
-        raise ExportError(
-            f"the shards of '{data}' have no labels; zero-shot and retrieval on captioned shards "
-            "are not available yet (dist_contrast.eval_clip)"
-        )
+        raise ExportError("zero-shot and retrieval are not available (no dist_contrast.eval_clip)")
     from dist_contrast import eval_clip
 
     return eval_clip.evaluate_export(folder, data, val_data)
 
 
-def evaluate_export(folder: str | Path, data: str, val_data: str | None = None) -> dict:
-    """kNN (k and temperature of the export's ``eval`` config) and linear-probe top-1 of the
-    export's image tower: fitted on ``data``, measured on ``val_data`` (or a 20% hold-out)."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    enc = load_encoder(folder, "image")  # on CPU, as evaluate_run
+def _probes(enc, x, y, val_data: str | None) -> dict:
+    """kNN and linear-probe top-1, fitted on (x, y), measured on ``val_data`` or a hold-out."""
     cfg = enc.config
-    x, y = read_all(resolve_shards(data, "--data"), cfg.data)
-    if bool((y < 0).any()):
-        if TEXT in manifest["towers"]:
-            return _captioned(folder, data, val_data)
-        raise ExportError(f"the shards of '{data}' have unlabelled samples (no cls / json label)")
     if val_data:
         val_x, val_y = read_all(resolve_shards(val_data, "--val-data"), cfg.data)
         if bool((val_y < 0).any()):
@@ -63,15 +51,35 @@ def evaluate_export(folder: str | Path, data: str, val_data: str | None = None) 
     else:
         x, y, val_x, val_y = _holdout(x, y)
         split = f"{int(HOLDOUT * 100)}% of --data held out (seed 0)"
-    scores = _scores(cfg, enc.module, x, y, val_x, val_y)
     return {
-        "export": str(folder),
-        "checkpoint": manifest["checkpoint"],
-        "data": data,
-        "val_data": val_data,
         "split": split,
         "train_samples": len(y),
         "val_samples": len(val_y),
         "knn_k": cfg.eval.knn_k,
-        **scores,
+        **_scores(cfg, enc.module, x, y, val_x, val_y),
     }
+
+
+def evaluate_export(folder: str | Path, data: str, val_data: str | None = None) -> dict:
+    """kNN (k and temperature of the export's ``eval`` config) and linear-probe top-1 of the
+    export's image tower on labelled shards: fitted on ``data``, measured on ``val_data`` (or a
+    20% hold-out). With a text tower also zero-shot and retrieval (captioned shards)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    enc = load_encoder(folder, "image")  # on CPU, as evaluate_run
+    x, y = read_all(resolve_shards(data, "--data"), enc.config.data)
+    text = TEXT in manifest["towers"]
+    labelled = bool((y >= 0).all())
+    if not labelled and not text:
+        raise ExportError(f"the shards of '{data}' have unlabelled samples (no cls / json label)")
+    result = {
+        "export": str(folder),
+        "checkpoint": manifest["checkpoint"],
+        "data": data,
+        "val_data": val_data,
+    }
+    if labelled:
+        result.update(_probes(enc, x, y, val_data))
+    if text:
+        result.update(_image_text(folder, data, val_data))
+    return result
