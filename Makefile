@@ -8,10 +8,10 @@
 VENV          ?= .venv
 TORCH_VERSION ?= 2.13.0
 NPROC         ?= 2
-CONFIG        ?= configs/simclr_digits.yaml
+CONFIG        ?= configs/clip_digits.yaml
 DIGITS        ?= data/digits
 STAMP_RUN     := $(shell date +%Y%m%d-%H%M%S)
-RUN           ?= simclr_digits-$(STAMP_RUN)
+RUN           ?= $(basename $(notdir $(CONFIG)))-$(STAMP_RUN)
 PYTEST_ARGS   ?=
 QUALITY_ARGS  ?=
 
@@ -42,10 +42,13 @@ $(DIGITS)/counts.json: | $(SETUP)
 
 data: $(DIGITS)/counts.json
 
-# The default job: pretrain on 2 local ranks (DeepSpeed ZeRO-2, gloo on CPU), then evaluate.
+# The default job: CLIP on the digits on 2 local ranks (DeepSpeed ZeRO-2, gloo on CPU), then
+# evaluation (zero-shot, retrieval, kNN, linear probe) and export to runs/$(RUN)/export.
 train: $(SETUP) $(DIGITS)/counts.json
 	PYTHON=$(PYTHON) launch/local.sh $(NPROC) $(CONFIG) run.name=$(RUN)
-	$(PYTHON) -m dist_contrast.cli eval --run runs/$(RUN)
+	$(PYTHON) -m dist_contrast.cli eval --run runs/$(RUN) --brief
+	$(PYTHON) -m dist_contrast.cli export --run runs/$(RUN) --out runs/$(RUN)/export
+	@echo "run directory: runs/$(RUN) (metrics.jsonl, plots/, eval.json, export/)"
 
 test: $(SETUP)
 	$(PYTHON) -m ruff check dist_contrast tests bench

@@ -40,12 +40,14 @@ def _cmd_eval_export(args: argparse.Namespace) -> int:
     if not args.data:
         raise UserError("eval --export needs --data SHARDS (labelled or captioned shards)")
     result = evaluate_export(args.export, args.data, args.val_data)
-    print(json.dumps(result, indent=1))
+    if not args.brief:
+        print(json.dumps(result, indent=1))
     if "knn_top1" in result:
         print(
             f"kNN top-1 on {result['val_samples']} samples: {100 * result['knn_top1']:.1f}%; "
             f"linear probe: {100 * result['linear_top1']:.1f}% ({result['split']})"
         )
+    _print_image_text(result)
     return 0
 
 
@@ -69,7 +71,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from dist_contrast.evaluate import evaluate_run
 
     result = evaluate_run(args.run)
-    print(json.dumps(result, indent=1))
+    if not args.brief:
+        print(json.dumps(result, indent=1))
     gain = result["knn_top1"] - result["knn_top1_random_init"]
     print(
         f"kNN top-1 on {result['val_samples']} validation samples: trained "
@@ -78,7 +81,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"random init {100 * result['linear_top1_random_init']:.1f}%; written to "
         f"{args.run}/eval.json"
     )
+    _print_image_text(result)
     return 0
+
+
+def _print_image_text(result: dict) -> None:
+    if "zeroshot_top1" in result or "i2t_r1" in result:
+        from dist_contrast.eval_clip import summary
+
+        print(summary(result))
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
@@ -194,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--export", help="export directory (from dist-contrast export)")
     p.add_argument("--data", help="with --export: labelled shards the probes are fitted on")
     p.add_argument("--val-data", help="with --export: shards measured on (default: 20%% of --data)")
+    p.add_argument(
+        "--brief", action="store_true", help="the summary only (eval.json holds every figure)"
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(

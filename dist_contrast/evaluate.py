@@ -14,7 +14,7 @@ from torch import nn
 
 from dist_contrast import checkpoint
 from dist_contrast.config import Config, load_config
-from dist_contrast.data.pipeline import read_all
+from dist_contrast.data.pipeline import read_all, read_captioned
 from dist_contrast.data.shards import resolve_shards
 from dist_contrast.data.sources import build_sources
 from dist_contrast.errors import CheckpointError
@@ -106,7 +106,8 @@ def load_run(run_dir: Path) -> tuple[Config, Path]:
     return cfg, step_dir
 
 
-def trained_encoder(cfg: Config, step_dir: Path) -> nn.Module:
+def trained_method(cfg: Config, step_dir: Path) -> nn.Module:
+    """The run's method with the weights of the checkpoint in ``step_dir`` (consolidated)."""
     method = build_method(cfg)
     state = checkpoint.load_model_state(step_dir)
     try:
@@ -114,7 +115,11 @@ def trained_encoder(cfg: Config, step_dir: Path) -> nn.Module:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{step_dir} does not fit the run's model: {first}") from None
-    return method.encoder
+    return method
+
+
+def trained_encoder(cfg: Config, step_dir: Path) -> nn.Module:
+    return trained_method(cfg, step_dir).encoder
 
 
 def _scores(cfg: Config, encoder: nn.Module, train_x, train_y, val_x, val_y) -> dict:
@@ -150,10 +155,13 @@ def evaluate_run(run_dir: str | Path) -> dict:
         ],
         cfg.data,
     )
-    val_x, val_y = read_all(resolve_shards(cfg.data.val_shards, "data.val_shards"), cfg.data)
+    val_urls = resolve_shards(cfg.data.val_shards, "data.val_shards")
+    image_text = cfg.method.name == "clip"
+    val_x, val_y, val_captions = read_captioned(val_urls, cfg.data, require_caption=image_text)
     torch.manual_seed(cfg.run.seed)  # the weights training started from
-    initial = build_method(cfg).encoder
-    trained = trained_encoder(cfg, step_dir)
+    initial_method = build_method(cfg)
+    trained_m = trained_method(cfg, step_dir)
+    initial, trained = initial_method.encoder, trained_m.encoder
     result: dict = {
         "checkpoint": step_dir.name,
         "knn_k": cfg.eval.knn_k,
@@ -164,6 +172,12 @@ def evaluate_run(run_dir: str | Path) -> dict:
     for suffix, enc in (("", trained), ("_random_init", initial)):
         scores = _scores(cfg, enc, train_x, train_y, val_x, val_y)
         result.update({f"{k}{suffix}": v for k, v in scores.items()})
+    if image_text:  # zero-shot and retrieval of both towers
+        from dist_contrast.eval_clip import method_scores
+
+        for suffix, m in (("", trained_m), ("_random_init", initial_method)):
+            scores = method_scores(cfg, m, val_x, val_y, val_captions)
+            result.update({f"{k}{suffix}": v for k, v in scores.items()})
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, run_dir / "eval.json")

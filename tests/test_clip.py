@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from test_accumulate import TorchEngine
 
 from dist_contrast.accumulate import cached_step
 from dist_contrast.config import config_from_dict
@@ -20,7 +21,6 @@ from dist_contrast.models.text import TextTransformer
 from dist_contrast.negatives.queue import queue_clip_loss
 
 from multiproc import run_ranks
-from test_accumulate import TorchEngine
 
 F64 = torch.float64
 N, D, K = 8, 6, 10  # global batch, embedding dim, queue rows in all
@@ -130,7 +130,9 @@ def test_siglip_full_and_local_agree_on_one_process():
 def _two_rank_forms(rank, world, inp):
     out = {form: _clip_value_and_grads(inp, LOG_SCALE, form, rank, world) for form in CLIP_FORMS}
     for local in (True, False):
-        out[f"siglip_{local}"] = _siglip_value_and_grads(inp, SIG_SCALE, SIG_BIAS, local, rank, world)
+        out[f"siglip_{local}"] = _siglip_value_and_grads(
+            inp, SIG_SCALE, SIG_BIAS, local, rank, world
+        )
     out["queue"] = _queue_value_and_grads(inp, rank, world)
     return out
 
@@ -224,7 +226,8 @@ def test_logit_scale_gradient_counted_once_under_cached_accumulation(queues):
     for parts in (1, 4):
         m = _clip_method(**over)
         out = cached_step(TorchEngine(m, parts), batch, parts)
-        grads.append((out.loss, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        grads.append((out.loss, got))
     (loss1, g1), (loss4, g4) = grads
     torch.testing.assert_close(loss4, loss1, rtol=1e-10, atol=1e-12)
     assert g1.keys() == g4.keys() and "criterion.logit_scale" in g1

@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from dist_contrast.config import load_config
 from dist_contrast.methods import build_method
@@ -36,6 +37,27 @@ def test_imagenet_template_builds(config):
     assert cfg.data.image_size == 224 and cfg.model.encoder == "resnet50"
     method = build_method(cfg)
     assert method.encoder.out_dim == 2048  # ResNet-50's representation
+
+
+IMAGE_TEXT = sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("image_text/*.yaml")
+)
+
+
+@pytest.mark.parametrize("config", IMAGE_TEXT)
+def test_image_text_template_builds(config):
+    text = (ROOT / config).read_text()
+    assert f"sbatch slurm/train.sbatch {config}" in text
+    # its BPE tokenizer.json is trained on the user's shards; the byte tokenizer stands in
+    cfg = load_config(ROOT / config, ["data.tokenizer=bytes", "data.tokenizer_path="])
+    method = build_method(cfg)
+    towers = method.towers()
+    count = {k: sum(p.numel() for p in m.parameters()) for k, m in towers.items()}
+    assert cfg.model.encoder == "vit_base" and cfg.model.patch_size == 16
+    assert abs(count["image"] - 85.8e6) < 0.2e6  # ViT-B/16 without a head
+    # CLIP's text transformer (12 x width 512) less its 49,408 x 512 token table
+    assert abs(count["text"] - 37.9e6) < 0.3e6
+    assert method.encode_text(torch.zeros(2, 77, dtype=torch.int64)).shape == (2, 512)
 
 
 @pytest.mark.slow

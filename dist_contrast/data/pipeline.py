@@ -352,15 +352,25 @@ def train_loader(
 
 def read_all(urls: list[str], data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Every usable sample of ``urls`` in order, resized and normalised: (images, labels)."""
+    images, labels, _ = read_captioned(urls, data, require_caption=False)
+    return images, labels
+
+
+def read_captioned(
+    urls: list[str], data: DataConfig, require_caption: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
+    """Every usable sample of ``urls`` in order (samples without a caption skipped and counted
+    when ``require_caption``): (images resized and normalised, labels (-1: none), captions)."""
     faults = Faults("[eval] ", data.warn_every_s)
     norm = Normalize(data.mean, data.std)
-    images, labels = [], []
+    images, labels, captions = [], [], []
     for sample in _read(urls, faults):
-        dec = decode_or_count(sample, faults, data.max_image_pixels, False)
+        dec = decode_or_count(sample, faults, data.max_image_pixels, require_caption)
         if dec is None:
             continue
         images.append(resize_view(dec.image, data.image_size, data.channels))
         labels.append(dec.label)
+        captions.append(dec.caption)
     if not images:
         raise DataError(f"no usable sample in {len(urls)} shard(s): {urls[0]} ...")
-    return norm(torch.stack(images)), torch.tensor(labels)
+    return norm(torch.stack(images)), torch.tensor(labels), captions

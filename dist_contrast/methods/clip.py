@@ -17,12 +17,14 @@ MoCo's) and this rank's momentum features of the step are enqueued.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from dist_contrast.config import Config
+from dist_contrast.config import Config, LossConfig
 from dist_contrast.data.tokenizer import build_tokenizer
-from dist_contrast.losses import ClipLoss, SigLipLoss
+from dist_contrast.losses import clip_loss, siglip_loss
 from dist_contrast.losses._common import upcast
 from dist_contrast.methods._choice import check_loss_name
 from dist_contrast.methods.base import LossOutput, Method
@@ -46,6 +48,43 @@ class Tower(nn.Module):
         return self.proj(self.encoder(x))
 
 
+class Objective(nn.Module):
+    """CLIP's or SigLIP's loss with its learnable logit scale (and SigLIP's bias) held as
+    one-element parameters (DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor
+    cannot give)."""
+
+    def __init__(self, name: str, loss: LossConfig) -> None:
+        super().__init__()
+        self.name, self.gather, self.max_scale = name, loss.gather, loss.max_scale
+        self.local = loss.logits == "local"
+        self.memory_efficient = loss.memory_efficient
+        self.tile = loss.tile if loss.memory_efficient else None
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / loss.temperature)))
+        if name == "siglip":
+            self.logit_bias = nn.Parameter(torch.full((1,), float(loss.init_bias)))
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit scale), CLIP's clamped at ``max_scale``."""
+        s = self.logit_scale[0].exp()
+        return s.clamp(max=self.max_scale) if self.name == "clip" else s
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if self.name == "siglip":
+            return siglip_loss(
+                image, text, self.logit_scale[0], self.logit_bias[0], self.gather, self.local
+            )
+        return clip_loss(
+            image,
+            text,
+            self.logit_scale[0],
+            self.max_scale,
+            self.gather,
+            memory_efficient=self.memory_efficient,
+            tile=self.tile,
+            local=self.local,
+        )
+
+
 class MomentumQueues(nn.Module):
     """Momentum copies of both towers and the image and text queues (ALBEF)."""
 
@@ -63,7 +102,7 @@ class CLIP(Method):
         self,
         image: Tower,
         text: Tower,
-        criterion: ClipLoss | SigLipLoss,
+        criterion: Objective,
         queues: MomentumQueues | None = None,
         *,
         momentum: float = 0.995,
@@ -85,9 +124,7 @@ class CLIP(Method):
 
     def logit_scale(self) -> float:
         """The scale the logits are multiplied by now (CLIP's clamped at ``max_scale``)."""
-        c = self.criterion
-        scale = float(c.logit_scale.detach().exp())
-        return min(scale, c.max_scale) if isinstance(c, ClipLoss) else scale
+        return float(self.criterion.scale().detach())
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> joint-space features (not normalised)."""
@@ -126,13 +163,11 @@ class CLIP(Method):
         return super().forward(batch, mode, cache, grads, param_grads)
 
     def loss(self, emb, batch) -> LossOutput:
-        c = self.criterion
         metrics = {"logit_scale": self.logit_scale()}
         if self.queues is None:
-            return LossOutput(c(emb["image"], emb["text"]), metrics)
+            return LossOutput(self.criterion(emb["image"], emb["text"]), metrics)
         q = self.queues
         image_m, text_m = emb["image_m"].detach(), emb["text_m"].detach()
-        scale = c.logit_scale.exp().clamp(max=c.max_scale)
         loss = queue_clip_loss(
             emb["image"],
             emb["text"],
@@ -140,7 +175,7 @@ class CLIP(Method):
             text_m,
             q.image_queue.keys,
             q.text_queue.keys,
-            scale,
+            self.criterion.scale(),
             tile=self.tile,
         )
         q.pending.add(image_m, text_m)
@@ -194,14 +229,8 @@ def build(cfg: Config) -> CLIP:
         cfg.model.activation_checkpointing,
     )
     image, text = Tower(image_encoder, cfg.model.proj_dim), Tower(text_encoder, cfg.model.proj_dim)
-    local = loss.logits == "local"
-    tile = loss.tile if loss.memory_efficient else None
-    if name == "clip":
-        criterion: ClipLoss | SigLipLoss = ClipLoss(
-            loss.temperature, loss.max_scale, loss.gather, loss.memory_efficient, tile, local
-        )
-    else:
-        criterion = SigLipLoss(1 / loss.temperature, loss.init_bias, loss.gather, local)
+    criterion = Objective(name, loss)
+    tile = criterion.tile
     queues = None
     if m.queues:
         queues = MomentumQueues(image, text, m.queue_size, cfg.run.seed, tile, calls_per_step(cfg))
