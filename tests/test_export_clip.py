@@ -1,5 +1,6 @@
-"""Export of an image-text (CLIP) run: image, text and heads towers, the tokenizer, TorchScript
-and ONNX of the text encoder (int64 token ids); compared with the trained method."""
+"""Export of an image-text (CLIP) run: image, text and heads towers, the BPE tokenizer copied in
+(the export loads without the original file), TorchScript and ONNX of the text encoder (int64
+token ids); compared with the trained method."""
 
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ pytestmark = pytest.mark.slow
 
 def test_clip_run_exports_image_text_and_heads(tmp_path):
     from dist_contrast.data.shards import write_digits
+    from dist_contrast.data.tokenizer import train_bpe_from_shards
 
     digits = tmp_path / "digits"
     write_digits(digits, shard_size=200)  # with captions (the conftest shards may predate them)
+    bpe = tmp_path / "bpe.json"
+    train_bpe_from_shards(f"{digits}/train-*.tar", 300)[0].save(bpe)
     args = {
         "run.dir": tmp_path,
         "data.train_shards": f"{digits}/train-*.tar",
@@ -31,7 +35,8 @@ def test_clip_run_exports_image_text_and_heads(tmp_path):
         "train.batch_size": 16,
         "train.warmup_steps": 0,
         "data.views": 1,
-        "data.tokenizer": "bytes",
+        "data.tokenizer": "bpe",
+        "data.tokenizer_path": bpe,
         "data.require_caption": "true",
         "method.name": "clip",
         "method.queues": "false",
@@ -50,12 +55,15 @@ def test_clip_run_exports_image_text_and_heads(tmp_path):
     run = tmp_path / "simclr_digits"
     out, manifest = export_run(run, tmp_path / "export", ExportOptions(torchscript=True, onnx=True))
     assert list(manifest["towers"]) == ["image", "text", "heads"]
-    assert manifest["tokenizer"] == {"kind": "bytes", "context_length": 32}
+    assert manifest["tokenizer"] == {"kind": "bpe", "context_length": 32, "file": "tokenizer.json"}
+    assert (out / "tokenizer.json").read_text() == bpe.read_text()
     assert set(manifest["towers"]["heads"]["modules"]) >= {"image_proj", "text_proj"}
 
     method = trained_method(*load_run(run))
+    bpe.unlink()  # the export carries its own copy
     text = load_encoder(out, tower="text")
     assert text.preprocess is None and text.tokenizer.context_length == 32
+    assert text.tokenizer.vocab_size == 300
     captions = ["a photo of the digit 3", "a handwritten seven", "9"]
     ids = text.tokenizer(captions)
     with torch.no_grad():
