@@ -177,7 +177,9 @@ def evaluate_run(run_dir: str | Path) -> dict:
 
         for suffix, m in (("", trained_m), ("_random_init", initial_method)):
             scores = method_scores(cfg, m, val_x, val_y, val_captions)
+            match = scores.pop("retrieval_match", None)
             result.update({f"{k}{suffix}": v for k, v in scores.items()})
+            result.setdefault("retrieval_match", match)
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, run_dir / "eval.json")

@@ -1,8 +1,7 @@
 """CLIP / SigLIP: the three loss forms (gathered full matrix, local, tiled) agree in value and
-gradients on 1 and 2 ranks and match an explicit loop; the momentum-queue form (ALBEF) on 2
-ranks equals one process with the concatenated queue shards and an explicit loop; the logit
-scale's gradient is counted once under cached accumulation; the text tower pools at
-end-of-text and is causal."""
+gradients on 1 and 2 ranks and match an explicit loop; the form with queues on 2 ranks equals
+one process with the concatenated queue shards and an explicit loop; the logit scale's gradient
+is counted once under cached accumulation; the text tower pools at end-of-text and is causal."""
 
 from __future__ import annotations
 
@@ -37,8 +36,6 @@ def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
     return {
         "image": torch.randn(N, D, generator=g, dtype=F64),
         "text": torch.randn(N, D, generator=g, dtype=F64),
-        "image_m": torch.randn(N, D, generator=g, dtype=F64),
-        "text_m": torch.randn(N, D, generator=g, dtype=F64),
         "image_queue": torch.nn.functional.normalize(torch.randn(K, D, generator=g, dtype=F64)),
         "text_queue": torch.nn.functional.normalize(torch.randn(K, D, generator=g, dtype=F64)),
     }
@@ -58,9 +55,9 @@ def naive_clip(image, text, log_scale) -> torch.Tensor:
     return total / (2 * n)
 
 
-def naive_queue_clip(image, text, image_m, text_m, image_queue, text_queue, log_scale):
-    """Explicit loop of the ALBEF contrastive term: each image against every momentum text key
-    of the batch and the text queue, each text likewise; the positive is its own pair."""
+def naive_queue_clip(image, text, image_queue, text_queue, log_scale):
+    """Explicit loop: each image against every text of the batch and the text queue, each text
+    against every image and the image queue; the positive is its own pair."""
     scale = log_scale.exp()
 
     def unit(x):
@@ -68,7 +65,7 @@ def naive_queue_clip(image, text, image_m, text_m, image_queue, text_queue, log_
 
     total = image.new_zeros(())
     n = image.shape[0]
-    for q, keys, queue in ((image, text_m, text_queue), (text, image_m, image_queue)):
+    for q, keys, queue in ((image, text, text_queue), (text, image, image_queue)):
         for i in range(n):
             cands = torch.cat([unit(keys), unit(queue)])
             logits = torch.stack([scale * (unit(q[i]) @ c) for c in cands])
@@ -145,8 +142,6 @@ def _queue_value_and_grads(inp, rank, world):
     loss = queue_clip_loss(
         leaves["image"],
         leaves["text"],
-        inp["image_m"][rank * n : (rank + 1) * n],
-        inp["text_m"][rank * n : (rank + 1) * n],
         inp["image_queue"][rank * k : (rank + 1) * k],
         inp["text_queue"][rank * k : (rank + 1) * k],
         s.exp(),
@@ -181,9 +176,7 @@ def test_queue_loss_matches_a_naive_loop():
     img = inp["image"].clone().requires_grad_(True)
     txt = inp["text"].clone().requires_grad_(True)
     s = LOG_SCALE.clone().requires_grad_(True)
-    ref = naive_queue_clip(
-        img, txt, inp["image_m"], inp["text_m"], inp["image_queue"], inp["text_queue"], s
-    )
+    ref = naive_queue_clip(img, txt, inp["image_queue"], inp["text_queue"], s)
     ref.backward()
     got = _queue_value_and_grads(inp, 0, 1)
     _assert_close(got, (ref.detach(), img.grad, txt.grad, s.grad))

@@ -8,11 +8,15 @@ siglip, with its negatives gathered from every rank (``loss.logits`` local or fu
 ``loss.memory_efficient`` for the tiled form).
 
 ``method.queues=true`` adds momentum copies of both towers and two sharded queues of their
-features (ALBEF, Li et al. 2021, without the distillation): each image is scored against the
-momentum text features of the global batch and the text queue, each text likewise against
-images (:func:`dist_contrast.negatives.queue.queue_clip_loss`), so negatives exceed the global
-batch. The copies follow the online towers after each step (``method.momentum``, schedule as
-MoCo's) and this rank's momentum features of the step are enqueued.
+features (as ALBEF, Li et al. 2021, keeps them): each image is scored against the texts of the
+global batch (gathered, with gradient) and the K_total momentum text features of the text
+queue, each text likewise against images and the image queue
+(:func:`dist_contrast.negatives.queue.queue_clip_loss`), so negatives exceed the global batch.
+The copies follow the online towers after each step (``method.momentum``, schedule as MoCo's)
+and this rank's momentum features of the step are enqueued. Unlike ALBEF the in-batch keys
+are the online features, not the momentum ones: the gathered batch gives the learning signal
+from the first step, where momentum keys lag the online towers by about 1 / (1 - momentum)
+steps (on a 200-step run this slowed learning to a crawl).
 """
 
 from __future__ import annotations
@@ -171,8 +175,6 @@ class CLIP(Method):
         loss = queue_clip_loss(
             emb["image"],
             emb["text"],
-            image_m,
-            text_m,
             q.image_queue.keys,
             q.text_queue.keys,
             self.criterion.scale(),

@@ -28,7 +28,8 @@ from dist_contrast.negatives._rows import (
     unit_rows,
     world_rank,
 )
-from dist_contrast.negatives.dlse import distributed_logsumexp, local_logsumexp
+from dist_contrast.negatives.dlse import distributed_logsumexp
+from dist_contrast.negatives.tiled import tiled_logsumexp
 
 
 def queue_info_nce(
@@ -73,42 +74,41 @@ def queue_info_nce(
 def queue_clip_loss(
     image: torch.Tensor,
     text: torch.Tensor,
-    image_keys: torch.Tensor,
-    text_keys: torch.Tensor,
     image_shard: torch.Tensor,
     text_shard: torch.Tensor,
     scale: torch.Tensor,
     *,
     tile: int | None = None,
 ) -> torch.Tensor:
-    """CLIP's symmetric loss against momentum keys and two sharded queues (ALBEF, Li et al.
-    2021, its image-text contrastive term without the distillation).
+    """CLIP's symmetric loss with extra negatives from two sharded queues.
 
-    ``image``, ``text`` [n, D]: this rank's online features (with gradient); ``image_keys``,
-    ``text_keys`` [n, D]: this rank's momentum features of the same pairs (no gradient);
+    ``image``, ``text`` [n, D]: this rank's features of n pairs (with gradient);
     ``image_shard``, ``text_shard``: this rank's shards of the image and text queues (unit
-    rows). Everything is L2-normalised; logits are ``scale * cosine`` (``scale`` the clamped
-    exp of the learnable logit scale, with gradient). Image ``i`` is scored against the text
-    keys of the global batch (gathered, no gradient) and the K_total rows of the text queue
-    (every rank's shard, distributed log-sum-exp); its positive is its own pair's text key.
-    Texts likewise against image keys and the image queue. The loss is the mean of the two
-    cross-entropies; returns ``W * sum / N`` as the other distributed losses do (mean over
-    ranks = the global mean; averaged gradients = one process on the global batch with the
-    concatenated queue shards). A collective: every rank calls it.
+    rows, no gradient; in :class:`dist_contrast.methods.clip.CLIP` they hold the momentum
+    towers' features of earlier steps, as in ALBEF, Li et al. 2021). Everything is
+    L2-normalised; logits are ``scale * cosine`` (``scale`` the clamped exp of the learnable
+    logit scale, with gradient). Image ``i`` is scored against the texts of the global batch
+    (gathered with gradient, CLIP's local loss) and the K_total rows of the text queue (every
+    rank's shard, distributed log-sum-exp); its positive is its own text. Texts likewise
+    against the images and the image queue. The loss is the mean of the two cross-entropies;
+    returns ``W * sum / N`` as the other distributed losses do (mean over ranks = the global
+    mean; averaged gradients = one process on the global batch with the concatenated queue
+    shards). ``tile``: the tiled softmax for the batch and the queue. A collective.
     """
     check_input_pair(image, text, "image", "text")
-    check_input_pair(image_keys, text_keys, "image_keys", "text_keys")
     with fp32_region():
         img, txt = normalize(image), normalize(text)
-        with torch.no_grad():
-            img_k, offset = distributed.all_gather_with_offset(normalize(image_keys.detach()))
-            txt_k, _ = distributed.all_gather_with_offset(normalize(text_keys.detach()))
+        all_img, _ = distributed.all_gather_with_offset(img)
+        all_txt, _ = distributed.all_gather_with_offset(txt)
+        s = upcast(scale)
+        pos = s * (img * txt).sum(dim=1)
         total = img.new_zeros(())
-        for q, keys, shard in ((img, txt_k, text_shard), (txt, img_k, image_shard)):
-            q = q * upcast(scale)
-            pos = (q * keys[offset : offset + q.shape[0]]).sum(dim=1)
-            lse_batch = local_logsumexp(q, keys, 1.0, tile)
-            lse_queue, n_all = distributed_logsumexp(q, shard.detach().to(q.dtype), 1.0, tile)
+        for q, cols, shard in ((img, all_txt, text_shard), (txt, all_img, image_shard)):
+            if tile is None:
+                lse_batch = torch.logsumexp(s * q @ cols.T, dim=1)
+            else:
+                lse_batch = tiled_logsumexp(q, cols, tile=tile, scale=s)
+            lse_queue, n_all = distributed_logsumexp(q * s, shard.detach().to(q.dtype), 1.0, tile)
             total = total + (torch.logaddexp(lse_batch, lse_queue) - pos).sum()
         return global_mean(total / 2, n_all, True)
 
