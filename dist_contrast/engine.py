@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dist_contrast import checkpoint, distributed
+from dist_contrast import checkpoint, distributed, preempt
 from dist_contrast.accumulate import cached_step, plain_step
 from dist_contrast.config import Config, TrainConfig, deepspeed_config, save_config
 from dist_contrast.data.augment import DeviceAugment
@@ -28,7 +28,6 @@ from dist_contrast.methods import LossOutput, Method, build_method
 from dist_contrast.metrics import MetricsLogger, embedding_metrics
 from dist_contrast.optim import build_optimizer
 from dist_contrast.plots import write_plots
-from dist_contrast.preempt import StopSignals
 
 # DeepSpeed's ZeRO-2 calls a collective that torch now marks deprecated; it is not ours to fix.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
@@ -106,7 +105,7 @@ def train(cfg: Config) -> Path:
     """Train ``cfg`` on every rank of the job; return the run directory."""
     prepare(cfg)
     # SIGUSR1/SIGTERM: stop at the next step with a checkpoint (preempt.py), from the start on.
-    with StopSignals() as stop:
+    with preempt.StopSignals() as stop:
         env = distributed.init(cfg.train.collective_timeout_s)
         try:
             return _train(cfg, env, stop)
@@ -114,7 +113,7 @@ def train(cfg: Config) -> Path:
             distributed.shutdown()
 
 
-def _train(cfg: Config, env: distributed.DistEnv, stop: StopSignals | None = None) -> Path:
+def _train(cfg: Config, env: distributed.DistEnv, stop: preempt.StopSignals | None = None) -> Path:
     run_dir, main = cfg.run_dir, distributed.is_main()
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -170,7 +169,7 @@ class Trainer:
         self.augment = DeviceAugment(cfg.augment, cfg.data).to(self.device)
         self.ckpt_root = cfg.run_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
-        self.stop: StopSignals | None = None  # set: a stop signal ends the run at a step end
+        self.stop: preempt.StopSignals | None = None  # set: a signal stops the run at a step end
         fp16 = cfg.deepspeed.precision == "fp16"  # gradients: DeepSpeed's loss scaler decides
         self.guard = StepGuard(engine.module, scheduler.optimizer, check_grads=not fp16)
 
@@ -225,7 +224,8 @@ class Trainer:
         end = cfg.train.stop_at or cfg.train.steps
         while self.step < end:
             t0 = time.perf_counter()
-            batch = next(batches)
+            with preempt.held():  # workers forked here never act on a stop signal
+                batch = next(batches)
             window.data_wait += time.perf_counter() - t0  # the loader kept this rank waiting
             batch = self.augment_batch(batch)
             out, taken = self.train_step(batch)

@@ -17,12 +17,28 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType, TracebackType
 
 from dist_contrast import distributed
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early, continue later with checkpoint.resume=latest
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Hold SIGUSR1 and SIGTERM in this thread for the duration; a signal that arrives meanwhile
+    is delivered when it ends. Processes forked inside (the data loader's workers, which are
+    started lazily when the first batch is asked for) inherit the signals blocked: Slurm signals
+    every process of a job step, and a worker must not die of a stop signal (torch's workers
+    die of SIGTERM) before the ranks have written their checkpoint."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class Preempted(SystemExit):
@@ -38,8 +54,8 @@ class StopSignals:
     """While active (``with StopSignals() as stop``), SIGUSR1 and SIGTERM set a flag instead
     of ending the process; :meth:`agreed` turns the flags of all ranks into one decision.
 
-    Installed before the data loader starts its workers: forked workers inherit the handlers,
-    so a signal sent to every process of a job step (as Slurm does) does not kill them."""
+    The data loader's workers get the signals blocked (see :func:`held`): a signal sent to
+    every process of a job step, as Slurm sends it, stops the run, never a worker."""
 
     def __init__(self) -> None:
         self.signum: int | None = None

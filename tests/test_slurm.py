@@ -195,6 +195,25 @@ def test_preempted_job_requeues_and_resumes(slurm, straight, digits_dir, tmp_pat
     assert (run / "checkpoints/latest").read_text().strip() == f"step_{STEPS:08d}"
 
 
+def test_scancel_stops_with_a_checkpoint_and_is_not_undone(slurm, digits_dir, tmp_path):
+    """scancel sends SIGTERM: the ranks stop with a checkpoint as on USR1, but the job stays
+    cancelled (the script requeues only a stop the job asked for)."""
+    log = tmp_path / "job.out"
+    overrides = _overrides(digits_dir, tmp_path, "cancelled", **{"train.steps": 1000})
+    job_id = slurm.submit(log, overrides)
+    run = tmp_path / "cancelled"
+    _wait_rows(slurm, job_id, run, 2)
+    slurm.cmd("scancel", str(job_id))
+    info = slurm.wait(job_id, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", text[-3000:]
+    stopped = int(text.split("SIGTERM: stopped at step ")[1].split()[0])
+    assert "not requeued" in text and "start 2 at" not in text
+    time.sleep(8)  # longer than the local cluster's requeue delay: still cancelled
+    assert slurm.job(job_id)["JobState"] == "CANCELLED"
+    assert (run / "checkpoints/latest").read_text().strip() == f"step_{stopped:08d}"
+
+
 def _rank_pid(job_id: int, rank: int) -> int:
     """The training process of ``rank`` (not its loader workers): its environment names the
     job and the rank, its parent is Slurm's step daemon."""
