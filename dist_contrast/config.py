@@ -64,7 +64,7 @@ class DataConfig:
     # `dist-contrast tokenizer train`). Rows of `context_length` ids, end-of-text kept.
     tokenizer: Literal["none", "bytes", "bpe"] = "none"
     tokenizer_path: str = ""
-    context_length: int = 32
+    context_length: int = 77  # CLIP's; byte tokens: a caption of up to 75 bytes is kept whole
 
 
 @dataclass

@@ -24,8 +24,9 @@ from dist_contrast.errors import DataError
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-# Caption templates of the digits shards, one drawn per image (fixed by the seed). The zero-shot
-# evaluation prompts with other templates (eval.zeroshot_templates), held out from these.
+# Caption templates of the digits shards (the class word at the start, middle or end), one drawn
+# per image (fixed by the seed). Zero-shot evaluation prompts with other templates
+# (eval.zeroshot_templates), held out from these.
 DIGIT_TEMPLATES = [
     "a handwritten digit {}",
     "a photo of the number {}",
@@ -35,6 +36,14 @@ DIGIT_TEMPLATES = [
     "the number {}",
     "a pixelated {}",
     "a blurry picture of the digit {}",
+    "{} written with a pen",
+    "a sketch of a {}",
+    "a tiny picture showing {}",
+    "someone wrote the number {}",
+    "a faint {} on a dark background",
+    "{}",
+    "a crop of the digit {} from a form",
+    "a noisy rendering of {}",
 ]
 
 

@@ -26,7 +26,7 @@ from dist_contrast.errors import DataError, UserError
 
 PAD, SOT, EOT = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, SOT, EOT)
-DEFAULT_CONTEXT_LENGTH = 32  # enough for the digits captions; CLIP uses 77
+DEFAULT_CONTEXT_LENGTH = 32  # tokenizers built by hand; runs use data.context_length (77)
 TOKENIZER_KINDS = ("bytes", "bpe")
 
 
