@@ -6,8 +6,9 @@ preemption or on ``scancel``; ``kill -USR1``/``kill -TERM`` of the rank processe
 under torchrun or without a launcher. The handlers only set a flag: the signal may reach any
 rank at any moment, so at the end of every step the flags are all-reduced (a stop on any rank is
 a stop on every rank, at the same step), then all ranks write a checkpoint together and leave
-with :data:`EXIT_PREEMPTED`. What happens next is the launcher's business: ``slurm/train.sbatch``
-requeues the job (``scontrol requeue``) and the requeued job continues from ``latest``.
+with :data:`EXIT_PREEMPTED`. What happens next is the launcher's business: after a USR1 stop
+``slurm/train.sbatch`` requeues the job (``scontrol requeue``) and the requeued job continues
+from ``latest``; after SIGTERM (scancel, time limit) the job ends with the checkpoint written.
 
 A signal that arrives after the last step changes nothing: the run ends as it would have.
 """
