@@ -40,11 +40,16 @@ external-env:
 $(DIGITS)/counts.json: | $(SETUP)
 	$(PYTHON) -m dist_contrast.cli shards digits --out $(DIGITS)
 
-data: $(DIGITS)/counts.json
+# BPE over the digits captions for CLIP (configs/clip_digits.yaml reads it)
+$(DIGITS)/tokenizer.json: $(DIGITS)/counts.json
+	$(PYTHON) -m dist_contrast.cli tokenizer train --shards '$(DIGITS)/train-*.tar' \
+	  --vocab-size 512 --out $@
+
+data: $(DIGITS)/counts.json $(DIGITS)/tokenizer.json
 
 # The default job: CLIP on the digits on 2 local ranks (DeepSpeed ZeRO-2, gloo on CPU), then
 # evaluation (zero-shot, retrieval, kNN, linear probe) and export to runs/$(RUN)/export.
-train: $(SETUP) $(DIGITS)/counts.json
+train: $(SETUP) $(DIGITS)/counts.json $(DIGITS)/tokenizer.json
 	PYTHON=$(PYTHON) launch/local.sh $(NPROC) $(CONFIG) run.name=$(RUN)
 	$(PYTHON) -m dist_contrast.cli eval --run runs/$(RUN) --brief
 	$(PYTHON) -m dist_contrast.cli export --run runs/$(RUN) --out runs/$(RUN)/export

@@ -22,6 +22,17 @@ def digits_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def digits_tokenizer(digits_dir, tmp_path_factory) -> Path:
+    """A BPE tokenizer.json learnt from the digits captions, as `make train` writes it."""
+    from dist_contrast.data.tokenizer import train_bpe_from_shards
+
+    tok, _ = train_bpe_from_shards(str(digits_dir / "train-*.tar"), vocab_size=512)
+    path = tmp_path_factory.mktemp("digits_tokenizer") / "tokenizer.json"
+    tok.save(path)
+    return path
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")

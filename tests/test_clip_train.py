@@ -24,8 +24,9 @@ FORMS = {
 }
 
 
-def _train(form: str, digits_dir, tmp_path) -> tuple:
+def _train(form: str, digits_dir, tokenizer, tmp_path) -> tuple:
     overrides = {
+        "data.tokenizer_path": tokenizer,
         "run.dir": tmp_path,
         "run.name": form,
         "data.train_shards": f"{digits_dir}/train-*.tar",
@@ -38,7 +39,6 @@ def _train(form: str, digits_dir, tmp_path) -> tuple:
         "checkpoint.every": STEPS,
         "method.queues": "false",
         "method.queue_size": QUEUE,
-        "text.width": 32,
         "logging.wandb": "false",
         "logging.progress": "false",
         "logging.plots": "false",
@@ -52,9 +52,9 @@ def _train(form: str, digits_dir, tmp_path) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def runs(digits_dir, tmp_path_factory):
+def runs(digits_dir, digits_tokenizer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clip_runs")
-    return {form: _train(form, digits_dir, tmp) for form in FORMS}
+    return {form: _train(form, digits_dir, digits_tokenizer, tmp) for form in FORMS}
 
 
 @pytest.mark.slow

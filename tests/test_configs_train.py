@@ -62,7 +62,7 @@ def test_image_text_template_builds(config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
-def test_digits_config_trains_on_two_ranks(config, digits_dir, tmp_path):
+def test_digits_config_trains_on_two_ranks(config, digits_dir, digits_tokenizer, tmp_path):
     overrides = {
         "run.dir": tmp_path,
         "run.name": "run",
@@ -78,6 +78,8 @@ def test_digits_config_trains_on_two_ranks(config, digits_dir, tmp_path):
         "logging.progress": "false",
         "logging.plots": "false",
     }
+    if load_config(ROOT / config).data.tokenizer == "bpe":  # the one `make train` learns
+        overrides["data.tokenizer_path"] = digits_tokenizer
     args = [f"{k}={v}" for k, v in overrides.items()]
     proc = run_torchrun(2, "train", "--config", config, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
