@@ -97,6 +97,10 @@ def prepare(cfg: Config) -> None:
             "use deepspeed.precision=bf16 or fp32 on this machine"
         )
     build_sources(cfg.data.train_shards, cfg.data.train_weights, "data.train_shards")
+    if cfg.data.tokenizer == "bpe":  # a missing or broken tokenizer.json: one line, now
+        from dist_contrast.data.tokenizer import build_tokenizer
+
+        build_tokenizer("bpe", cfg.data.tokenizer_path, cfg.data.context_length)
     check_run_dir(cfg)
     checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
 

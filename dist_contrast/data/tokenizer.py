@@ -113,7 +113,10 @@ class BPETokenizer(Tokenizer):
 
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"tokenizer file '{path}' does not exist")
+            raise DataError(
+                f"tokenizer file '{path}' does not exist (train one with `dist-contrast "
+                f"tokenizer train --shards SHARDS --vocab-size N --out {path}`)"
+            )
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as exc:  # the library raises a bare Exception for a bad file
