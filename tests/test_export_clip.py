@@ -37,6 +37,7 @@ def test_clip_run_exports_image_text_and_heads(tmp_path):
         "data.views": 1,
         "data.tokenizer": "bpe",
         "data.tokenizer_path": bpe,
+        "data.context_length": 32,
         "data.require_caption": "true",
         "method.name": "clip",
         "method.queues": "false",
