@@ -14,9 +14,6 @@ Layout of an export directory::
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -66,51 +63,6 @@ def check_state(module: nn.Module, state: dict[str, torch.Tensor], where: str) -
 def tower_kind(name: str) -> str:
     """``image`` / ``text`` for encoder towers, ``weights`` for the rest (heads)."""
     return name if name in ENCODER_TOWERS else "weights"
-
-
-@dataclasses.dataclass
-class TokenizerSpec:
-    """The caption tokenizer a config names: ``<section>.tokenizer`` (``bytes`` or ``bpe``;
-    ``none``: no captions),
-    the path of a ``tokenizer.json`` (``<section>.tokenizer_path`` or ``tokenizer_file``) and
-    ``<section>.context_length`` (else ``model.context_length``, else the default)."""
-
-    section: str
-    kind: str
-    path_key: str | None
-    path: str | None
-    context_length: int
-
-
-def tokenizer_spec(cfg: Config) -> TokenizerSpec | None:
-    from dist_contrast.data.tokenizer import DEFAULT_CONTEXT_LENGTH
-
-    for field in dataclasses.fields(cfg):
-        sec = getattr(cfg, field.name)
-        kind = getattr(sec, "tokenizer", None)
-        if not isinstance(kind, str) or kind in ("", "none"):
-            continue
-        path_key = next((k for k in ("tokenizer_path", "tokenizer_file") if hasattr(sec, k)), None)
-        ctx = getattr(sec, "context_length", None) or getattr(cfg.model, "context_length", None)
-        return TokenizerSpec(
-            field.name,
-            kind,
-            path_key,
-            (getattr(sec, path_key) or None) if path_key else None,
-            int(ctx or DEFAULT_CONTEXT_LENGTH),
-        )
-    return None
-
-
-def build_spec_tokenizer(spec: TokenizerSpec | None, path: Path | None = None):
-    """The tokenizer of ``spec`` (``path`` replaces its file: the exported copy); the byte
-    tokenizer at the default context length when the config names none."""
-    from dist_contrast.data.tokenizer import build_tokenizer
-
-    if spec is None:
-        return build_tokenizer("bytes")
-    file = str(path) if path is not None and spec.kind != "bytes" else spec.path
-    return build_tokenizer(spec.kind, file, spec.context_length)
 
 
 def example_input(kind: str, cfg: Config, tokenizer=None, batch: int = 2) -> torch.Tensor:

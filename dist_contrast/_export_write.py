@@ -30,14 +30,13 @@ from dist_contrast._export_common import (
     VERSION,
     WEIGHTS,
     ExportError,
-    build_spec_tokenizer,
     check_state,
     example_input,
-    tokenizer_spec,
     tower_kind,
 )
 from dist_contrast._export_formats import write_onnx, write_torchscript
 from dist_contrast.config import Config, save_config
+from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.errors import CheckpointError
 from dist_contrast.evaluate import load_run
 from dist_contrast.methods import build_method
@@ -135,8 +134,13 @@ def _world_size(step_dir: Path) -> int:
 
 def _write_all(run_dir: Path, cfg: Config, step_dir: Path, tmp: Path, opts) -> dict:
     method = trained_method(cfg, step_dir)
-    spec = tokenizer_spec(cfg)
-    tok = build_spec_tokenizer(spec)
+    d = cfg.data
+    if d.tokenizer == "bpe" and not Path(d.tokenizer_path).is_file():
+        raise ExportError(
+            f"the run's tokenizer file '{d.tokenizer_path}' (data.tokenizer_path) is missing: "
+            "run the export where the training found it"
+        )
+    tok = tokenizer_for(d)
     manifest: dict = {
         "format": FORMAT,
         "version": VERSION,
@@ -149,15 +153,10 @@ def _write_all(run_dir: Path, cfg: Config, step_dir: Path, tmp: Path, opts) -> d
         "tokenizer": None,
         "towers": {},
     }
-    if spec is not None:
-        manifest["tokenizer"] = {"kind": spec.kind, "context_length": spec.context_length}
-        if spec.kind == "bpe":
-            if not spec.path or not Path(spec.path).is_file():
-                raise ExportError(
-                    f"the run's tokenizer file '{spec.path}' ({spec.section}.{spec.path_key}) "
-                    "is missing: run the export where the training found it"
-                )
-            shutil.copyfile(spec.path, tmp / TOKENIZER_JSON)
+    if tok is not None:
+        manifest["tokenizer"] = {"kind": d.tokenizer, "context_length": d.context_length}
+        if d.tokenizer == "bpe":
+            shutil.copyfile(d.tokenizer_path, tmp / TOKENIZER_JSON)
             manifest["tokenizer"]["file"] = TOKENIZER_JSON
     for name, module in method.towers().items():
         if not module.state_dict():

@@ -22,6 +22,7 @@ from dist_contrast.data.augment import DeviceAugment
 from dist_contrast.data.pipeline import TrainLoader, train_loader
 from dist_contrast.data.sources import build_sources, mix_seed
 from dist_contrast.data.tario import FAULT_REASONS
+from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.errors import CheckpointError, ConfigError, DivergedError
 from dist_contrast.guard import StepGuard
 from dist_contrast.methods import LossOutput, Method, build_method
@@ -97,10 +98,7 @@ def prepare(cfg: Config) -> None:
             "use deepspeed.precision=bf16 or fp32 on this machine"
         )
     build_sources(cfg.data.train_shards, cfg.data.train_weights, "data.train_shards")
-    if cfg.data.tokenizer == "bpe":  # a missing or broken tokenizer.json: one line, now
-        from dist_contrast.data.tokenizer import build_tokenizer
-
-        build_tokenizer("bpe", cfg.data.tokenizer_path, cfg.data.context_length)
+    tokenizer_for(cfg.data)  # a missing or broken tokenizer.json: one line, before any rank
     check_run_dir(cfg)
     checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_contrast.config import Config, EvalConfig
-from dist_contrast.data.tokenizer import Tokenizer, build_tokenizer
+from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
 from dist_contrast.errors import DataError
 
 RECALL_AT = (1, 5, 10)
@@ -131,16 +131,11 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_tokenizer(cfg: Config) -> Tokenizer:
-    d = cfg.data
-    return build_tokenizer(d.tokenizer, d.tokenizer_path or None, d.context_length)
-
-
 def method_scores(cfg: Config, method, images, labels, captions) -> dict:
     """:func:`clip_scores` of a CLIP method (its ``encode_image`` / ``encode_text``)."""
     method.eval()
     return clip_scores(
-        method.encode_image, method.encode_text, run_tokenizer(cfg), images, labels, captions,
+        method.encode_image, method.encode_text, tokenizer_for(cfg.data), images, labels, captions,
         cfg.eval,
     )
 

@@ -31,13 +31,12 @@ from dist_contrast._export_common import (
     TEXT,
     TOKENIZER_JSON,
     ExportError,
-    build_spec_tokenizer,
     check_state,
-    tokenizer_spec,
 )
 from dist_contrast._export_write import ExportOptions, export_run
 from dist_contrast.config import Config, DataConfig, load_config
 from dist_contrast.data.augment import Normalize, resize_view
+from dist_contrast.data.tokenizer import tokenizer_for
 
 
 class Preprocess:
@@ -151,9 +150,8 @@ def _export_dir(path: Path) -> tuple[Path, str | None]:
 
 def _config(folder: Path) -> Config:
     cfg = load_config(folder / CONFIG_YAML)
-    spec = tokenizer_spec(cfg)
-    if spec is not None and spec.path_key and (folder / TOKENIZER_JSON).is_file():
-        setattr(getattr(cfg, spec.section), spec.path_key, str(folder / TOKENIZER_JSON))
+    if cfg.data.tokenizer == "bpe" and (folder / TOKENIZER_JSON).is_file():
+        cfg.data.tokenizer_path = str(folder / TOKENIZER_JSON)  # the export's own copy
     return cfg
 
 
@@ -182,10 +180,7 @@ def load_encoder(
     if info["kind"] == "image":
         loaded.preprocess = Preprocess(cfg.data, device)
     elif tower == TEXT:
-        file = folder / TOKENIZER_JSON
-        loaded.tokenizer = build_spec_tokenizer(
-            tokenizer_spec(cfg), file if file.is_file() else None
-        )
+        loaded.tokenizer = tokenizer_for(cfg.data)
     return loaded
 
 

@@ -33,7 +33,7 @@ from dist_contrast.data.augment import (
 from dist_contrast.data.decode import Decoded, decode_or_count
 from dist_contrast.data.sources import Reader, Source, check_readers, mix, mix_seed
 from dist_contrast.data.tario import FAULT_REASONS, Faults, tar_samples
-from dist_contrast.data.tokenizer import Tokenizer, build_tokenizer
+from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
 from dist_contrast.errors import DataError
 
 
@@ -77,11 +77,8 @@ class ReaderStream(IterableDataset):
 
     @property
     def tokenizer(self) -> Tokenizer | None:
-        d = self.data
-        if self._tokenizer is None and d.tokenizer != "none":
-            self._tokenizer = build_tokenizer(
-                d.tokenizer, d.tokenizer_path or None, d.context_length
-            )
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer_for(self.data)
         return self._tokenizer
 
     def __getstate__(self) -> dict:  # sent to the workers without a built tokenizer

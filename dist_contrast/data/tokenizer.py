@@ -223,3 +223,13 @@ def build_tokenizer(
             )
         return BPETokenizer.load(path, context_length)
     raise UserError(f"unknown tokenizer '{kind}' (expected one of: {', '.join(TOKENIZER_KINDS)})")
+
+
+def tokenizer_for(data, path: str | Path | None = None) -> Tokenizer | None:
+    """The caption tokenizer a run's ``data`` config names (``data.tokenizer``,
+    ``data.tokenizer_path``, ``data.context_length``), or None for ``none``. ``path`` replaces
+    the ``tokenizer.json`` of a BPE tokenizer (an export's own copy)."""
+    if data.tokenizer == "none":
+        return None
+    file = str(path or data.tokenizer_path) if data.tokenizer == "bpe" else None
+    return build_tokenizer(data.tokenizer, file, data.context_length)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dist_contrast.config import Config, LossConfig
-from dist_contrast.data.tokenizer import build_tokenizer
+from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.losses import clip_loss, siglip_loss
 from dist_contrast.losses._common import upcast
 from dist_contrast.methods._choice import check_loss_name
@@ -221,7 +221,7 @@ class CLIP(Method):
 def build(cfg: Config) -> CLIP:
     name = check_loss_name(cfg, ("clip", "siglip"))
     d, loss, m = cfg.data, cfg.loss, cfg.method
-    tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path or None, d.context_length)
+    tokenizer = tokenizer_for(d)  # the config check makes it a real one
     image_encoder = build_encoder(cfg.model, d.channels, d.image_size)
     text_encoder = build_text_encoder(
         cfg.text,
