@@ -38,6 +38,11 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def loss(self, emb: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> LossOutput:
         """The objective over the embeddings of the whole (per-rank) batch."""
 
+    def embed_online(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The embeddings that carry gradient: all of :meth:`embed` unless a method also embeds
+        with a momentum copy (whose outputs the surrogate pass of cached accumulation skips)."""
+        return self.embed(batch)
+
     def loss_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the objective itself (a learnable temperature)."""
         return []
@@ -71,7 +76,7 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         if mode == "surrogate":
             # sum <embedding, cached dL/dembedding> (+ <loss param, its cached gradient>): its
             # gradient is the chain rule's contribution of this micro-batch.
-            emb = self.embed(batch)
+            emb = self.embed_online(batch)
             total = sum((upcast(emb[k]) * grads[k]).sum() for k in emb)
             for p, g in zip(self.loss_parameters(), param_grads or [], strict=False):
                 total = total + (p * g).sum()

@@ -29,7 +29,6 @@ from torch import nn
 from dist_contrast.config import Config, LossConfig
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.losses import clip_loss, siglip_loss
-from dist_contrast.losses._common import upcast
 from dist_contrast.methods._choice import check_loss_name
 from dist_contrast.methods.base import LossOutput, Method
 from dist_contrast.methods.moco import Pending, calls_per_step
@@ -156,15 +155,6 @@ class CLIP(Method):
                 emb["image_m"] = self.queues.image(batch["view1"])
                 emb["text_m"] = self.queues.text(batch["tokens"])
         return emb
-
-    def forward(self, batch, mode="train", cache=None, grads=None, param_grads=None):
-        if mode == "surrogate":  # the momentum features carry no gradient: online towers only
-            emb = self.embed_online(batch)
-            total = sum((upcast(emb[k]) * grads[k]).sum() for k in emb)
-            for p, g in zip(self.loss_parameters(), param_grads or [], strict=False):
-                total = total + (p * g).sum()
-            return total
-        return super().forward(batch, mode, cache, grads, param_grads)
 
     def loss(self, emb, batch) -> LossOutput:
         metrics = {"logit_scale": self.logit_scale()}

@@ -32,7 +32,6 @@ from dist_contrast import distributed
 from dist_contrast.config import Config
 from dist_contrast.data.sources import mix_seed
 from dist_contrast.losses import InfoNCELoss
-from dist_contrast.losses._common import upcast
 from dist_contrast.methods._choice import check_loss_name
 from dist_contrast.methods.base import LossOutput, Method
 from dist_contrast.models import build_encoder, build_head, build_predictor
@@ -110,12 +109,6 @@ class MomentumMethod(Method):
     def embed_online(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The embeddings with gradient (the surrogate pass of cached accumulation needs only
         these: the twin's outputs carry no gradient)."""
-
-    def forward(self, batch, mode="train", cache=None, grads=None, param_grads=None):
-        if mode == "surrogate":
-            emb = self.embed_online(batch)
-            return sum((upcast(emb[k]) * grads[k]).sum() for k in emb)
-        return super().forward(batch, mode, cache, grads, param_grads)
 
     def momentum_at(self, step: int, total: int) -> float:
         """The momentum of the update after the ``step``-th step (1-based)."""
