@@ -15,29 +15,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dist_contrast.config import Config, EvalConfig
 from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
 from dist_contrast.errors import DataError
+from dist_contrast.evaluate import embed
 
 RECALL_AT = (1, 5, 10)
-Encode = Callable[[torch.Tensor], torch.Tensor]
-
-
-@torch.no_grad()
-def features(encode: Encode, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """L2-normalised float features of ``inputs``, in batches."""
-    out = [encode(inputs[i : i + batch_size]).float() for i in range(0, len(inputs), batch_size)]
-    return F.normalize(torch.cat(out), dim=1)
-
-
 def class_embeddings(
-    encode_text: Encode,
+    text_tower: nn.Module,
     tokenizer: Tokenizer,
     classes: Sequence[str],
     templates: Sequence[str],
@@ -45,7 +37,7 @@ def class_embeddings(
 ) -> torch.Tensor:
     """[C, D]: per class, the normalised mean of the normalised prompt embeddings."""
     prompts = [t.format(c) for c in classes for t in templates]
-    emb = features(encode_text, tokenizer(prompts), batch_size)
+    emb = embed(text_tower, tokenizer(prompts), batch_size)
     return F.normalize(emb.view(len(classes), len(templates), -1).mean(dim=1), dim=1)
 
 
@@ -80,8 +72,8 @@ def recall_at(
 
 
 def clip_scores(
-    encode_image: Encode,
-    encode_text: Encode,
+    image_tower: nn.Module,
+    text_tower: nn.Module,
     tokenizer: Tokenizer,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -90,7 +82,7 @@ def clip_scores(
 ) -> dict:
     """Zero-shot top-1 (when the samples carry labels) and retrieval recall (when they carry
     captions) of one model on one labelled / captioned set."""
-    img = features(encode_image, images, ev.batch_size)
+    img = embed(image_tower, images, ev.batch_size)
     out: dict = {}
     if bool((labels >= 0).all()):
         if int(labels.max()) >= len(ev.zeroshot_classes):
@@ -99,11 +91,11 @@ def clip_scores(
                 f"{len(ev.zeroshot_classes)} classes"
             )
         emb = class_embeddings(
-            encode_text, tokenizer, ev.zeroshot_classes, ev.zeroshot_templates, ev.batch_size
+            text_tower, tokenizer, ev.zeroshot_classes, ev.zeroshot_templates, ev.batch_size
         )
         out["zeroshot_top1"] = zeroshot_top1(img, labels, emb)
     if all(c is not None for c in captions):
-        txt = features(encode_text, tokenizer(list(captions)), ev.batch_size)
+        txt = embed(text_tower, tokenizer(list(captions)), ev.batch_size)
         rel, rule = relevance(labels, captions)
         out["retrieval_match"] = rule
         for name, (q, items, r) in {"i2t": (img, txt, rel), "t2i": (txt, img, rel.T)}.items():
@@ -132,10 +124,9 @@ def summary(result: dict) -> str:
 
 
 def method_scores(cfg: Config, method, images, labels, captions) -> dict:
-    """:func:`clip_scores` of a CLIP method (its ``encode_image`` / ``encode_text``)."""
-    method.eval()
+    """:func:`clip_scores` of a CLIP method (its image and text towers, projections included)."""
     return clip_scores(
-        method.encode_image, method.encode_text, tokenizer_for(cfg.data), images, labels, captions,
+        method.image, method.text, tokenizer_for(cfg.data), images, labels, captions,
         cfg.eval,
     )
 
@@ -154,8 +145,8 @@ def evaluate_export(folder: str | Path, data: str, val_data: str | None = None) 
     images, labels, captions = read_captioned(resolve_shards(spec, "--data"), cfg.data)
     heads = _projections(folder)
     return clip_scores(
-        lambda x: heads["image_proj"](image.module(x)),
-        lambda ids: heads["text_proj"](text.module(ids)),
+        nn.Sequential(image.module, heads["image_proj"]),
+        nn.Sequential(text.module, heads["text_proj"]),
         text.tokenizer,
         images,
         labels,
