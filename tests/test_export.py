@@ -140,21 +140,24 @@ def test_loaded_encoder_equals_training_encoder(runs, exported, digits_dir):
     assert torch.equal(enc.embed(pil), reference(x[:8]).detach())
 
 
-def test_torchscript_and_onnx_match_the_module(exported, digits_dir):
+def assert_formats_match(tower_dir: Path, input_name: str, x: torch.Tensor, want: torch.Tensor):
+    """The tower's TorchScript (1e-5) and ONNX Runtime (1e-4) outputs equal ``want`` on ``x``."""
     import onnxruntime as ort
 
+    scripted = torch.jit.load(str(tower_dir / "model.pt"))
+    torch.testing.assert_close(scripted(x), want, rtol=1e-5, atol=1e-5)
+    sess = ort.InferenceSession(str(tower_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {input_name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_torchscript_and_onnx_match_the_module(exported, digits_dir):
     folder = exported[3]
     enc = load_encoder(folder / "image")  # a tower folder names its tower
     x = enc.preprocess(val_images(digits_dir, 5))
     with torch.no_grad():
         want = enc.module(x)
-    scripted = torch.jit.load(str(folder / "image" / "model.pt"))
-    torch.testing.assert_close(scripted(x), want, rtol=1e-5, atol=1e-5)
-    sess = ort.InferenceSession(
-        str(folder / "image" / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
-    (got,) = sess.run(None, {"images": x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+    assert_formats_match(folder / "image", "images", x, want)
     info = json.loads((folder / "export.json").read_text())["towers"]["image"]
     assert info["torchscript"] == "image/model.pt" and info["onnx"] == "image/model.onnx"
     assert info["output_dim"] == want.shape[1]
