@@ -139,6 +139,11 @@ def _validate_image_text(cfg: Config) -> None:
         "momentum queues go with loss.name=clip (a softmax over the queue)",
     )
     _check(
+        not (cfg.method.queues and loss.gather == "off"),
+        "loss.gather",
+        "must be all with method.queues (the queue form scores against the gathered batch)",
+    )
+    _check(
         not (cfg.method.queues and loss.logits == "full"),
         "loss.logits",
         "must be local with method.queues (the momentum keys carry no gradient: each rank "

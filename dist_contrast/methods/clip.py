@@ -34,7 +34,7 @@ from dist_contrast.methods.base import LossOutput, Method
 from dist_contrast.methods.moco import Pending, calls_per_step
 from dist_contrast.models import build_encoder, build_text_encoder
 from dist_contrast.negatives import ShardedQueue
-from dist_contrast.negatives.momentum import ema_update, make_target, momentum_at
+from dist_contrast.negatives.momentum import ema_update, make_target, scheduled_momentum
 from dist_contrast.negatives.queue import queue_clip_loss
 
 
@@ -180,9 +180,9 @@ class CLIP(Method):
         self.step = step
         if self.queues is None:
             return
-        m = self.momentum
-        if self.schedule == "cosine":
-            m = momentum_at(step - 1, total_steps, self.momentum, self.momentum_final)
+        m = scheduled_momentum(
+            step, total_steps, self.momentum, self.momentum_final, self.schedule
+        )
         ema_update(self.queues.image, self.image, m)
         ema_update(self.queues.text, self.text, m)
         taken = self.queues.pending.take()  # this step's momentum features (none if skipped)

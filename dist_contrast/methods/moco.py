@@ -36,7 +36,7 @@ from dist_contrast.methods._choice import check_loss_name
 from dist_contrast.methods.base import LossOutput, Method
 from dist_contrast.models import build_encoder, build_head, build_predictor
 from dist_contrast.negatives import ShardedQueue
-from dist_contrast.negatives.momentum import ema_update, make_target, momentum_at
+from dist_contrast.negatives.momentum import ema_update, make_target, scheduled_momentum
 
 
 class Pending:
@@ -112,9 +112,7 @@ class MomentumMethod(Method):
 
     def momentum_at(self, step: int, total: int) -> float:
         """The momentum of the update after the ``step``-th step (1-based)."""
-        if self.schedule == "constant":
-            return self.momentum
-        return momentum_at(step - 1, total, self.momentum, self.momentum_final)
+        return scheduled_momentum(step, total, self.momentum, self.momentum_final, self.schedule)
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         m = self.momentum_at(step, total_steps)

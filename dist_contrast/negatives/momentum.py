@@ -22,6 +22,14 @@ def momentum_at(step: int, total: int, base: float, final: float = 1.0) -> float
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
+def scheduled_momentum(
+    step: int, total: int, base: float, final: float = 1.0, schedule: str = "constant"
+) -> float:
+    """The momentum of the EMA update after the ``step``-th optimizer step (1-based):
+    ``base`` throughout ("constant"), or :func:`momentum_at` ("cosine")."""
+    return base if schedule == "constant" else momentum_at(step - 1, total, base, final)
+
+
 def _ema(t: torch.Tensor, o: torch.Tensor, momentum: float) -> None:
     if t.shape != o.shape:
         raise ValueError(f"momentum twin has another shape: {tuple(t.shape)} vs {tuple(o.shape)}")
