@@ -2,6 +2,7 @@ import io
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -33,6 +34,39 @@ def test_crop_view_takes_the_box_it_is_given():
     flipped = crop_view(Image.fromarray(arr), Crop(cx=25, cy=15, w=20, h=10, flip=True), 8, 1)
     plain = crop_view(Image.fromarray(arr), Crop(cx=25, cy=15, w=20, h=10), 8, 1)
     assert torch.equal(flipped, plain.flip(-1))
+
+
+@pytest.mark.parametrize(
+    "channels, src, crop, size",
+    [
+        (3, (300, 200), Crop(cx=120.3, cy=90.8, w=150.6, h=110.2), 96),  # downscale
+        (3, (300, 200), Crop(cx=40.0, cy=30.0, w=24.4, h=30.6, flip=True), 64),  # upscale
+        (1, (64, 48), Crop(cx=32.0, cy=24.0, w=64.0, h=48.0), 100),  # whole image, gray
+    ],
+)
+def test_crop_view_matches_pillow_resize_of_the_integer_box(channels, src, crop, size):
+    """Reference: what torchvision's RandomResizedCrop does to a PIL image: the crop rounded to
+    whole pixels cut out (``crop``), then Pillow's bilinear ``resize``, flipped with Pillow."""
+    rng = np.random.default_rng(0)
+    shape = (12, 16, 3) if channels == 3 else (12, 16)
+    low = rng.integers(0, 256, shape, dtype=np.uint8)
+    im = Image.fromarray(low).resize(src, Image.Resampling.BICUBIC)  # smooth, like a photo
+    im = Image.fromarray(np.asarray(im) // 2 + rng.integers(0, 64, np.asarray(im).shape, np.uint8))
+    box = (
+        round(crop.cx - crop.w / 2),
+        round(crop.cy - crop.h / 2),
+        round(crop.cx - crop.w / 2) + round(crop.w),
+        round(crop.cy - crop.h / 2) + round(crop.h),
+    )
+    ref = im.crop(box).resize((size, size), Image.Resampling.BILINEAR)
+    if crop.flip:
+        ref = ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    ref_t = torch.from_numpy(np.asarray(ref).reshape(size, size, channels).copy()).permute(2, 0, 1)
+    out = crop_view(im, crop, size, channels)
+    assert out.shape == (channels, size, size) and out.dtype == torch.uint8
+    diff = (out.int() - ref_t.int()).abs()
+    # torch's uint8 filter rounds its fixed-point sums a little differently: one grey level
+    assert diff.max() <= 1 and diff.float().mean() < 0.05, (diff.max(), diff.float().mean())
 
 
 def test_jpeg_draft_decode_matches_a_full_decode_closely():

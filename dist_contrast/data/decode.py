@@ -99,8 +99,10 @@ def decode_sample(sample: dict, max_pixels: int, require_caption: bool) -> Decod
 
 def to_mode(im: Image.Image, channels: int) -> Image.Image:
     """Decode the pixels (the expensive part; corrupt data surfaces here) in the wanted mode."""
+    mode = "L" if channels == 1 else "RGB"
     try:
-        return im.convert("L" if channels == 1 else "RGB")
+        im.load()
+        return im if im.mode == mode else im.convert(mode)  # convert copies even in-mode
     except Exception as exc:
         raise SkipSample("corrupt_image", f"cannot decode image: {exc}") from None
 

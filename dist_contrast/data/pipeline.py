@@ -25,8 +25,7 @@ from dist_contrast.config import AugmentConfig, DataConfig
 from dist_contrast.data.augment import (
     Crop,
     Normalize,
-    crop_view,
-    draft_for,
+    crop_views,
     resize_view,
     sample_crop,
 )
@@ -119,15 +118,12 @@ class ReaderStream(IterableDataset):
         big = [crop((a.crop_scale_min, a.crop_scale_max)) for _ in range(d.views)]
         small = [crop((a.small_scale_min, a.small_scale_max)) for _ in range(a.small_crops)]
         # one decode for all the crops, at the scale the most demanding one needs
-        draft_for(dec.image, [(c, d.image_size) for c in big] + [(c, a.small_size) for c in small])
-        out: dict[str, Any] = {
-            key: crop_view(dec.image, c, d.image_size, d.channels, (w, h))
-            for key, c in zip(("view1", "view2")[: d.views], big, strict=True)
-        }
+        crops = [(c, d.image_size) for c in big] + [(c, a.small_size) for c in small]
+        views = crop_views(dec.image, crops, d.channels, (w, h))
+        keys = ("view1", "view2")[: d.views]
+        out: dict[str, Any] = dict(zip(keys, views[: len(big)], strict=True))
         if small:
-            out["small_crops"] = torch.stack(
-                [crop_view(dec.image, c, a.small_size, d.channels, (w, h)) for c in small]
-            )
+            out["small_crops"] = torch.stack(views[len(big) :])
         out.update(label=dec.label, index=dec.index)
         if dec.caption is not None:
             out["caption"] = dec.caption
