@@ -198,3 +198,39 @@ def _check_bank(world, sizes, results):
 )
 def test_ranks_equal_one_process_with_the_whole_bank(world, sizes, tile):
     _check_bank(world, sizes, run_ranks(_rank_bank, world, sizes, tile))
+
+
+# --------------------------------------------------------------------------------------------
+# The whole bank as negatives (method.bank_negatives=0): InstDisc's softmax over all n rows
+
+
+def _naive_whole_bank_softmax(feats: torch.Tensor, idx: torch.Tensor, bank: torch.Tensor):
+    """mean_i -log( exp(v_{idx_i} . f_i / T) / sum_j exp(v_j . f_i / T) ), j over all n rows."""
+    total = feats.new_zeros(())
+    for f, i in zip(F.normalize(feats, dim=1), idx, strict=True):
+        denominator = sum((v @ f / T).exp() for v in bank)
+        total = total - (bank[i] @ f / T - denominator.log())
+    return total / len(idx)
+
+
+def _rank_whole_bank(rank: int, world: int, sizes: tuple[int, ...]):
+    bank = MemoryBank(N_DATA, D, dtype=torch.float64)
+    idx_all, feats_all = _inputs(sum(sizes), 7)
+    start = sum(sizes[:rank])
+    idx, feats = idx_all[start : start + sizes[rank]], feats_all[start : start + sizes[rank]]
+    feats = feats.clone().requires_grad_(True)
+    loss = bank_loss(feats, bank.fetch(idx), bank.rows, T, mode="softmax", whole_bank=True)
+    (grad,) = torch.autograd.grad(loss, feats)
+    return float(loss.detach()), grad
+
+
+@pytest.mark.parametrize("world, sizes", [(1, (6,)), (2, (4, 3))])
+def test_whole_bank_softmax_counts_each_row_once(world, sizes):
+    idx, feats = _inputs(sum(sizes), 7)
+    feats.requires_grad_(True)
+    want = _naive_whole_bank_softmax(feats, idx, _full_bank())
+    (want_g,) = torch.autograd.grad(want, feats)
+    results = run_ranks(_rank_whole_bank, world, sizes)
+    assert sum(r[0] for r in results) / world == pytest.approx(float(want), rel=1e-11)
+    got_g = torch.cat([r[1] for r in results]) / world
+    assert torch.allclose(got_g, want_g, rtol=1e-9, atol=1e-13)

@@ -8,7 +8,8 @@ and against negatives of every rank's shard:
 - ``loss.name=nce``: InstDisc's NCE with ``method.bank_negatives`` (m = 4096 in the paper)
   rows sampled per rank and step, Z estimated once on the first step and kept;
 - ``loss.name=infonce``: the non-parametric softmax (cross-entropy of the positive among the
-  positive and the negatives); ``method.bank_negatives=0`` takes the whole bank.
+  positive and the negatives); ``method.bank_negatives=0`` takes the whole bank, the
+  paper's softmax over all n rows (the sample's own row counted once, as the positive).
 
 ``method.bank_proximal`` = lambda adds the proximal term ``lambda ||f_i - v_i||^2``. After each
 step the rows of the step's samples follow ``v <- normalize(m v + (1 - m) f)`` with
@@ -89,6 +90,7 @@ class InstDisc(Method):
             z=z,
             proximal=self.proximal,
             tile=self.bank.tile,
+            whole_bank=self.k == 0,
         )
         self.pending.add(index, f)
         return LossOutput(loss)

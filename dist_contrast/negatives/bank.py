@@ -97,6 +97,7 @@ def bank_loss(
     z: float | None = None,
     proximal: float = 0.0,
     tile: int | None = None,
+    whole_bank: bool = False,
 ) -> torch.Tensor:
     """InstDisc's objective with the negatives sampled on every rank (a collective).
 
@@ -108,6 +109,9 @@ def bank_loss(
     as there: all rows L2-normalised, similarities divided by ``temperature``;
 
     - ``mode="softmax"``: cross-entropy of the positive among the 1 + K (distributed LSE);
+      with ``whole_bank`` the negatives are every rank's whole shard, which holds each
+      sample's own row already: the denominator is then the bank's K rows alone, each once
+      (InstDisc's ``P(i | v) = exp(v_i . f / T) / sum_j exp(v_j . f / T)`` over all n rows);
     - ``mode="nce"``: ``-log h(pos) - sum_neg log(1 - h(neg))``, ``h = P / (P + K / n_data)``,
       ``P = exp(s / T) / Z``; the sum over negatives is a per-rank partial sum, all-reduced.
       ``Z`` is ``z`` or, if None, estimated from this step over every rank (no gradient);
@@ -134,7 +138,7 @@ def bank_loss(
         own = slice(offset, offset + f.shape[0])
         if mode == "softmax":
             lse_neg = combine_logsumexp(local_logsumexp(f_all, neg, temperature, tile))[own]
-            per_sample = torch.logaddexp(pos, lse_neg) - pos
+            per_sample = (lse_neg if whole_bank else torch.logaddexp(pos, lse_neg)) - pos
         else:
             neg_logits = f_all @ neg.T / temperature
             k_total = _total_negatives(negatives.shape[0])
