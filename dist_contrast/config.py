@@ -252,7 +252,16 @@ class EvalConfig:
     # defaults are the digits classes and templates held out from the digits captions.
     zeroshot_classes: list[str] = field(
         default_factory=lambda: [
-            "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
         ]
     )
     zeroshot_templates: list[str] = field(

@@ -28,6 +28,8 @@ from dist_contrast.errors import DataError
 from dist_contrast.evaluate import embed
 
 RECALL_AT = (1, 5, 10)
+
+
 def class_embeddings(
     text_tower: nn.Module,
     tokenizer: Tokenizer,
@@ -126,7 +128,12 @@ def summary(result: dict) -> str:
 def method_scores(cfg: Config, method, images, labels, captions) -> dict:
     """:func:`clip_scores` of a CLIP method (its image and text towers, projections included)."""
     return clip_scores(
-        method.image, method.text, tokenizer_for(cfg.data), images, labels, captions,
+        method.image,
+        method.text,
+        tokenizer_for(cfg.data),
+        images,
+        labels,
+        captions,
         cfg.eval,
     )
 

@@ -87,9 +87,7 @@ class SigLipLoss(nn.Module):
         self.gather, self.local = gather, local
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return siglip_loss(
-            image, text, self.logit_scale, self.logit_bias, self.gather, self.local
-        )
+        return siglip_loss(image, text, self.logit_scale, self.logit_bias, self.gather, self.local)
 
     def negatives_per_query(self, n_local: int, world: int) -> int:
         return n_local * (world if self.gather == "all" else 1) - 1

@@ -180,9 +180,7 @@ class CLIP(Method):
         self.step = step
         if self.queues is None:
             return
-        m = scheduled_momentum(
-            step, total_steps, self.momentum, self.momentum_final, self.schedule
-        )
+        m = scheduled_momentum(step, total_steps, self.momentum, self.momentum_final, self.schedule)
         ema_update(self.queues.image, self.image, m)
         ema_update(self.queues.text, self.text, m)
         taken = self.queues.pending.take()  # this step's momentum features (none if skipped)
