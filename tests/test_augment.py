@@ -40,7 +40,7 @@ def test_crop_view_takes_the_box_it_is_given():
     "channels, src, crop, size",
     [
         (3, (300, 200), Crop(cx=120.3, cy=90.8, w=150.6, h=110.2), 96),  # downscale
-        (3, (300, 200), Crop(cx=40.0, cy=30.0, w=24.4, h=30.6, flip=True), 64),  # upscale
+        (3, (300, 200), Crop(cx=40.0, cy=30.0, w=34.4, h=40.6, flip=True), 64),  # upscale
         (1, (64, 48), Crop(cx=32.0, cy=24.0, w=64.0, h=48.0), 100),  # whole image, gray
     ],
 )
@@ -67,6 +67,20 @@ def test_crop_view_matches_pillow_resize_of_the_integer_box(channels, src, crop,
     diff = (out.int() - ref_t.int()).abs()
     # torch's uint8 filter rounds its fixed-point sums a little differently: one grey level
     assert diff.max() <= 1 and diff.float().mean() < 0.05, (diff.max(), diff.float().mean())
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_crop_under_32_pixels_keeps_its_sub_pixel_box(flip):
+    """Reference: Pillow's bilinear ``resize`` from the exact fractional box (an 8 px digit
+    would lose most of its crop variety to whole-pixel rounding)."""
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    crop = Crop(cx=4.3, cy=3.9, w=5.6, h=6.3, flip=flip)
+    ref = im.resize((16, 16), Image.Resampling.BILINEAR, box=(1.5, 0.75, 7.1, 7.05))
+    if flip:
+        ref = ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = crop_view(im, crop, 16, 1)
+    assert torch.equal(out[0], torch.from_numpy(np.asarray(ref).copy()))
 
 
 def test_jpeg_draft_decode_matches_a_full_decode_closely():

@@ -4,10 +4,10 @@ batched on the training device (kornia). Both reproducible under a seed.
 Crop: random resized crop (area fraction and aspect ratio), an optional small rotation and
 shift, an optional horizontal flip. A crop inside the image is cut at whole pixels and resized
 with torch's anti-aliased bilinear filter on uint8 channels-last pixels (what torchvision's
-RandomResizedCrop does, about twice as fast per core as Pillow's resize); a rotated or shifted
-crop is one affine resampling. JPEGs are decoded once per image, at a reduced scale (DCT
-scaling, ``draft``) when every crop of it is much larger than its output, so large images cost
-little to crop small.
+RandomResizedCrop does, about twice as fast per core as Pillow's resize); a crop under 32 source
+pixels keeps its sub-pixel box (Pillow), and a rotated or shifted crop is one affine resampling.
+JPEGs are decoded once per image, at a reduced scale (DCT scaling, ``draft``) when every crop of
+it is much larger than its output, so large images cost little to crop small.
 """
 
 from __future__ import annotations
@@ -79,6 +79,11 @@ def draft_for(im: Image.Image, crops: list[tuple[Crop, int]]) -> None:
     im.draft(im.mode, (math.ceil(im.size[0] / factor), math.ceil(im.size[1] / factor)))
 
 
+# Crops narrower than this many source pixels keep their sub-pixel box: whole-pixel rounding
+# would be a large share of them (an 8 px digit), and they cost little to resample with Pillow.
+SUBPIXEL_BELOW = 32
+
+
 def crop_views(
     im: Image.Image,
     crops: list[tuple[Crop, int]],
@@ -90,11 +95,12 @@ def crop_views(
     Crops are in pixels of ``full_size`` (the image's size before any draft; default
     ``im.size``), also when ``im`` was decoded at a reduced scale already.
 
-    A crop inside the image (the random resized crops) is cut at integer pixels, as
-    torchvision's RandomResizedCrop cuts it, and resized with torch's anti-aliased bilinear
-    filter (uint8, channels-last: within a grey level or so of Pillow's ``resize`` and about 2x
-    cheaper on a CPU core); a rotated or shifted crop that leaves the image is one affine
-    resampling (Pillow), zero outside."""
+    A crop inside the image and at least ``SUBPIXEL_BELOW`` pixels wide and high (the random
+    resized crops of photos) is cut at whole pixels, as torchvision's RandomResizedCrop cuts
+    it, and resized with torch's anti-aliased bilinear filter on uint8 channels-last pixels
+    (within a grey level of Pillow's crop + resize, about half its CPU time). A smaller crop
+    is resized by Pillow from its exact sub-pixel box; a rotated crop, or one shifted out of
+    the image, is one affine resampling (Pillow), zero outside."""
     full_w = (full_size or im.size)[0]
     draft_for(im, crops)  # no-op when the pixels are decoded already
     im = to_mode(im, channels)
@@ -102,13 +108,13 @@ def crop_views(
     pixels: torch.Tensor | None = None
     out = []
     for crop, size in crops:
-        box = _int_box(crop.cx * f, crop.cy * f, crop.w * f, crop.h * f, im.size)
-        if crop.angle == 0 and box is not None:
-            if pixels is None:
-                pixels = _to_tensor(im, channels)[None]  # [1, C, H, W] over HWC memory
-            out.append(_resize_box(pixels, box, size, crop.flip))
-        else:
-            out.append(_affine(im, crop, size, channels, f))
+        box = _whole_pixel_box(crop, f, im.size)
+        if box is None:
+            out.append(_pillow_view(im, crop, size, channels, f))
+            continue
+        if pixels is None:
+            pixels = _to_tensor(im, channels)[None]  # [1, C, H, W] over HWC memory
+        out.append(_resize_box(pixels, box, size, crop.flip))
     return out
 
 
@@ -123,13 +129,17 @@ def crop_view(
     return crop_views(im, [(crop, size)], channels, full_size)[0]
 
 
-def _int_box(
-    cx: float, cy: float, w: float, h: float, im_size: tuple[int, int]
+def _whole_pixel_box(
+    crop: Crop, f: float, im_size: tuple[int, int]
 ) -> tuple[int, int, int, int] | None:
-    """The crop as integer (left, top, right, bottom) inside the image, or None when it reaches
-    outside by more than rounding."""
+    """The crop (scaled by ``f``) as whole-pixel (left, top, right, bottom) inside the image;
+    None when it is rotated, narrower than ``SUBPIXEL_BELOW`` or reaches outside the image by
+    more than rounding."""
+    cx, cy, w, h = crop.cx * f, crop.cy * f, crop.w * f, crop.h * f
+    if crop.angle != 0 or min(w, h) < SUBPIXEL_BELOW:
+        return None
     width, height = im_size
-    bw, bh = min(max(1, round(w)), width), min(max(1, round(h)), height)
+    bw, bh = min(round(w), width), min(round(h), height)
     left, top = round(cx - w / 2), round(cy - h / 2)
     if left < -1 or top < -1 or left + bw > width + 1 or top + bh > height + 1:
         return None
@@ -146,12 +156,20 @@ def _resize_box(
     return out.flip(-1) if flip else out
 
 
-def _affine(im: Image.Image, crop: Crop, size: int, channels: int, f: float) -> torch.Tensor:
+def _pillow_view(im: Image.Image, crop: Crop, size: int, channels: int, f: float) -> torch.Tensor:
+    """The crop resampled by Pillow from its exact box: a separable resize when it is not
+    rotated and lies inside the image, else one affine resampling."""
     k = int(min(crop.w, crop.h) * f / size)
     if k >= 2:  # integer box reduction first: an anti-aliased, cheap downscale
         im = im.reduce(k)
         f /= k
     cx, cy, sx, sy = crop.cx * f, crop.cy * f, crop.w * f / size, crop.h * f / size
+    box = _box_inside(cx, cy, crop.w * f, crop.h * f, im.size)
+    if crop.angle == 0 and box is not None:
+        out = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        if crop.flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return _to_tensor(out, channels)
     cos, sin = math.cos(math.radians(crop.angle)), math.sin(math.radians(crop.angle))
     fx = -1.0 if crop.flip else 1.0
     a, b, d, e = fx * sx * cos, -sy * sin, fx * sx * sin, sy * cos
@@ -159,6 +177,17 @@ def _affine(im: Image.Image, crop: Crop, size: int, channels: int, f: float) -> 
     coeffs = (a, b, cx - a * half - b * half, d, e, cy - d * half - e * half)
     out = im.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
     return _to_tensor(out, channels)
+
+
+def _box_inside(
+    cx: float, cy: float, w: float, h: float, im_size: tuple[int, int], eps: float = 1e-6
+) -> tuple[float, float, float, float] | None:
+    """The crop as (left, top, right, bottom) when it lies inside the image (up to rounding)."""
+    left, top, right, bottom = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    width, height = im_size
+    if left < -eps or top < -eps or right > width + eps or bottom > height + eps:
+        return None
+    return max(left, 0.0), max(top, 0.0), min(right, width), min(bottom, height)
 
 
 def resize_view(im: Image.Image, size: int, channels: int) -> torch.Tensor:
