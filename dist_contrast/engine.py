@@ -130,6 +130,8 @@ def _train(cfg: Config, env: distributed.DistEnv, stop: preempt.StopSignals | No
     trainer = Trainer(cfg, engine, scheduler, loader, env.rank, env.world_size)
     trainer.stop = stop
     trainer.resume()
+    with preempt.held():  # workers forked here never act on a stop signal
+        loader.start()  # the first batches are made while the logger (wandb) starts
     trainer.logger = MetricsLogger(run_dir, cfg, trainer.step, enabled=main)
     try:
         trainer.run()

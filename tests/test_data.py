@@ -1,4 +1,5 @@
 import json
+import multiprocessing
 import tarfile
 
 import pytest
@@ -82,6 +83,17 @@ def test_stream_is_reproducible_and_reshuffles_per_epoch(digits_dir):
     assert torch.equal(torch.cat(a), torch.cat(b))
     assert not torch.equal(torch.cat(a), torch.cat(c))
     assert sorted(torch.cat(a).tolist()) == sorted(torch.cat(c).tolist())
+
+
+def test_started_workers_run_ahead_and_deliver_the_same_batches(digits_dir):
+    shards = str(digits_dir / "train-00000[0-3].tar")
+    want = [b["index"] for b in _loader(shards, workers=2, batch=5).iter_epoch()]
+    loader = _loader(shards, workers=2, batch=5)
+    loader.start()
+    assert len(multiprocessing.active_children()) >= 2  # forked before a batch is asked for
+    loader.start()  # a no-op once started
+    got = [b["index"] for b in loader.iter_epoch()]
+    assert torch.equal(torch.cat(want), torch.cat(got))
 
 
 def test_views_are_uint8_crops_and_batches_full(digits_dir):

@@ -292,6 +292,12 @@ class TrainLoader:
         self.next_worker = 0
         self._reset_epoch()
 
+    def start(self) -> None:
+        """Start the workers now, from the current position: they fill their prefetch slots
+        while the caller does other set-up, and the first batch is ready when it is asked for.
+        A no-op once started (iterating starts them too)."""
+        self._items()
+
     def _items(self) -> Iterator[dict[str, Any]]:
         """The workers' tagged items; one DataLoader whose workers live across epochs,
         (re)started from the current position when needed."""
