@@ -245,11 +245,10 @@ def test_instdisc_bank_updates_the_rows_of_the_batch():
 
 
 def _naive_instdisc(f, index, rows, tau):
-    """Cross-entropy of each feature's own row among [own row, every bank row]."""
+    """Cross-entropy of each feature's own row among every bank row (InstDisc's softmax over
+    all n rows, the own row once)."""
     f = F.normalize(f, dim=1)
-    pos = (f * rows[index]).sum(dim=1, keepdim=True) / tau
-    logits = torch.cat([pos, f @ rows.T / tau], dim=1)
-    return F.cross_entropy(logits, torch.zeros(f.shape[0], dtype=torch.long))
+    return F.cross_entropy(f @ rows.T / tau, index.to(torch.long))
 
 
 def _instdisc_softmax_rank(rank, world):
