@@ -25,6 +25,7 @@ from dist_contrast._config_parse import (
     _split_override,
     dotted_keys,
 )
+from dist_contrast.data.shards import DIGIT_NAMES
 
 
 @dataclass
@@ -250,20 +251,7 @@ class EvalConfig:
     # Zero-shot (image-text runs): class i's text embedding is the mean over `zeroshot_templates`
     # ("{}" is replaced by the class name) of the normalised embeddings of the prompts. The
     # defaults are the digits classes and templates held out from the digits captions.
-    zeroshot_classes: list[str] = field(
-        default_factory=lambda: [
-            "zero",
-            "one",
-            "two",
-            "three",
-            "four",
-            "five",
-            "six",
-            "seven",
-            "eight",
-            "nine",
-        ]
-    )
+    zeroshot_classes: list[str] = field(default_factory=lambda: list(DIGIT_NAMES))
     zeroshot_templates: list[str] = field(
         default_factory=lambda: [
             "a drawing of the number {}",
