@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import package_version, sync, write_json  # noqa: E402
+from dist_contrast_bench.common import default_out, package_version, sync, write_json
 
 # dense bf16 peak, TFLOP/s, of the SXM parts (NVIDIA data sheets); matched on the device name
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -46,7 +44,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--loss-batches", default="65536,131072,262144")
     p.add_argument("--tile", type=int, default=4096)
     p.add_argument("--smoke", action="store_true", help="tiny model and batches (script check)")
-    p.add_argument("--out", default="bench/results/gpu.json")
+    p.add_argument("--out", default=default_out("gpu.json"))
     args = p.parse_args(argv)
     args.loss_batches = [int(x) for x in args.loss_batches.split(",")]
     return args

@@ -57,13 +57,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # bench files are loaded by path: their helpers live beside them
-    sys.path.insert(0, str(HERE))
-
-from _common import cpu_model, package_version, sync, usable_cores, write_json  # noqa: E402
-from _loader_data import SOURCE_SIZE, existing_shards, write_shards  # noqa: E402
-from _loader_pipelines import (  # noqa: E402
+from dist_contrast_bench.common import (
+    cpu_model,
+    default_out,
+    package_version,
+    sync,
+    usable_cores,
+    write_json,
+)
+from dist_contrast_bench.loader_data import SOURCE_SIZE, existing_shards, write_shards
+from dist_contrast_bench.loader_pipelines import (
     FLIP_PROB,
     PIPELINES,
     RATIO,
@@ -252,7 +255,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         default=1,
         help="torch threads of the per-pixel row on CPU (default 1: the cost per core)",
     )
-    p.add_argument("--out", default="bench/results/loader.json")
+    p.add_argument("--out", default=default_out("loader.json"))
     p.add_argument(
         "--quick",
         action="store_true",

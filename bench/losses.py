@@ -1,7 +1,7 @@
 """Forward + backward time and peak memory of every objective in dist_contrast.losses.
 
     dist-contrast bench losses [--sizes 256,1024,4096] [--dim 128] [--repeats 5] [--quick]
-    python -c "import sys; sys.path.insert(0, 'bench'); import losses; losses.main([])"
+    python -m dist_contrast_bench.losses [--quick]
 
 One process, no gather. Time: the median and the minimum over ``--repeats`` timed
 forward+backward passes after ``--warmup`` untimed ones (on a shared machine the minimum is the
@@ -20,17 +20,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from dist_contrast import losses as L
-
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # bench files are loaded by path: their helpers live beside them
-    sys.path.insert(0, str(HERE))
-
-from _common import cpu_model, profiled_peak_bytes, sync, write_json  # noqa: E402
+from dist_contrast_bench.common import (
+    cpu_model,
+    default_out,
+    profiled_peak_bytes,
+    sync,
+    write_json,
+)
 
 SAMPLES_PER_CLASS = 4
 QUEUE = 4096  # InfoNCE queue / NCE noise samples (InstDisc's K)
@@ -146,7 +146,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed passes first")
     p.add_argument("--queue", type=int, default=QUEUE, help="negatives of InfoNCE / NCE")
     p.add_argument("--losses", default="", help="only these, comma-separated")
-    p.add_argument("--out", default="bench/results/losses.json")
+    p.add_argument("--out", default=default_out("losses.json"))
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quick", action="store_true", help="B in {16, 32}, D 16, queue 64, 1 repeat")
     args = p.parse_args(argv)

@@ -6,7 +6,7 @@
 W processes (gloo on CPU, NCCL where there is a GPU per rank) each hold B/W query-key pairs and
 run ``info_nce`` with the keys of every rank gathered with gradient (the local loss, logits
 [B/W, B]): once on the full-matrix path and once with ``memory_efficient=True`` (the tiled
-softmax of ``dist_contrast.negatives.tiled``), in the same run, alternating, so the ratios
+softmax of ``dist_contrast.losses.kernels.tiled``), in the same run, alternating, so the ratios
 compare like with like. Rows:
 
 - ``--compare`` (global B 16,384): both paths; time = median (and min) over ``--repeats``
@@ -22,14 +22,14 @@ Memory: the peak of tensor bytes allocated during one step above what was alloca
 CPU by replaying the allocation and free events of the PyTorch profiler
 (``profile_memory=True``). Tensors only: not the allocator's cache, nor the rest of the process.
 
-If ``bench/negatives_queue.py`` exists, its ``queue_rows(quick)`` (the sharded MoCo queue) is
-run after the ranks finish and printed as a second table.
+Unless ``--no-queue``, ``queue_rows(quick)`` of ``dist_contrast_bench.negatives_queue`` (the
+sharded MoCo queue) is run after the ranks finish and printed as a second table.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -40,14 +40,16 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-if str(HERE) not in sys.path:  # bench files are loaded by path: their helpers live beside them
-    sys.path.insert(0, str(HERE))
+from dist_contrast_bench.common import (
+    cpu_model,
+    default_out,
+    profiled_peak_bytes,
+    sync,
+    write_json,
+)
+from dist_contrast_bench.negatives_report import _acceptance, _plot, _summarise, _table
 
-from _common import cpu_model, profiled_peak_bytes, sync, write_json  # noqa: E402
-from _negatives_report import _acceptance, _plot, _summarise, _table  # noqa: E402
-
+QUEUE_MODULE = "dist_contrast_bench.negatives_queue"
 DEFAULT_SERIES = "1024,2048,4096,8192,16384,32768,65536"
 
 
@@ -160,19 +162,16 @@ def _launch(plan: dict, world: int, timeout: float) -> list[list[dict]]:
             WORLD_SIZE=str(world),
             LOCAL_WORLD_SIZE=str(world),
             OMP_NUM_THREADS=str(plan["threads"]),
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
         )
         procs, outs, logs = [], [], []
         for rank in range(world):
             out, log = Path(tmp) / f"rank{rank}.json", Path(tmp) / f"rank{rank}.log"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(plan_path)]
-            cmd += ["--worker-out", str(out)]
+            cmd = [sys.executable, "-m", "dist_contrast_bench.negatives", "--worker"]
+            cmd += [str(plan_path), "--worker-out", str(out)]
             rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
             with log.open("w") as f:
                 procs.append(
-                    subprocess.Popen(
-                        cmd, env=rank_env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT
-                    )
+                    subprocess.Popen(cmd, env=rank_env, stdout=f, stderr=subprocess.STDOUT)
                 )
             outs.append(out)
             logs.append(log)
@@ -221,10 +220,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (a GPU per rank)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
-    p.add_argument("--out", default="bench/results/negatives.json")
-    p.add_argument("--plot", default="bench/results/negatives_memory.png")
+    p.add_argument("--out", default=default_out("negatives.json"))
+    p.add_argument("--plot", default=default_out("negatives_memory.png"))
     p.add_argument("--quick", action="store_true", help="small sizes (B <= 1024, D 32), 1 repeat")
-    p.add_argument("--no-queue", action="store_true", help="skip bench/negatives_queue.py")
+    p.add_argument("--no-queue", action="store_true", help="skip the sharded-queue rows")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -281,14 +280,9 @@ def _plan(args: argparse.Namespace) -> dict:
 
 
 def _queue_rows(quick: bool) -> tuple[list[dict] | None, str | None]:
-    """Rows of ``bench/negatives_queue.py`` if that file exists: (rows, error)."""
-    path = HERE / "negatives_queue.py"
-    if not path.is_file():
-        return None, None
+    """Rows of ``queue_rows(quick)`` of ``QUEUE_MODULE``: (rows, None), or (None, error)."""
     try:
-        spec = importlib.util.spec_from_file_location("bench_negatives_queue", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = importlib.import_module(QUEUE_MODULE)
         return list(module.queue_rows(quick)), None
     except Exception as exc:  # its own failure, reported beside this benchmark's results
         return None, f"{type(exc).__name__}: {exc}"
@@ -302,7 +296,7 @@ def _queue_table(rows: list[dict]) -> str:
 
     cells = [[cell(r.get(k, "")) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = ["sharded MoCo queue (bench/negatives_queue.py)"]
+    lines = ["sharded MoCo queue (dist-contrast bench negatives_queue)"]
     lines.append(" ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True)))
     lines += [" ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
@@ -345,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if queue:
         print(_queue_table(queue))
     if queue_error:
-        print(f"bench/negatives_queue.py failed: {queue_error}", file=sys.stderr)
+        print(f"{QUEUE_MODULE} failed: {queue_error}", file=sys.stderr)
     result = {
         "device": device,
         "torch": torch.__version__,

@@ -35,26 +35,21 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # bench files are loaded by path: their helpers live beside them
-    sys.path.insert(0, str(HERE))
-
-from _common import usable_cores, write_json  # noqa: E402
+from dist_contrast_bench.common import default_out, usable_cores, write_json
 
 TEMPERATURE = 0.2
 
 
 # --------------------------------------------------------------------------------------------
-# One rank (run as `python bench/negatives_queue.py --worker ...` under a gloo process group)
+# One rank (run as `python -m dist_contrast_bench.negatives_queue --worker ...` under a gloo
+# process group)
 
 
 class ReplicatedQueue:
     """The baseline: every rank holds all K_total keys; enqueue all-gathers every rank's keys."""
 
     def __init__(self, dim: int, size: int, seed: int) -> None:
-        from dist_contrast.negatives._rows import unit_rows
+        from dist_contrast.negatives.rows import unit_rows
 
         self.keys = unit_rows(torch.arange(size), dim, seed, torch.float32)
         self.ptr = 0
@@ -62,7 +57,7 @@ class ReplicatedQueue:
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         from dist_contrast.distributed import all_gather_no_grad
-        from dist_contrast.losses._common import normalize
+        from dist_contrast.losses.kernels.numerics import normalize
 
         rows = all_gather_no_grad(normalize(keys))
         slots = (self.ptr + torch.arange(rows.shape[0])) % self.keys.shape[0]
@@ -72,7 +67,7 @@ class ReplicatedQueue:
     def info_nce(self, q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
         """The same loss as ``ShardedQueue.info_nce``, with the same scoring kernel
         (``local_logsumexp``), on this rank's queries against its full copy: no collective."""
-        from dist_contrast.losses._common import fp32_region, normalize
+        from dist_contrast.losses.kernels.numerics import fp32_region, normalize
         from dist_contrast.negatives import local_logsumexp
 
         with fp32_region():
@@ -130,12 +125,13 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _launch(world, threads, result: Path, k_shard, dim, batch, repeats, warmup) -> dict:
-    """W worker processes of this file under one gloo group; rank 0's measurements."""
+    """W worker processes of this module under one gloo group; rank 0's measurements."""
     from dist_contrast.distributed import free_port
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env.update(WORLD_SIZE=str(world), OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--result", str(result)]
+    cmd = [sys.executable, "-m", "dist_contrast_bench.negatives_queue", "--worker"]
+    cmd += ["--result", str(result)]
     cmd += ["--k-shard", str(k_shard), "--dim", str(dim), "--batch", str(batch)]
     cmd += ["--repeats", str(repeats), "--warmup", str(warmup), "--threads", str(threads)]
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r))) for r in range(world)]
@@ -224,7 +220,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="queries per rank (default 256)")
     p.add_argument("--repeats", type=int, help="timed steps (default 9)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "negatives_queue.json"))
+    p.add_argument("--out", default=default_out("negatives_queue.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)

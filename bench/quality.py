@@ -2,9 +2,11 @@
 
     dist-contrast bench quality [--configs simclr,supcon] [--steps 200] [--nproc 2]
                                 [--set section.key=value ...] [--out bench/results/quality.json]
+                                [--root .]
 
-For each ``configs/*_digits.yaml`` (globbed when it runs; ``--configs`` picks some by name or
-path), train it on ``--nproc`` local ranks with ``launch/local.sh`` (what ``make train`` runs),
+For each ``configs/*_digits.yaml`` of the checkout ``--root`` (default: the current folder;
+globbed when it runs; ``--configs`` picks some by name or path), train it on ``--nproc`` local
+ranks with the checkout's ``launch/local.sh`` (what ``make train`` runs),
 then evaluate the last checkpoint (``dist-contrast eval``): kNN top-1 and linear-probe top-1 on
 the validation split, for the trained encoder and the same architecture at its initial
 weights. Runs go to ``runs/quality/<config>/`` (replaced on each call; the log of the training
@@ -28,27 +30,22 @@ from pathlib import Path
 import torch
 
 from dist_contrast.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # bench files are loaded by path: their helpers live beside them
-    sys.path.insert(0, str(HERE))
-
-from _common import cpu_model, usable_cores, write_json  # noqa: E402
+from dist_contrast_bench.common import cpu_model, default_out, usable_cores, write_json
 
 COLUMNS = ("knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init")
 
 
-def find_configs(names: str) -> list[Path]:
-    """The digits configs, all of them (sorted) or those named (``simclr`` or a path)."""
-    found = sorted((ROOT / "configs").glob("*_digits.yaml"))
+def find_configs(names: str, root: Path) -> list[Path]:
+    """The digits configs of ``root/configs``, all of them (sorted) or those named (``simclr``
+    or a path)."""
+    found = sorted((root / "configs").glob("*_digits.yaml"))
     if not names:
         return found
     picked = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         path = Path(name)
         if not path.is_file():
-            path = ROOT / "configs" / f"{name.removesuffix('_digits')}_digits.yaml"
+            path = root / "configs" / f"{name.removesuffix('_digits')}_digits.yaml"
         if not path.is_file():
             known = ", ".join(p.stem.removesuffix("_digits") for p in found)
             raise SystemExit(f"bench quality: no config {name!r} (known: {known})")
@@ -85,8 +82,8 @@ def train_and_eval(config: Path, args: argparse.Namespace) -> dict:
     name = config.stem.removesuffix("_digits")
     method = cfg.method.name if cfg.loss.name in (cfg.method.name, "ntxent") else None
     row: dict = {
-        "config": config.relative_to(ROOT).as_posix()
-        if config.is_relative_to(ROOT)
+        "config": config.relative_to(args.root).as_posix()
+        if config.is_relative_to(args.root)
         else str(config),
         "method": method or f"{cfg.method.name} ({cfg.loss.name})",
         "steps": cfg.train.steps,
@@ -98,7 +95,7 @@ def train_and_eval(config: Path, args: argparse.Namespace) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     run_root.mkdir(parents=True, exist_ok=True)
     cmd = [
-        str(ROOT / "launch" / "local.sh"),
+        str(args.root / "launch" / "local.sh"),
         str(args.nproc),
         str(config),
         f"run.dir={run_root}",
@@ -118,7 +115,7 @@ def train_and_eval(config: Path, args: argparse.Namespace) -> dict:
     try:
         with log.open("w") as out:
             rc = subprocess.run(
-                cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                cmd, cwd=args.root, env=env, stdout=out, stderr=subprocess.STDOUT
             ).returncode
     finally:
         stop.set()
@@ -130,7 +127,7 @@ def train_and_eval(config: Path, args: argparse.Namespace) -> dict:
         return row
     if run.is_dir():
         shutil.move(log, run / "train.log")
-    from dist_contrast.evaluate import evaluate_run
+    from dist_contrast.eval.run import evaluate_run
 
     result = evaluate_run(run)
     row.update({k: result[k] for k in COLUMNS})
@@ -170,18 +167,24 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="local ranks (launch/local.sh)")
     p.add_argument("--set", action="append", default=[], help="section.key=value for every run")
     p.add_argument("--run-dir", default="runs/quality")
-    p.add_argument("--out", default="bench/results/quality.json")
+    p.add_argument("--out", default=default_out("quality.json"))
     p.add_argument("--progress-every", type=float, default=30.0, help="seconds between lines")
+    p.add_argument(
+        "--root", default=".", help="checkout with configs/ and launch/local.sh (default: .)"
+    )
     args = p.parse_args(argv)
     if args.steps < 0 or args.nproc < 1:
         p.error("--steps must be >= 0 and --nproc >= 1")
+    args.root = Path(args.root).resolve()
+    if not (args.root / "launch" / "local.sh").is_file():
+        p.error(f"{args.root} has no launch/local.sh: run it from a checkout, or pass --root")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
-    configs = find_configs(args.configs)
+    configs = find_configs(args.configs, args.root)
     rows = []
     for i, config in enumerate(configs, 1):
         print(f"[{i}/{len(configs)}] {config.name}: training on {args.nproc} ranks", flush=True)

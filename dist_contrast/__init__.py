@@ -4,7 +4,7 @@ Importing the package sets ``DS_ACCELERATOR=cpu`` when no CUDA device is present
 module imports DeepSpeed, so the same code runs on a laptop (gloo) and on GPU clusters (NCCL).
 """
 
-from dist_contrast._accel import configure_accelerator
+from dist_contrast.distributed import configure_accelerator
 
 configure_accelerator()
 

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from dist_contrast.errors import UserError
 
@@ -21,12 +20,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.check:
-        from dist_contrast.engine import prepare
+        from dist_contrast.train.engine import prepare
 
         prepare(cfg)
         print(f"config ok: run dir {cfg.run_dir}")
         return 0
-    from dist_contrast.engine import train
+    from dist_contrast.train.engine import train
 
     run_dir = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -35,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_export(args: argparse.Namespace) -> int:
-    from dist_contrast._export_eval import evaluate_export
+    from dist_contrast.eval.export import evaluate_export
 
     if not args.data:
         raise UserError("eval --export needs --data SHARDS (labelled or captioned shards)")
@@ -68,7 +67,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return _cmd_eval_export(args)
     if args.data or args.val_data:
         raise UserError("--data and --val-data go with --export (a run is evaluated on its own)")
-    from dist_contrast.evaluate import evaluate_run
+    from dist_contrast.eval.run import evaluate_run
 
     result = evaluate_run(args.run)
     if not args.brief:
@@ -87,13 +86,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _print_image_text(result: dict) -> None:
     if "zeroshot_top1" in result or "i2t_r1" in result:
-        from dist_contrast.eval_clip import summary
+        from dist_contrast.eval.image_text import summary
 
         print(summary(result))
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from dist_contrast.data.shards import write_digits
+    from dist_contrast.data.write.digits import write_digits
 
     counts = write_digits(args.out, args.shard_size, args.val_fraction, args.seed)
     for split, info in counts.items():
@@ -103,7 +102,7 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _shard_options(args: argparse.Namespace):
-    from dist_contrast.data.writers import ShardOptions
+    from dist_contrast.data.write import ShardOptions
 
     return ShardOptions(
         prefix=args.prefix,
@@ -134,13 +133,13 @@ def _report_write(result, out: str) -> int:
 
 
 def _cmd_shards_folder(args: argparse.Namespace) -> int:
-    from dist_contrast.data.writers import write_folder
+    from dist_contrast.data.write import write_folder
 
     return _report_write(write_folder(args.root, args.out, _shard_options(args)), args.out)
 
 
 def _cmd_shards_csv(args: argparse.Namespace) -> int:
-    from dist_contrast.data.writers import write_csv
+    from dist_contrast.data.write import write_csv
 
     return _report_write(write_csv(args.csv, args.out, _shard_options(args)), args.out)
 
@@ -154,20 +153,53 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH_PACKAGE = "dist_contrast_bench"  # the folder bench/, installed with this package
+
+
+def _bench_module(name: str):
+    """``dist_contrast_bench.NAME``, or None when there is no such module. A module that exists
+    but fails to import raises (a broken benchmark is not an unknown name)."""
+    import importlib
+
+    if not name.isidentifier():
+        return None
+    full = f"{BENCH_PACKAGE}.{name}"
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as exc:
+        if exc.name == BENCH_PACKAGE:
+            raise UserError(
+                f"the benchmarks ({BENCH_PACKAGE}) are not installed: reinstall dist-contrast "
+                "(pip install -e . in a checkout)"
+            ) from None
+        if exc.name == full:
+            return None
+        raise
+
+
+def _benchmarks() -> list[str]:
+    """Names of the modules of the bench package that expose ``main`` (helpers do not)."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(BENCH_PACKAGE)
+    names = []
+    for info in pkgutil.iter_modules(package.__path__):
+        try:
+            module = importlib.import_module(f"{BENCH_PACKAGE}.{info.name}")
+        except ImportError:  # listed for an error message only: skip what cannot load here
+            continue
+        if callable(getattr(module, "main", None)):
+            names.append(info.name)
+    return sorted(names)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    """Run ``bench/NAME.py`` of the source tree (benchmarks are not part of the package)."""
-    import importlib.util
-
-    available = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
-    path = BENCH_DIR / f"{args.name}.py"
-    if not path.is_file():
-        raise UserError(f"no benchmark '{args.name}' (available: {', '.join(available) or 'none'})")
-    spec = importlib.util.spec_from_file_location(f"bench_{args.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """Run ``main(ARGS)`` of the benchmark ``dist_contrast_bench.NAME``."""
+    module = _bench_module(args.name)
+    if not callable(getattr(module, "main", None)):
+        available = ", ".join(_benchmarks()) or "none"
+        raise UserError(f"no benchmark '{args.name}' (available: {available})")
     return int(module.main(list(args.args)) or 0)
 
 
@@ -251,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="tokenizer.json to write")
     t.set_defaults(func=_cmd_tokenizer_train)
 
-    p = sub.add_parser("bench", help="run a benchmark from bench/ (prints a table, writes JSON)")
-    p.add_argument("name", help="benchmark name, e.g. losses")
+    p = sub.add_parser(
+        "bench", help="run a benchmark of dist_contrast_bench (prints a table, writes JSON)"
+    )
+    p.add_argument("name", help="benchmark name, e.g. losses (an unknown name lists them)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=_cmd_bench)
     return parser

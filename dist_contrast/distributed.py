@@ -1,4 +1,4 @@
-"""Process-group start and the collectives the losses need.
+"""Process-group start, the collectives the losses need, and per-rank seeds.
 
 Discovery of the launcher (torchrun, the DeepSpeed launcher, Slurm's srun, or none) lives here
 and nowhere else. Models never import this module; losses and negatives use the collectives.
@@ -10,13 +10,38 @@ import datetime
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from dist_contrast._accel import configure_accelerator
+
+def configure_accelerator() -> str:
+    """Set ``DS_ACCELERATOR=cpu`` unless CUDA is usable or the user chose one; return it.
+
+    Also, in a virtual environment, DeepSpeed's compiled ops (the CPU shared-memory comm op) go
+    to ``<venv>/torch_extensions`` unless ``TORCH_EXTENSIONS_DIR`` is set: the default cache in
+    the home directory is shared by every environment, so two clones rebuild it in turn, and a
+    build killed half-way leaves a lock that makes every later start wait forever. The venv's
+    ``bin`` goes first on ``PATH`` so that its ninja, not a system one, builds them."""
+    venv = sys.prefix != sys.base_prefix
+    if venv and "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    if venv:  # the venv's ninja builds those ops whether or not the venv was activated: a
+        # system ninja of another version reads the build log differently and rebuilds each time
+        bin_dir = os.path.join(sys.prefix, "bin")
+        path = os.environ.get("PATH", "").split(os.pathsep)
+        if path[:1] != [bin_dir]:
+            os.environ["PATH"] = os.pathsep.join([bin_dir, *[d for d in path if d != bin_dir]])
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    return os.environ.get("DS_ACCELERATOR", "cuda")
+
 
 configure_accelerator()
 
@@ -240,3 +265,25 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """all_gather along dim 0 without gradient (labels, indices)."""
     with torch.no_grad():
         return all_gather_with_offset(x.detach())[0]
+
+
+def multi_rank() -> bool:
+    """A process group of more than one rank is running."""
+    return is_dist() and world_size() > 1
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integer parts (stable across processes, unlike hash()): each part is
+    folded in with a splitmix64 step. Pure integer arithmetic, about 2 us; it is called once per
+    sample in the loader, where numpy's SeedSequence cost 0.1 ms (3% of a sample's work)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 31
+    return h >> 1

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The built-in digits as shards of 100 samples (15 train, 4 val shards)."""
-    from dist_contrast.data.shards import write_digits
+    from dist_contrast.data.write.digits import write_digits
 
     out = tmp_path_factory.mktemp("digits")
     write_digits(out, shard_size=100)
@@ -31,6 +31,17 @@ def digits_tokenizer(digits_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("digits_tokenizer") / "tokenizer.json"
     tok.save(path)
     return path
+
+
+def config_from_dict(tree: dict):
+    """A validated config from a (partial) nested dict, as a YAML file would give it."""
+    from dist_contrast.config import Config
+    from dist_contrast.config.parse import build
+    from dist_contrast.config.validate import validate
+
+    cfg = build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
 
 
 def cli_env() -> dict[str, str]:

@@ -66,6 +66,18 @@ def label_of(sample: dict, meta: dict) -> int:
     return -1
 
 
+def sample_fields(sample: dict) -> dict[str, bool]:
+    """Which of a label, a data set index and a caption a raw sample carries (the names of
+    :data:`dist_contrast.methods.registry.FIELDS`)."""
+    meta = _json(sample)
+    index = meta.get("index", -1)
+    return {
+        "label": label_of(sample, meta) >= 0,
+        "index": isinstance(index, int) and index >= 0,
+        "caption": bool(caption_of(sample, meta)),
+    }
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Open an image and check its size from the header; pixels are not decoded yet."""
     try:

@@ -30,9 +30,10 @@ from dist_contrast.data.augment import (
     sample_crop,
 )
 from dist_contrast.data.decode import Decoded, decode_or_count
-from dist_contrast.data.sources import Reader, Source, check_readers, mix, mix_seed
+from dist_contrast.data.sources import Reader, Source, check_readers, mix
 from dist_contrast.data.tario import FAULT_REASONS, Faults, tar_samples
 from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
+from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import DataError
 
 

@@ -15,8 +15,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import webdataset as wds
-
 # WebDataset's naming: the key is the path up to the first dot of the file name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -72,6 +70,8 @@ def split_name(name: str) -> tuple[str, str] | None:
 def tar_samples(url: str, faults: Faults) -> Iterator[dict]:
     """The samples of one shard, in file order: dicts of extension -> bytes, plus
     ``__key__`` and ``__url__``."""
+    import webdataset as wds  # here, not at the top: exports load without it (decode.py)
+
     stream = None
     try:
         stream = wds.gopen(url)

@@ -7,14 +7,10 @@ import math
 import torch
 from torch import nn
 
-from dist_contrast.losses._common import (
-    check_finite,
-    check_gather,
-    fp32_region,
-    global_mean,
-    masked_logsumexp,
-)
-from dist_contrast.losses._pairs import labelled_batch
+from dist_contrast.losses.checks import check_finite, check_gather
+from dist_contrast.losses.kernels.numerics import fp32_region, masked_logsumexp
+from dist_contrast.losses.pairs import labelled_batch
+from dist_contrast.losses.reduce import global_mean
 
 
 def _check_alpha(alpha: float) -> None:

@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_contrast.losses._common import (
-    check_gather,
-    check_input_pair,
-    fp32_region,
-    normalize,
-)
+from dist_contrast.losses.checks import check_gather, check_input_pair
+from dist_contrast.losses.kernels.numerics import fp32_region, normalize
 
 
 def _regression(p: torch.Tensor, z: torch.Tensor, np_: str, nz: str) -> torch.Tensor:

@@ -8,19 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_contrast.losses._common import (
+from dist_contrast.losses.checks import (
     check_finite,
     check_gather,
     check_input_pair,
     check_positive,
     check_tiling,
-    fp32_region,
-    gather,
-    global_mean,
-    normalize,
-    tiled_cross_entropy,
-    upcast,
 )
+from dist_contrast.losses.kernels.numerics import fp32_region, normalize, upcast
+from dist_contrast.losses.kernels.tiled import tiled_cross_entropy
+from dist_contrast.losses.reduce import gather, global_mean
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 
@@ -55,7 +52,7 @@ def clip_loss(
     averaged gradients (the logit scale's included) equal one process on the global batch.
 
     ``memory_efficient=True``: the same values and gradients (the logit scale's included)
-    through the tiled softmax (:mod:`dist_contrast.negatives.tiled`); the [n_local, N] logits
+    through the tiled softmax (:mod:`dist_contrast.losses.kernels.tiled`); the [n_local, N] logits
     exist one ``tile x tile`` block at a time (default 1024).
 
     ``local=False`` (open_clip's ``local_loss=False``): every rank scores the whole gathered

@@ -5,17 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_contrast.losses._common import (
-    check_gather,
-    check_positive,
-    check_temperature,
-    column_mask,
-    fp32_region,
-    gather,
-    global_mean,
-    masked_logsumexp,
-)
+from dist_contrast.losses.checks import check_gather, check_positive, check_temperature
+from dist_contrast.losses.kernels.numerics import column_mask, fp32_region, masked_logsumexp
 from dist_contrast.losses.ntxent import two_views
+from dist_contrast.losses.reduce import gather, global_mean
 
 
 def dcl_loss(

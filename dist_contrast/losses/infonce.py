@@ -6,20 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_contrast.losses._common import (
+from dist_contrast.losses.checks import (
     check_gather,
     check_input,
     check_input_pair,
     check_temperature,
     check_tiling,
-    fp32_region,
-    gather,
-    global_mean,
-    keep_graph,
-    normalize,
-    tiled_cross_entropy,
-    tiled_logsumexp,
 )
+from dist_contrast.losses.kernels.numerics import fp32_region, normalize
+from dist_contrast.losses.kernels.tiled import tiled_cross_entropy, tiled_logsumexp
+from dist_contrast.losses.reduce import gather, global_mean, keep_graph
 
 
 def _check_in_batch(in_batch: bool | None) -> None:
@@ -58,7 +54,7 @@ def info_nce(
     rank returns the mean over its queries (the global mean when ranks hold equal batches).
 
     ``memory_efficient=True`` gives the same values and gradients through the tiled softmax
-    (:mod:`dist_contrast.negatives.tiled`): the [n_local, N + K] logits exist one
+    (:mod:`dist_contrast.losses.kernels.tiled`): the [n_local, N + K] logits exist one
     ``tile x tile`` block at a time (default tile 1024), memory O(tile^2) instead of
     O(n_local x (N + K)), at the price of recomputing the blocks in the backward.
     """

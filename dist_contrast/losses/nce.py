@@ -9,16 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_contrast import distributed
-from dist_contrast.losses._common import (
+from dist_contrast.losses.checks import (
     check_choice,
     check_gather,
     check_input,
     check_input_pair,
     check_positive,
     check_temperature,
-    fp32_region,
-    normalize,
 )
+from dist_contrast.losses.kernels.numerics import fp32_region, normalize
 
 MODES = ("nce", "softmax")
 

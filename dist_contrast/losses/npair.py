@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_contrast.losses._common import check_gather, fp32_region, global_mean
-from dist_contrast.losses._pairs import labelled_batch
+from dist_contrast.losses.checks import check_gather
+from dist_contrast.losses.kernels.numerics import fp32_region
+from dist_contrast.losses.pairs import labelled_batch
+from dist_contrast.losses.reduce import global_mean
 
 
 def first_two_per_label(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,17 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_contrast.losses._common import (
+from dist_contrast.losses.checks import (
     check_gather,
     check_input_pair,
     check_temperature,
     check_tiling,
-    fp32_region,
-    gather,
-    global_mean,
-    normalize,
-    tiled_cross_entropy,
 )
+from dist_contrast.losses.kernels.numerics import fp32_region, normalize
+from dist_contrast.losses.kernels.tiled import tiled_cross_entropy
+from dist_contrast.losses.reduce import gather, global_mean
 
 
 class TwoViews(NamedTuple):
@@ -89,7 +87,7 @@ def nt_xent(
     for uneven batches. ``"off"`` keeps each rank's batch to itself.
 
     ``memory_efficient=True``: the same values and gradients through the tiled softmax
-    (:mod:`dist_contrast.negatives.tiled`), the self view left out inside each block; the
+    (:mod:`dist_contrast.losses.kernels.tiled`), the self view left out inside each block; the
     [2n, 2N] logits exist one ``tile x tile`` block at a time (default 1024).
     """
     use_gather = check_gather(gather_mode)

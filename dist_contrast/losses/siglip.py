@@ -8,16 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_contrast.losses._common import (
-    check_finite,
-    check_gather,
-    fp32_region,
-    gather,
-    global_mean,
-    normalize,
-    upcast,
-)
+from dist_contrast.losses.checks import check_finite, check_gather
 from dist_contrast.losses.clip import check_pair
+from dist_contrast.losses.kernels.numerics import fp32_region, normalize, upcast
+from dist_contrast.losses.reduce import gather, global_mean
 
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
 

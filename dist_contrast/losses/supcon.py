@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_contrast.losses._common import (
+from dist_contrast.losses.checks import (
     check_choice,
     check_gather,
     check_input,
@@ -13,14 +13,10 @@ from dist_contrast.losses._common import (
     check_positive,
     check_temperature,
     check_tiling,
-    fp32_region,
-    gather,
-    gather_labels,
-    global_mean,
-    masked_logsumexp,
-    normalize,
-    tiled_cross_entropy,
 )
+from dist_contrast.losses.kernels.numerics import fp32_region, masked_logsumexp, normalize
+from dist_contrast.losses.kernels.tiled import tiled_cross_entropy
+from dist_contrast.losses.reduce import gather, gather_labels, global_mean
 
 MODES = ("all", "one")
 
@@ -54,7 +50,7 @@ def supcon_loss(
     averaged gradients equal one process on the global batch. Memory O(nV x NV).
 
     ``memory_efficient=True``: the same values and gradients through the tiled softmax
-    (:mod:`dist_contrast.negatives.tiled`): self views left out and positives found from the
+    (:mod:`dist_contrast.losses.kernels.tiled`): self views left out and positives found from the
     label vectors, never an [nV, NV] logit matrix or mask (memory O(tile^2), default 1024).
     """
     check_input(features, "features", ndim=3)

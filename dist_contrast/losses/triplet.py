@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_contrast.losses._common import check_choice, check_finite, check_gather, fp32_region
-from dist_contrast.losses._pairs import labelled_batch, nonzero_means
+from dist_contrast.losses.checks import check_choice, check_finite, check_gather
+from dist_contrast.losses.kernels.numerics import fp32_region
+from dist_contrast.losses.pairs import labelled_batch, nonzero_means
 
 MINING = ("all", "batch-hard", "semi-hard")
 

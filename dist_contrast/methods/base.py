@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dist_contrast.losses._common import upcast
+from dist_contrast.config import Config
+from dist_contrast.losses.kernels.numerics import upcast
 
 
 @dataclass
@@ -97,3 +98,34 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
     def load_extra_state(self, state: dict) -> None:
         """Restore what :meth:`extra_state` returned."""
+
+
+class Pending:
+    """Tensors recorded by the loss calls of the current step, consumed after the step.
+
+    A step makes ``calls_per_step`` loss calls (1, or A with plain accumulation over A
+    micro-batches). Rows still held when a new step starts belong to a step that was not taken
+    (a skipped step never reaches ``on_step_end``): they are dropped."""
+
+    def __init__(self, calls_per_step: int) -> None:
+        if calls_per_step < 1:
+            raise ValueError(f"calls_per_step must be >= 1, got {calls_per_step}")
+        self.calls_per_step = calls_per_step
+        self.items: list[tuple[torch.Tensor, ...]] = []
+
+    def add(self, *tensors: torch.Tensor) -> None:
+        if len(self.items) >= self.calls_per_step:
+            self.items.clear()
+        self.items.append(tuple(t.detach() for t in tensors))
+
+    def take(self) -> list[torch.Tensor]:
+        """The recorded tensors, concatenated per position; then empty."""
+        items, self.items = self.items, []
+        if not items:
+            return []
+        return [torch.cat(parts) for parts in zip(*items, strict=True)]
+
+
+def calls_per_step(cfg: Config) -> int:
+    """Loss calls per optimizer step: A micro-batches with plain accumulation, else one."""
+    return cfg.train.accumulation if cfg.train.accumulation_mode == "plain" else 1

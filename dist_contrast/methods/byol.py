@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dist_contrast.config import Config
 from dist_contrast.losses import BYOLLoss
-from dist_contrast.methods._choice import check_loss_name
 from dist_contrast.methods.base import LossOutput
-from dist_contrast.methods.moco import MomentumMethod, momentum_kwargs, online_networks
+from dist_contrast.methods.momentum import MomentumMethod, momentum_kwargs, online_networks
 from dist_contrast.models import build_predictor
 
 
@@ -35,7 +34,6 @@ class BYOL(MomentumMethod):
 
 
 def build(cfg: Config) -> BYOL:
-    check_loss_name(cfg, ("byol",))
     encoder, projector = online_networks(cfg)
     loss = BYOLLoss(cfg.loss.gather)
     return BYOL(encoder, projector, build_predictor(cfg.model), loss, **momentum_kwargs(cfg))

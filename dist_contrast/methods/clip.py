@@ -29,26 +29,12 @@ from torch import nn
 from dist_contrast.config import Config, LossConfig
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.losses import clip_loss, siglip_loss
-from dist_contrast.methods._choice import check_loss_name
-from dist_contrast.methods.base import LossOutput, Method
-from dist_contrast.methods.moco import Pending, calls_per_step
-from dist_contrast.models import build_encoder, build_text_encoder
+from dist_contrast.methods.base import LossOutput, Method, Pending, calls_per_step
+from dist_contrast.methods.momentum import ema_update, make_target, scheduled_momentum
+from dist_contrast.models import towers
+from dist_contrast.models.towers import Tower
 from dist_contrast.negatives import ShardedQueue
-from dist_contrast.negatives.momentum import ema_update, make_target, scheduled_momentum
 from dist_contrast.negatives.queue import queue_clip_loss
-
-
-class Tower(nn.Module):
-    """An encoder followed by a linear projection to the joint embedding space."""
-
-    def __init__(self, encoder: nn.Module, dim: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.proj = nn.Linear(encoder.out_dim, dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=encoder.out_dim**-0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.encoder(x))
 
 
 class Objective(nn.Module):
@@ -129,10 +115,6 @@ class CLIP(Method):
         """The scale the logits are multiplied by now (CLIP's clamped at ``max_scale``)."""
         return float(self.criterion.scale().detach())
 
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> joint-space features (not normalised)."""
-        return self.image(x)
-
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L] -> joint-space features (not normalised)."""
         return self.text(ids)
@@ -207,17 +189,11 @@ class CLIP(Method):
 
 
 def build(cfg: Config) -> CLIP:
-    name = check_loss_name(cfg, ("clip", "siglip"))
+    name = cfg.loss.name  # clip or siglip (methods.registry)
     d, loss, m = cfg.data, cfg.loss, cfg.method
     tokenizer = tokenizer_for(d)  # the config check makes it a real one
-    image_encoder = build_encoder(cfg.model, d.channels, d.image_size)
-    text_encoder = build_text_encoder(
-        cfg.text,
-        tokenizer.vocab_size,
-        d.context_length,
-        tokenizer.eot_id,
-        cfg.model.activation_checkpointing,
-    )
+    image_encoder = towers.image_encoder(cfg)  # both encoders, then both projections: the
+    text_encoder = towers.text_encoder(cfg, tokenizer.vocab_size, tokenizer.eot_id)  # RNG order
     image, text = Tower(image_encoder, cfg.model.proj_dim), Tower(text_encoder, cfg.model.proj_dim)
     criterion = Objective(name, loss)
     tile = criterion.tile

@@ -15,24 +15,19 @@ and against negatives of every rank's shard:
 step the rows of the step's samples follow ``v <- normalize(m v + (1 - m) f)`` with
 ``m = method.bank_momentum`` (0.5). The paper's temperature is 0.07.
 
-The bank has ``method.bank_size`` rows, or, with 0, as many as the samples of every split in
-the ``counts.json`` beside the training shards (``dist-contrast shards`` numbers the samples of
-a data set 0..N-1 across train and val and stores the number in each sample's ``json``).
+The bank has ``method.bank_size`` rows. A config with 0 is resolved before the method is built
+(:func:`dist_contrast.train.runs.resolve`) to the samples of every split in the ``counts.json``
+beside the training shards (``dist-contrast shards`` numbers the samples of a data set 0..N-1
+across train and val and stores the number in each sample's ``json``).
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from dist_contrast.config import Config
-from dist_contrast.data.shards import resolve_shards
-from dist_contrast.methods._choice import check_loss_name
-from dist_contrast.methods.base import LossOutput, Method
-from dist_contrast.methods.moco import Pending, calls_per_step
+from dist_contrast.methods.base import LossOutput, Method, Pending, calls_per_step
 from dist_contrast.models import MLPHead, build_encoder
 from dist_contrast.negatives import MemoryBank, bank_loss, estimate_bank_z
 
@@ -110,29 +105,17 @@ class InstDisc(Method):
         self.bank.load_shard_state_dict(state["bank"])
 
 
-def data_size(cfg: Config) -> int:
-    """``method.bank_size``, or the samples of every split in the training shards' counts.json."""
-    if cfg.method.bank_size:
-        return cfg.method.bank_size
-    urls = resolve_shards(cfg.data.train_shards, "data.train_shards")
-    folders = {Path(u).parent for u in urls}
-    counts = [d / "counts.json" for d in folders]
-    if len(folders) != 1 or not counts[0].is_file():
-        raise ValueError(
-            "method 'instdisc' needs the data set size: no single counts.json beside "
-            "data.train_shards; set method.bank_size to the number of sample indices"
-        )
-    splits = json.loads(counts[0].read_text())
-    return sum(int(s["samples"]) for s in splits.values())
-
-
 def build(cfg: Config) -> InstDisc:
-    name = check_loss_name(cfg, tuple(MODES))
+    if cfg.method.bank_size < 1:
+        raise ValueError(
+            "method.bank_size is 0: resolve it first (dist_contrast.train.runs.resolve)"
+        )
+    name = cfg.loss.name  # nce or infonce (methods.registry)
     encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
     projector = MLPHead(encoder.out_dim, cfg.model.proj_hidden_dim, cfg.model.proj_dim, 1)
     tile = cfg.loss.tile if cfg.loss.memory_efficient else None
     bank = MemoryBank(
-        data_size(cfg),
+        cfg.method.bank_size,
         cfg.model.proj_dim,
         momentum=cfg.method.bank_momentum,
         seed=cfg.run.seed,

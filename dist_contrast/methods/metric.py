@@ -22,7 +22,6 @@ from torch import nn
 
 from dist_contrast.config import Config
 from dist_contrast.losses import AngularLoss, ContrastiveLoss, NPairLoss, TripletLoss
-from dist_contrast.methods._choice import check_loss_name
 from dist_contrast.methods.base import LossOutput
 from dist_contrast.methods.simclr import TwoViews
 from dist_contrast.models import build_encoder, build_head
@@ -34,7 +33,7 @@ MINING = {"all": "all", "hard": "batch-hard", "semihard": "semi-hard"}
 
 def pairwise_loss(cfg: Config) -> nn.Module:
     """The pairwise loss of ``cfg.loss`` (its name must be one of :data:`LOSSES`)."""
-    name, c = check_loss_name(cfg, LOSSES), cfg.loss
+    name, c = cfg.loss.name, cfg.loss  # one of LOSSES (methods.registry)
     if name == "contrastive":
         return ContrastiveLoss(c.pos_margin, c.neg_margin, c.gather)
     if name == "triplet":

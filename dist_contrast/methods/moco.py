@@ -23,108 +23,17 @@ online networks, and MoCo v2 enqueues this rank's keys of the step.
 
 from __future__ import annotations
 
-import abc
-
 import torch
 from torch import nn
 
 from dist_contrast import distributed
 from dist_contrast.config import Config
-from dist_contrast.data.sources import mix_seed
+from dist_contrast.distributed import mix_seed
 from dist_contrast.losses import InfoNCELoss
-from dist_contrast.methods._choice import check_loss_name
-from dist_contrast.methods.base import LossOutput, Method
-from dist_contrast.models import build_encoder, build_head, build_predictor
+from dist_contrast.methods.base import LossOutput, Pending, calls_per_step
+from dist_contrast.methods.momentum import MomentumMethod, momentum_kwargs, online_networks
+from dist_contrast.models import build_predictor
 from dist_contrast.negatives import ShardedQueue
-from dist_contrast.negatives.momentum import ema_update, make_target, scheduled_momentum
-
-
-class Pending:
-    """Tensors recorded by the loss calls of the current step, consumed after the step.
-
-    A step makes ``calls_per_step`` loss calls (1, or A with plain accumulation over A
-    micro-batches). Rows still held when a new step starts belong to a step that was not taken
-    (a skipped step never reaches ``on_step_end``): they are dropped."""
-
-    def __init__(self, calls_per_step: int) -> None:
-        if calls_per_step < 1:
-            raise ValueError(f"calls_per_step must be >= 1, got {calls_per_step}")
-        self.calls_per_step = calls_per_step
-        self.items: list[tuple[torch.Tensor, ...]] = []
-
-    def add(self, *tensors: torch.Tensor) -> None:
-        if len(self.items) >= self.calls_per_step:
-            self.items.clear()
-        self.items.append(tuple(t.detach() for t in tensors))
-
-    def take(self) -> list[torch.Tensor]:
-        """The recorded tensors, concatenated per position; then empty."""
-        items, self.items = self.items, []
-        if not items:
-            return []
-        return [torch.cat(parts) for parts in zip(*items, strict=True)]
-
-
-def calls_per_step(cfg: Config) -> int:
-    """Loss calls per optimizer step: A micro-batches with plain accumulation, else one."""
-    return cfg.train.accumulation if cfg.train.accumulation_mode == "plain" else 1
-
-
-class MomentumMethod(Method):
-    """Online ``encoder`` -> ``projector`` (-> ``predictor``) and a momentum twin of encoder and
-    projector, updated after each step with momentum ``m(step)``: constant ``momentum`` or a
-    cosine from ``momentum`` to ``momentum_final`` over the run (``schedule="cosine"``)."""
-
-    def __init__(
-        self,
-        encoder: nn.Module,
-        projector: nn.Module,
-        predictor: nn.Module | None,
-        *,
-        momentum: float,
-        momentum_final: float = 1.0,
-        schedule: str = "constant",
-    ) -> None:
-        super().__init__()
-        if schedule not in ("constant", "cosine"):
-            raise ValueError(f"momentum schedule must be 'constant' or 'cosine', got {schedule!r}")
-        for value, name in ((momentum, "momentum"), (momentum_final, "momentum_final")):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        self.encoder, self.projector, self.predictor = encoder, projector, predictor
-        self.target_encoder = make_target(encoder)
-        self.target_projector = make_target(projector)
-        self.momentum, self.momentum_final, self.schedule = momentum, momentum_final, schedule
-        self.step = 0  # optimizer steps taken, as the engine counts them
-
-    def online(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.projector(self.encoder(x))
-        return z if self.predictor is None else self.predictor(z)
-
-    @torch.no_grad()
-    def target(self, x: torch.Tensor) -> torch.Tensor:
-        return self.target_projector(self.target_encoder(x))
-
-    @abc.abstractmethod
-    def embed_online(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The embeddings with gradient (the surrogate pass of cached accumulation needs only
-        these: the twin's outputs carry no gradient)."""
-
-    def momentum_at(self, step: int, total: int) -> float:
-        """The momentum of the update after the ``step``-th step (1-based)."""
-        return scheduled_momentum(step, total, self.momentum, self.momentum_final, self.schedule)
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        m = self.momentum_at(step, total_steps)
-        ema_update(self.target_encoder, self.encoder, m)
-        ema_update(self.target_projector, self.projector, m)
-        self.step = step
-
-    def extra_state(self) -> dict:
-        return {"step": self.step}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 class MoCoV2(MomentumMethod):
@@ -221,22 +130,7 @@ class MoCoV3(MomentumMethod):
         return self.criterion.negatives_per_query(batch_size, world)
 
 
-def momentum_kwargs(cfg: Config) -> dict:
-    m = cfg.method
-    return {
-        "momentum": m.momentum,
-        "momentum_final": m.momentum_final,
-        "schedule": m.momentum_schedule,
-    }
-
-
-def online_networks(cfg: Config) -> tuple[nn.Module, nn.Module]:
-    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
-    return encoder, build_head(encoder.out_dim, cfg.model)
-
-
 def build(cfg: Config) -> MomentumMethod:
-    check_loss_name(cfg, ("infonce",))
     m = cfg.method
     tile = cfg.loss.tile if cfg.loss.memory_efficient else None
     if m.name == "moco_v2":

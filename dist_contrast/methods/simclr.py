@@ -11,7 +11,6 @@ from torch import nn
 
 from dist_contrast.config import Config
 from dist_contrast.losses import DCLLoss, NTXentLoss
-from dist_contrast.methods._choice import LossChoiceError, check_loss_name
 from dist_contrast.methods.base import LossOutput, Method
 from dist_contrast.models import build_encoder, build_head
 
@@ -52,10 +51,7 @@ class SimCLR(TwoViews):
 
 
 def _criterion(cfg: Config) -> nn.Module:
-    if cfg.method.name == "dcl":
-        check_loss_name(cfg, ("dcl",))
-        if cfg.loss.memory_efficient:
-            raise LossChoiceError("loss.memory_efficient (tiled softmax) is not available for DCL")
+    if cfg.loss.name == "dcl":  # method "dcl" (the registry pairs each method with its loss)
         return DCLLoss(cfg.loss.temperature, gather=cfg.loss.gather)
     return NTXentLoss(
         cfg.loss.temperature,

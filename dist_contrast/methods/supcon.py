@@ -13,7 +13,6 @@ import torch
 
 from dist_contrast.config import Config
 from dist_contrast.losses import SupConLoss
-from dist_contrast.methods._choice import check_loss_name
 from dist_contrast.methods.base import LossOutput
 from dist_contrast.methods.simclr import TwoViews
 from dist_contrast.models import build_encoder, build_head
@@ -26,7 +25,6 @@ class SupCon(TwoViews):
 
 
 def build(cfg: Config) -> SupCon:
-    check_loss_name(cfg, ("supcon",))
     encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
     projector = build_head(encoder.out_dim, cfg.model)
     loss = SupConLoss(

@@ -10,21 +10,24 @@ Every encoder maps images to a ``(batch, out_dim)`` representation and exposes `
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
-from dist_contrast.config import ModelConfig, TextConfig
 from dist_contrast.models.heads import MLPHead
 from dist_contrast.models.layers import check_norm
 from dist_contrast.models.resnet import BasicBlock, Bottleneck, ResNet, SmallResNet
 from dist_contrast.models.text import TextTransformer
 from dist_contrast.models.vit import VIT_SIZES, VisionTransformer
 
-Builder = Callable[[ModelConfig, int, int], nn.Module]
+# ``model`` below is the ``model`` section of a run config (any object with its fields): models
+# import nothing of the package outside models/ and errors.
+ModelSpec = Any
+Builder = Callable[[ModelSpec, int, int], nn.Module]
 
 
 def _small(blocks: tuple[int, ...]) -> Builder:
-    def build(m: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
+    def build(m: ModelSpec, in_channels: int, image_size: int) -> nn.Module:
         check_norm(m.norm)
         return SmallResNet(in_channels, m.width, blocks, m.norm, m.activation_checkpointing)
 
@@ -32,7 +35,7 @@ def _small(blocks: tuple[int, ...]) -> Builder:
 
 
 def _resnet(block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...]) -> Builder:
-    def build(m: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
+    def build(m: ModelSpec, in_channels: int, image_size: int) -> nn.Module:
         check_norm(m.norm)
         return ResNet(
             in_channels, m.width, block, layers, m.stem, m.norm, m.activation_checkpointing
@@ -42,7 +45,7 @@ def _resnet(block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...])
 
 
 def _vit(name: str) -> Builder:
-    def build(m: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
+    def build(m: ModelSpec, in_channels: int, image_size: int) -> nn.Module:
         return VisionTransformer(
             in_channels, image_size, m.patch_size, VIT_SIZES[name], m.activation_checkpointing
         )
@@ -59,7 +62,7 @@ ENCODERS: dict[str, Builder] = {
 }
 
 
-def build_encoder(model: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
+def build_encoder(model: ModelSpec, in_channels: int, image_size: int) -> nn.Module:
     """The encoder ``model.encoder``; it exposes ``out_dim``, the width of its representation."""
     if model.encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {model.encoder!r}; choose one of {sorted(ENCODERS)}")
@@ -68,7 +71,7 @@ def build_encoder(model: ModelConfig, in_channels: int, image_size: int) -> nn.M
     return ENCODERS[model.encoder](model, in_channels, image_size)
 
 
-def build_head(in_dim: int, model: ModelConfig, out_dim: int | None = None) -> MLPHead:
+def build_head(in_dim: int, model: ModelSpec, out_dim: int | None = None) -> MLPHead:
     """The projector of ``model``: ``in_dim`` -> ``out_dim`` (default ``model.proj_dim``)."""
     return MLPHead(
         in_dim,
@@ -79,25 +82,13 @@ def build_head(in_dim: int, model: ModelConfig, out_dim: int | None = None) -> M
     )
 
 
-def build_predictor(model: ModelConfig) -> MLPHead:
+def build_predictor(model: ModelSpec) -> MLPHead:
     """The predictor of BYOL / MoCo v3: ``proj_dim`` -> ``pred_hidden_dim`` -> ``proj_dim``."""
     return MLPHead(model.proj_dim, model.pred_hidden_dim, model.proj_dim, 2, model.proj_norm)
 
 
-__all__ = [
-    "ENCODERS",
-    "MLPHead",
-    "ResNet",
-    "SmallResNet",
-    "VisionTransformer",
-    "build_encoder",
-    "build_head",
-    "build_predictor",
-]
-
-
 def build_text_encoder(
-    text: TextConfig, vocab_size: int, context_length: int, eot_id: int, checkpointing: bool
+    text: Any, vocab_size: int, context_length: int, eot_id: int, checkpointing: bool
 ) -> TextTransformer:
     """The text tower of ``text`` over a tokenizer's vocabulary; exposes ``out_dim``."""
     return TextTransformer(
@@ -110,3 +101,16 @@ def build_text_encoder(
         text.mlp_ratio,
         checkpointing,
     )
+
+
+__all__ = [
+    "ENCODERS",
+    "MLPHead",
+    "ResNet",
+    "SmallResNet",
+    "VisionTransformer",
+    "build_encoder",
+    "build_head",
+    "build_predictor",
+    "build_text_encoder",
+]

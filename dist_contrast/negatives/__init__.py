@@ -1,14 +1,14 @@
 """Where negatives come from beyond the batch: sharded MoCo queue, memory bank, tiled softmax."""
 
-from dist_contrast.negatives.bank import MemoryBank, bank_loss, estimate_bank_z
-from dist_contrast.negatives.dlse import (
+from dist_contrast.losses.kernels.dlse import (
     combine_logsumexp,
     combine_sum,
     distributed_logsumexp,
     local_logsumexp,
 )
+from dist_contrast.losses.kernels.tiled import tiled_cross_entropy, tiled_logsumexp
+from dist_contrast.negatives.bank import MemoryBank, bank_loss, estimate_bank_z
 from dist_contrast.negatives.queue import ShardedQueue, queue_info_nce
-from dist_contrast.negatives.tiled import tiled_cross_entropy, tiled_logsumexp
 
 __all__ = [
     "MemoryBank",

@@ -3,7 +3,7 @@
 One unit row per training sample; sample ``i`` lives on rank ``i % W`` at local slot ``i // W``
 (strided, so shards differ by at most one row). Every rank samples negatives from its own
 shard, and the non-parametric softmax (or NCE) of a feature is taken over the negatives of all
-ranks through the distributed reductions of :mod:`dist_contrast.negatives.dlse`; the rows
+ranks through the distributed reductions of :mod:`dist_contrast.losses.kernels.dlse`; the rows
 themselves never move, except the positives (each sample's own row), fetched from their owners.
 """
 
@@ -16,25 +16,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_contrast import distributed
-from dist_contrast.losses._common import (
+from dist_contrast.distributed import multi_rank
+from dist_contrast.losses.checks import (
     check_choice,
     check_input_pair,
     check_positive,
     check_temperature,
-    fp32_region,
-    global_mean,
-    normalize,
 )
+from dist_contrast.losses.kernels.dlse import combine_logsumexp, combine_sum, local_logsumexp
+from dist_contrast.losses.kernels.numerics import fp32_region, normalize
 from dist_contrast.losses.nce import MODES, nce_terms
-from dist_contrast.negatives._rows import (
+from dist_contrast.losses.reduce import global_mean
+from dist_contrast.negatives.rows import (
     check_int,
     check_shard_state,
     move_buffers,
-    multi_rank,
     unit_rows,
     world_rank,
 )
-from dist_contrast.negatives.dlse import combine_logsumexp, combine_sum, local_logsumexp
 
 
 def _total_negatives(k: int) -> int:
@@ -226,10 +225,6 @@ class MemoryBank(nn.Module):
 
     def owner(self, indices: torch.Tensor) -> torch.Tensor:
         return indices % self.world
-
-    def global_indices(self) -> torch.Tensor:
-        """The sample index of each local row."""
-        return torch.arange(self.rank, self.n_data, self.world, device=self.rows.device)
 
     def _gather_indices(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
         if indices.dim() != 1 or indices.is_floating_point():

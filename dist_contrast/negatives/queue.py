@@ -2,7 +2,7 @@
 
 Each of the W ranks holds K_total / W keys in a ring buffer and enqueues only its own keys
 (nothing is gathered on enqueue). A query is scored against the queue of *every* rank through a
-distributed log-sum-exp (:mod:`dist_contrast.negatives.dlse`): the queries are gathered, each
+distributed log-sum-exp (:mod:`dist_contrast.losses.kernels.dlse`): the queries are gathered, each
 rank scores them against its shard, the per-shard log-sum-exps are combined. So every query
 sees all K_total negatives while the memory each rank spends on the queue stays flat in W.
 """
@@ -13,23 +13,18 @@ import torch
 from torch import nn
 
 from dist_contrast import distributed
-from dist_contrast.losses._common import (
-    check_input_pair,
-    check_temperature,
-    fp32_region,
-    global_mean,
-    normalize,
-    upcast,
-)
-from dist_contrast.negatives._rows import (
+from dist_contrast.losses.checks import check_input_pair, check_temperature
+from dist_contrast.losses.kernels.dlse import distributed_logsumexp
+from dist_contrast.losses.kernels.numerics import fp32_region, normalize, upcast
+from dist_contrast.losses.kernels.tiled import tiled_logsumexp
+from dist_contrast.losses.reduce import global_mean
+from dist_contrast.negatives.rows import (
     check_int,
     check_shard_state,
     move_buffers,
     unit_rows,
     world_rank,
 )
-from dist_contrast.negatives.dlse import distributed_logsumexp
-from dist_contrast.negatives.tiled import tiled_logsumexp
 
 
 def queue_info_nce(

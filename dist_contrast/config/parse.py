@@ -1,0 +1,170 @@
+"""Reading a config tree: the YAML file, ``section.key=value`` overrides, and the typed build.
+
+Unknown keys and values of the wrong type are :class:`ConfigError` naming the dotted key, with the
+closest valid key or choice suggested. Used by :mod:`dist_contrast.config`; the dataclass tree
+itself is :mod:`dist_contrast.config.schema`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_contrast.errors import ConfigError
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def split_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    return key.strip(), value.strip()
+
+
+def override_value(key: str, value: str) -> Any:
+    """The YAML value of an override (``""`` stays an empty string); one line if it is not YAML
+    (an unclosed ``[`` or ``{``: quote the value, or write it as a YAML list)."""
+    if value == "":
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(
+            f"override {key}: value {value!r} is not valid YAML ({problem}); quote it, or give a "
+            "YAML list such as [a, b]"
+        ) from None
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the dataclass tree ``cls``, sections included."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        keys.append(dotted)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(dotted_keys(hints[f.name], dotted + "."))
+    return keys
+
+
+def _unknown_key(dotted: str, root: type) -> ConfigError:
+    close = difflib.get_close_matches(dotted, dotted_keys(root), n=1, cutoff=0.5)
+    if not close:  # a typo in the section name still has a recognisable key name
+        leaf = dotted.rsplit(".", 1)[-1]
+        close = [k for k in dotted_keys(root) if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{dotted}'{hint}")
+
+
+def build(cls: type, tree: Any, prefix: str, root: type | None = None) -> Any:
+    """An instance of the dataclass ``cls`` from ``tree``; ``root`` is the top of the tree (for
+    the key suggestions of an unknown key), ``cls`` itself when not given."""
+    root = cls if root is None else root
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' is a section; give it a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in tree.items():
+        if key not in names:
+            dotted = f"{prefix}{key}"
+            while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key
+                ((leaf, value),) = value.items()
+                dotted += f".{leaf}"
+            raise _unknown_key(dotted, root)
+    kwargs = {}
+    for name, value in tree.items():
+        tp = hints[name]
+        dotted = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value if value is not None else {}, dotted + ".", root)
+        else:
+            kwargs[name] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"config key '{dotted}' must be {_type_name(tp)}, got {value!r}{hint}")
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arm, dotted)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{dotted}' has the wrong type: got {value!r}")
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, list):
+            return [_coerce(v, item_tp, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    elif tp is Any:
+        return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(
+        f"config key '{dotted}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )

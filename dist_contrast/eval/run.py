@@ -1,0 +1,64 @@
+"""``dist-contrast eval --run RUN``: kNN top-1 and a linear probe on the validation shards, and
+for image-text runs zero-shot and retrieval, each against the same architecture at its initial
+weights (the run's seed), so the gain from training is visible. Written to ``eval.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dist_contrast.data.pipeline import read_all, read_captioned
+from dist_contrast.data.shards import resolve_shards
+from dist_contrast.data.sources import build_sources
+from dist_contrast.eval.image_text import method_scores
+from dist_contrast.eval.probes import scores
+from dist_contrast.export.write import trained_method
+from dist_contrast.methods import build_method
+from dist_contrast.train.runs import load_run
+
+
+def evaluate_run(run_dir: str | Path) -> dict:
+    """kNN and linear-probe top-1 of the trained and the initial encoder, written to
+    ``eval.json``: ``knn_top1``, ``linear_top1`` and the same with ``_random_init``."""
+    run_dir = Path(run_dir)
+    cfg, step_dir = load_run(run_dir)
+    train_x, train_y = read_all(
+        [
+            u
+            for src in build_sources(
+                cfg.data.train_shards, cfg.data.train_weights, "data.train_shards"
+            )
+            for u in src.urls
+        ],
+        cfg.data,
+    )
+    val_urls = resolve_shards(cfg.data.val_shards, "data.val_shards")
+    image_text = cfg.method.name == "clip"
+    val_x, val_y, val_captions = read_captioned(val_urls, cfg.data, require_caption=image_text)
+    torch.manual_seed(cfg.run.seed)  # the weights training started from
+    initial_method = build_method(cfg)
+    trained_m = trained_method(cfg, step_dir)
+    initial, trained = initial_method.encoder, trained_m.encoder
+    result: dict = {
+        "checkpoint": step_dir.name,
+        "knn_k": cfg.eval.knn_k,
+        "linear_weight_decay": cfg.eval.linear_weight_decay,
+        "train_samples": len(train_y),
+        "val_samples": len(val_y),
+    }
+    for suffix, enc in (("", trained), ("_random_init", initial)):
+        probes = scores(cfg, enc, train_x, train_y, val_x, val_y)
+        result.update({f"{k}{suffix}": v for k, v in probes.items()})
+    if image_text:  # zero-shot and retrieval of both towers
+        for suffix, m in (("", trained_m), ("_random_init", initial_method)):
+            figures = method_scores(cfg, m, val_x, val_y, val_captions)
+            match = figures.pop("retrieval_match", None)
+            result.update({f"{k}{suffix}": v for k, v in figures.items()})
+            result.setdefault("retrieval_match", match)
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, run_dir / "eval.json")
+    return result

@@ -1,0 +1,100 @@
+"""The README.md model card of an export: what was trained, how, and how well."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dist_contrast.config import Config
+from dist_contrast.export.layout import README_MD
+
+EVAL_KEYS = (
+    ("knn_top1", "kNN top-1"),
+    ("linear_top1", "linear probe top-1"),
+)
+
+
+def _training_rows(manifest: dict, cfg: Config) -> list[tuple[str, str]]:
+    t, d, m = cfg.train, cfg.data, cfg.model
+    ranks = manifest["world_size"]
+    return [
+        ("method / loss", f"`{cfg.method.name}` / `{cfg.loss.name}` (T = {cfg.loss.temperature})"),
+        ("encoder", f"`{m.encoder}` (width {m.width}, norm {m.norm})"),
+        ("input", f"{d.channels} channel(s), {d.image_size} px, mean {d.mean}, std {d.std}"),
+        ("steps", f"{manifest['step']} of {t.steps} (checkpoint `{manifest['checkpoint']}`)"),
+        ("batch", f"{t.batch_size} per rank x {ranks} rank(s) = {t.batch_size * ranks}"),
+        ("optimizer", f"{t.optimizer}, lr {t.lr}, weight decay {t.weight_decay}"),
+        ("DeepSpeed", f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}"),
+        ("data", f"`{d.train_shards}`"),
+        ("seed", str(cfg.run.seed)),
+    ]
+
+
+def _eval_lines(run_dir: Path) -> list[str]:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return ["No `eval.json` in the run: `dist-contrast eval --run RUN` measures it."]
+    try:
+        result = json.loads(path.read_text())
+    except ValueError:
+        return ["The run's `eval.json` is unreadable."]
+    lines = [
+        f"On {result.get('val_samples', '?')} validation samples "
+        f"(checkpoint `{result.get('checkpoint', '?')}`):",
+        "",
+        "| metric | trained | same network at its initial weights |",
+        "|---|---|---|",
+    ]
+    for key, label in EVAL_KEYS:
+        if key in result:
+            init = result.get(f"{key}_random_init")
+            init_s = f"{100 * init:.1f}%" if isinstance(init, int | float) else "-"
+            lines.append(f"| {label} | {100 * result[key]:.1f}% | {init_s} |")
+    return lines
+
+
+def _tower_rows(manifest: dict) -> list[str]:
+    rows = ["| tower | file | parameters | output |", "|---|---|---|---|"]
+    for name, t in manifest["towers"].items():
+        out = f"{t['output_dim']}-d" if "output_dim" in t else ", ".join(t.get("modules", []))
+        rows.append(f"| `{name}` | `{t['weights']}` | {t['parameters']:,} | {out} |")
+    return rows
+
+
+def write_card(folder: Path, manifest: dict, cfg: Config, run_dir: Path) -> None:
+    lines = [
+        f"# {cfg.run.name}",
+        "",
+        f"A `{cfg.method.name}` model trained with dist-contrast, exported from "
+        f"`{manifest['run']}` (fp32 safetensors, one file per tower).",
+        "",
+        "## Towers",
+        "",
+        *_tower_rows(manifest),
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in _training_rows(manifest, cfg)),
+        "",
+        "The whole resolved config is in `config.yaml`.",
+        "",
+        "## Evaluation",
+        "",
+        *_eval_lines(run_dir),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from dist_contrast.export import load_encoder",
+        "",
+        'enc = load_encoder("path/to/this/folder")  # tower="image", device="cpu"',
+        "features = enc.embed(images)  # PIL images, uint8 HWC arrays or [N, C, H, W] tensors",
+        "```",
+        "",
+        "`dist-contrast eval --export path/to/this/folder --data 'shards-*.tar'` measures kNN "
+        "and linear-probe top-1 on other labelled shards.",
+        "",
+    ]
+    (folder / README_MD).write_text("\n".join(lines))

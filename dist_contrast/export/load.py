@@ -1,0 +1,197 @@
+"""Exported encoders: write them (:func:`export_run`, ``dist-contrast export``) and load them
+(:func:`load_encoder`) without DeepSpeed.
+
+>>> enc = load_encoder("runs/simclr_digits/export")            # tower="image", device="cpu"
+>>> feats = enc.embed([pil_image_1, pil_image_2])               # [2, D], no grad
+>>> enc.module(enc.preprocess(uint8_hwc_array))                 # the same, by hand
+
+:func:`load_encoder` builds only the tower asked for from the export's ``config.yaml``
+(:func:`build_tower`: no training method, momentum copies, queues or memory bank), then loads
+the tower's ``model.safetensors`` with strict key and shape checks. Nothing on that path
+imports DeepSpeed, WebDataset, wandb or kornia. The directory layout is
+described in :mod:`dist_contrast.export.layout`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from dist_contrast.config import Config, DataConfig, load_config
+from dist_contrast.data.augment import Normalize, resize_view
+from dist_contrast.data.tokenizer import tokenizer_for
+from dist_contrast.export.layout import (
+    CONFIG_YAML,
+    EXPORT_JSON,
+    FORMAT,
+    IMAGE,
+    TEXT,
+    TOKENIZER_JSON,
+    ExportError,
+    check_state,
+)
+from dist_contrast.methods import registry
+from dist_contrast.models import towers
+
+
+class Preprocess:
+    """Images -> the normalised float tensor [N, C, S, S] the image encoder expects, made as
+    evaluation made it (``read_all``):
+
+    - a PIL image, or a NumPy array HW / HWC (uint8 0-255, or float in [0, 1], rounded to
+      uint8): shorter side resized to S (bilinear), centre crop, converted to the trained
+      channel count, then ``(x / 255 - mean) / std``;
+    - a torch tensor [C, S, S] or [N, C, S, S] (uint8 0-255 or float in [0, 1]) already of the
+      encoder's size: only normalised;
+    - a list or tuple of single images: one batch.
+    """
+
+    def __init__(self, data: DataConfig, device: str | torch.device = "cpu") -> None:
+        self.image_size, self.channels = data.image_size, data.channels
+        self.normalize = Normalize(data.mean, data.std).to(device)
+        self.device = torch.device(device)
+
+    def _pixels(self, image: Any) -> torch.Tensor:
+        """One image as uint8 [C, S, S] (PIL / NumPy) or as given (a tensor)."""
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                image = np.clip(np.rint(image.astype(np.float64) * 255.0), 0, 255)
+            arr = image.astype(np.uint8)
+            image = Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+        if isinstance(image, Image.Image):
+            return resize_view(image, self.image_size, self.channels).contiguous()[None]
+        if isinstance(image, torch.Tensor):
+            return image[None] if image.dim() == 3 else image
+        raise TypeError(f"cannot preprocess {type(image).__name__}: PIL, NumPy or torch image")
+
+    def __call__(self, images: Any) -> torch.Tensor:
+        many = isinstance(images, Sequence) and not isinstance(images, str)
+        parts = [self._pixels(im) for im in (images if many else [images])]
+        x = torch.cat([p.float() / 255.0 if p.dtype == torch.uint8 else p.float() for p in parts])
+        want = (self.channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"images must be [N, {want[0]}, {want[1]}, {want[2]}], got {tuple(x.shape)}"
+            )
+        return self.normalize(x.to(self.device))
+
+
+@dataclass
+class LoadedEncoder:
+    """One tower of an export, ready to use.
+
+    ``module``: the network in eval mode on the requested device (image: float [N, C, S, S]
+    -> [N, D]; text: int64 token ids [N, L] -> [N, D]; ``heads``: a ModuleDict of the
+    projector / predictor). ``preprocess``: images -> the encoder's input (image tower only).
+    ``tokenizer``: captions -> token ids (text tower only). ``config``: the training config.
+    ``info``: the tower's entry of ``export.json`` (input spec, output size, parameters)."""
+
+    module: nn.Module
+    tower: str
+    config: Config
+    info: dict
+    preprocess: Preprocess | None = None
+    tokenizer: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @torch.no_grad()
+    def embed(self, inputs: Any) -> torch.Tensor:
+        """Features of images (through ``preprocess``) or captions (through ``tokenizer``)."""
+        if self.preprocess is not None:
+            x = self.preprocess(inputs)
+        elif self.tokenizer is not None:
+            x = inputs if isinstance(inputs, torch.Tensor) else self.tokenizer.encode(inputs)
+        else:
+            raise ExportError(f"tower '{self.tower}' is not an encoder (it holds heads only)")
+        return self.module(x.to(self.device))
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / EXPORT_JSON
+    if not path.is_file():
+        raise ExportError(f"'{folder}' is not an export directory (no {EXPORT_JSON})")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ExportError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{path} is not a dist-contrast export manifest")
+    return manifest
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A tower's safetensors file; a damaged one is one :class:`ExportError`."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ExportError(f"missing weights file {path}: export again")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError for truncated / corrupt files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(
+            f"{path} is truncated or not a safetensors file ({first}): export again"
+        ) from None
+
+
+def _export_dir(path: Path) -> tuple[Path, str | None]:
+    """An export directory, or one of its tower folders (which then names the tower)."""
+    if path.is_file():
+        path = path.parent
+    if not (path / EXPORT_JSON).is_file() and (path.parent / EXPORT_JSON).is_file():
+        return path.parent, path.name
+    return path, None
+
+
+def _config(folder: Path) -> Config:
+    cfg = load_config(folder / CONFIG_YAML)
+    if cfg.data.tokenizer == "bpe" and (folder / TOKENIZER_JSON).is_file():
+        cfg.data.tokenizer_path = str(folder / TOKENIZER_JSON)  # the export's own copy
+    return cfg
+
+
+def build_tower(cfg: Config, tower: str, manifest: dict) -> nn.Module:
+    """The network of one tower at fresh weights, built from the config alone (not the
+    training method): the image encoder, the text encoder over the export's tokenizer, or the
+    method's heads (sized by the encoders' outputs recorded in ``export.json``)."""
+    if tower == IMAGE:
+        return towers.image_encoder(cfg)
+    if tower == TEXT:
+        tok = tokenizer_for(cfg.data)
+        return towers.text_encoder(cfg, tok.vocab_size, tok.eot_id)
+    dims = {name: t.get("output_dim") for name, t in manifest["towers"].items()}
+    return registry.build_heads(cfg, dims[IMAGE], dims.get(TEXT))
+
+
+def load_encoder(
+    path: str | Path, tower: str = "image", device: str | torch.device = "cpu"
+) -> LoadedEncoder:
+    """The ``tower`` (``image``, ``text`` or ``heads``) of the export at ``path`` (the export
+    directory or one of its tower folders), on ``device``, in eval mode."""
+    folder, named = _export_dir(Path(path))
+    tower = named or tower
+    manifest = read_manifest(folder)
+    if tower not in manifest["towers"]:
+        raise ExportError(
+            f"export '{folder}' has no tower '{tower}' ({', '.join(manifest['towers'])})"
+        )
+    cfg = _config(folder)
+    info = manifest["towers"][tower]
+    module = build_tower(cfg, tower, manifest)
+    check_state(module, read_weights(folder / info["weights"]), f"{folder / info['weights']}")
+    device = torch.device(device)
+    module = module.to(device).eval()
+    loaded = LoadedEncoder(module, tower, cfg, info, device=device)
+    if info["kind"] == "image":
+        loaded.preprocess = Preprocess(cfg.data, device)
+    elif tower == TEXT:
+        loaded.tokenizer = tokenizer_for(cfg.data)
+    return loaded

@@ -1,0 +1,351 @@
+"""The trainer: DeepSpeed wrap and one training loop you can read top to bottom.
+
+The engine knows a method only through ``method(batch) -> LossOutput``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_contrast import distributed
+from dist_contrast.config import Config, TrainConfig, save_config
+from dist_contrast.data.augment import DeviceAugment
+from dist_contrast.data.pipeline import TrainLoader, train_loader
+from dist_contrast.data.sources import build_sources
+from dist_contrast.data.tario import FAULT_REASONS
+from dist_contrast.data.tokenizer import tokenizer_for
+from dist_contrast.distributed import mix_seed
+from dist_contrast.errors import ConfigError, DivergedError
+from dist_contrast.methods import LossOutput, Method, build_method
+from dist_contrast.train import checkpoint, preempt
+from dist_contrast.train.accumulate import cached_step, plain_step
+from dist_contrast.train.guard import StepGuard
+from dist_contrast.train.metrics import MetricsLogger, embedding_metrics
+from dist_contrast.train.optim import build_optimizer
+from dist_contrast.train.plots import write_plots
+from dist_contrast.train.runs import check_method_data, check_run_dir, resolve
+
+# DeepSpeed's ZeRO-2 calls a collective that torch now marks deprecated; it is not ours to fix.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
+
+PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def warmup_cosine(train: TrainConfig) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine down to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        span = max(1, train.steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
+
+    return factor
+
+
+def wrap(method: Method, cfg: Config, world: int):
+    """DeepSpeed around the method: optimizer, ZeRO stage and precision. The LR schedule stays
+    with the trainer, which steps it only after a step that was taken (see guard.py)."""
+    import deepspeed
+
+    optimizer = build_optimizer(method, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train))
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=method,
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, world),
+        dist_init_required=False,
+    )
+    return engine, optimizer, scheduler
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config derived from the run config; ``deepspeed.raw`` wins."""
+    prec = cfg.deepspeed.precision
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size // cfg.train.accumulation,
+        "gradient_accumulation_steps": cfg.train.accumulation,
+        "train_batch_size": cfg.train.batch_size * world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
+        # The optimizer is built by us (torch AdamW/SGD) and handed to DeepSpeed.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, cfg.deepspeed.raw)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """Tensors to ``device`` (floating ones cast to ``dtype``); other values as they are."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            cast = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
+            v = v.to(device, dtype=cast, non_blocking=True)
+        out[k] = v
+    return out
+
+
+def prepare(cfg: Config) -> None:
+    """Everything a user can get wrong, checked before any process group starts."""
+    if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "deepspeed.precision=fp16 needs a CUDA device (DeepSpeed's fp16 loss scaling); "
+            "use deepspeed.precision=bf16 or fp32 on this machine"
+        )
+    sources = build_sources(cfg.data.train_shards, cfg.data.train_weights, "data.train_shards")
+    check_method_data(cfg, sources)
+    resolve(cfg)
+    tokenizer_for(cfg.data)  # a missing or broken tokenizer.json: one line, before any rank
+    check_run_dir(cfg)
+    checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
+
+
+def train(cfg: Config) -> Path:
+    """Train ``cfg`` on every rank of the job; return the run directory."""
+    prepare(cfg)
+    # SIGUSR1/SIGTERM: stop at the next step with a checkpoint (preempt.py), from the start on.
+    with preempt.StopSignals() as stop:
+        env = distributed.init(cfg.train.collective_timeout_s)
+        try:
+            return _train(cfg, env, stop)
+        finally:
+            distributed.shutdown()
+
+
+def _train(cfg: Config, env: distributed.DistEnv, stop: preempt.StopSignals | None = None) -> Path:
+    run_dir, main = cfg.run_dir, distributed.is_main()
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    distributed.barrier()
+
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    engine, _, scheduler = wrap(build_method(cfg), cfg, env.world_size)
+    loader = train_loader(
+        cfg.data, cfg.augment, cfg.train.batch_size, cfg.run.seed, env.rank, env.world_size
+    )
+    trainer = Trainer(cfg, engine, scheduler, loader, env.rank, env.world_size)
+    trainer.stop = stop
+    trainer.resume()
+    with preempt.held():  # workers forked here never act on a stop signal
+        loader.start()  # the first batches are made while the logger (wandb) starts
+    trainer.logger = MetricsLogger(run_dir, cfg, trainer.step, enabled=main)
+    try:
+        trainer.run()
+    finally:
+        trainer.logger.close()
+    if main and cfg.logging.plots:
+        write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
+    return run_dir
+
+
+@dataclass
+class Window:
+    """What is summed between two logged steps (the loss over the steps taken only)."""
+
+    first_step: int
+    start: float = field(default_factory=time.perf_counter)
+    loss_sum: float = 0.0
+    n: int = 0
+    data_wait: float = 0.0
+
+    def add(self, loss: float, taken: bool) -> None:
+        if taken:
+            self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+
+
+class Trainer:
+    """The training loop and what it must keep: step, data position, metrics.
+
+    ``step`` counts batches consumed, skipped ones included: the data position, checkpoint
+    names, ``train.stop_at`` and the log cadence follow it. The LR schedule counts the steps
+    taken (a skipped step does not advance it), and so does the optimizer."""
+
+    def __init__(
+        self, cfg: Config, engine, scheduler, loader: TrainLoader, rank: int, world: int
+    ) -> None:
+        self.cfg, self.engine, self.scheduler, self.loader = cfg, engine, scheduler, loader
+        self.rank, self.world, self.step = rank, world, 0
+        self.device, self.dtype = distributed.device(), PRECISION[cfg.deepspeed.precision]
+        self.augment = DeviceAugment(cfg.augment, cfg.data).to(self.device)
+        self.ckpt_root = cfg.run_dir / "checkpoints"
+        self.logger: MetricsLogger | None = None
+        self.stop: preempt.StopSignals | None = None  # set: a signal stops the run at a step end
+        fp16 = cfg.deepspeed.precision == "fp16"  # gradients: DeepSpeed's loss scaler decides
+        self.guard = StepGuard(engine.module, scheduler.optimizer, check_grads=not fp16)
+
+    def resume(self) -> None:
+        step_dir = checkpoint.resolve_resume(self.ckpt_root, self.cfg.checkpoint.resume)
+        if step_dir is None:
+            return
+        client = checkpoint.load(self.engine, step_dir)
+        self.step = int(client["step"])
+        if "scheduler" in client:
+            self.scheduler.load_state_dict(client["scheduler"])
+        self.guard.skipped_steps = int(client.get("skipped_steps", 0))
+        state = checkpoint.load_rank_state(step_dir, self.rank)
+        same_world = state is not None and state["world"] == self.world
+        if same_world:
+            self.loader.load_state_dict(state["data"])
+            self.engine.module.load_extra_state(state["method"])
+            if "rng" in state:
+                checkpoint.set_rng_state(state["rng"])
+        elif distributed.is_main():
+            print(
+                f"dist-contrast: warning: {step_dir} holds no per-rank state for {self.world} "
+                f"rank(s): the data stream restarts and rank-local state (queues) is new",
+                file=sys.stderr,
+            )
+
+    def save(self) -> None:
+        state = {
+            "world": self.world,
+            "data": self.loader.state_dict(),
+            "method": self.engine.module.extra_state(),
+            "rng": checkpoint.rng_state(),
+        }
+        client = {
+            "scheduler": self.scheduler.state_dict(),
+            "skipped_steps": self.guard.skipped_steps,
+        }
+        checkpoint.save(
+            self.engine, self.ckpt_root, self.step, self.cfg.checkpoint.keep, state, client
+        )
+
+    def augment_batch(self, batch: dict) -> dict:
+        """The per-pixel half of the views, on the training device."""
+        batch = to_device(batch, self.device)
+        seed = mix_seed(self.cfg.run.seed, self.step, self.rank, 3)
+        return to_device(self.augment(batch, seed), self.device, self.dtype)
+
+    def run(self) -> None:
+        cfg = self.cfg
+        batches = iter(self.loader)
+        window = Window(self.step)
+        end = cfg.train.stop_at or cfg.train.steps
+        while self.step < end:
+            t0 = time.perf_counter()
+            with preempt.held():  # workers forked here never act on a stop signal
+                batch = next(batches)
+            window.data_wait += time.perf_counter() - t0  # the loader kept this rank waiting
+            batch = self.augment_batch(batch)
+            out, taken = self.train_step(batch)
+            self.step += 1  # the batch is consumed, whether the step was taken or skipped
+            window.add(float(out.loss.detach()), taken)
+            self.logger.advance()
+            last = self.step == end
+            if self.step % cfg.train.log_every == 0 or last:
+                self.logger.log(self.record(window, out, batch))
+                window = Window(self.step)
+            saved = self.step % cfg.checkpoint.every == 0 or last
+            if saved:
+                t_save = time.perf_counter()
+                self.save()
+                window.start += time.perf_counter() - t_save  # throughput excludes saving
+            if not last and self.stop is not None and self.stop.agreed():
+                if not saved:
+                    self.save()
+                raise self.stop.stop(self.step)  # every rank, after the same checkpoint
+
+    def train_step(self, batch: dict) -> tuple[LossOutput, bool]:
+        """One optimizer step over ``batch``, or none if its loss or gradients are not finite
+        on some rank (the same decision on every rank); whether the step was taken."""
+        out = self.optimizer_step(batch)
+        taken = self.guard.end_step(self.engine.was_step_applied())
+        if taken:
+            self.scheduler.step()
+            self.engine.module.on_step_end(self.step + 1, self.cfg.train.steps)
+        elif self.guard.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise DivergedError(
+                f"stopped at step {self.step + 1}: {self.guard.bad_in_a_row} steps in a row had "
+                f"a non-finite loss or gradient on some rank (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); lower train.lr or raise train.warmup_steps, "
+                f"and continue from the last checkpoint with checkpoint.resume=latest"
+            )
+        return out, taken
+
+    def optimizer_step(self, batch: dict) -> LossOutput:
+        """Forward, backward and DeepSpeed's step over this rank's batch (gradient clipping
+        and accumulation included; the guard's pre-hook may turn the update into a no-op)."""
+        parts = self.cfg.train.accumulation
+        if parts == 1:
+            out = self.engine(batch)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            return out
+        if self.cfg.train.accumulation_mode == "cached":
+            return cached_step(self.engine, batch, parts)
+        return plain_step(self.engine, batch, parts)
+
+    def record(self, window: Window, out: LossOutput, batch: dict) -> dict:
+        """One line of metrics.jsonl: means over the steps since the last one, all ranks."""
+        elapsed = time.perf_counter() - window.start
+        samples = self.cfg.train.batch_size * self.world * (self.step - window.first_step)
+        loss = distributed.all_reduce_mean(window.loss_sum / window.n) if window.n else None
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_sec": samples / elapsed,
+            "negatives_per_query": self.engine.module.negatives_per_query(
+                self.loss_batch, self.world
+            ),
+            "data_wait_frac": distributed.all_reduce_mean(window.data_wait / elapsed),
+            "skipped_steps": self.guard.skipped_steps,
+            "bad_steps_in_a_row": self.guard.bad_in_a_row,
+            **self.skipped(),
+            **self.embedding_metrics(batch),
+            **{k: distributed.all_reduce_mean(v) for k, v in out.metrics.items()},
+        }
+
+    def embedding_metrics(self, batch: dict) -> dict[str, float]:
+        """Alignment and uniformity (Wang & Isola 2020) of the first two embeddings the method
+        gives for ``batch`` (two views, or image and text), the model in eval mode; {} if the
+        method gives one embedding per sample. Means over ranks."""
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                emb = self.engine(batch, mode="embed")
+        finally:
+            self.engine.train()
+        values = embedding_metrics(list(emb.values()))
+        return {k: distributed.all_reduce_mean(v) for k, v in values.items()}
+
+    @property
+    def loss_batch(self) -> int:
+        """Samples per rank that one loss sees (its negatives come from them)."""
+        t = self.cfg.train
+        return t.batch_size if t.accumulation_mode == "cached" else t.batch_size // t.accumulation
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped data so far, summed over ranks, by reason (``skipped_<reason>``)."""
+        faults = self.loader.faults()
+        totals = distributed.all_reduce_sum([faults[k] for k in FAULT_REASONS])
+        out = {f"skipped_{k}": int(v) for k, v in zip(FAULT_REASONS, totals, strict=True)}
+        out["skipped_total"] = sum(out.values())
+        return out
