@@ -60,7 +60,7 @@ test: $(SETUP)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # Every configs/*_digits.yaml trained on 2 local ranks, then kNN and linear probe of the trained
-# and of the initial encoder: the method table of the README (bench/results/quality.json).
+# and of the initial encoder: the method table of docs/benchmarks.md (bench/results/quality.json).
 quality: $(SETUP) $(DIGITS)/counts.json $(DIGITS)/tokenizer.json
 	$(PYTHON) -m dist_contrast.cli bench quality $(QUALITY_ARGS)
 
