@@ -15,7 +15,7 @@ from dist_contrast.losses.checks import (
 )
 from dist_contrast.losses.kernels.numerics import fp32_region, normalize
 from dist_contrast.losses.kernels.tiled import tiled_cross_entropy, tiled_logsumexp
-from dist_contrast.losses.reduce import gather, global_mean, keep_graph
+from dist_contrast.losses.reduce import gather, global_count, global_mean, keep_graph
 
 
 def _check_in_batch(in_batch: bool | None) -> None:
@@ -50,8 +50,10 @@ def info_nce(
 
     Distributed: in-batch, each rank scores its queries against the gathered keys (memory
     O(n_local x N)) and returns ``W * (sum) / N``, so W ranks with averaged gradients equal
-    one process on the global batch. Without in-batch negatives nothing is gathered and each
-    rank returns the mean over its queries (the global mean when ranks hold equal batches).
+    one process on the global batch. Without in-batch negatives no embedding is gathered; with
+    ``gather_mode="all"`` the number of queries is summed over ranks and each rank returns
+    ``W * (sum) / N`` all the same, so uneven per-rank batches weight samples, not ranks; with
+    ``"off"`` each rank returns the mean over its own queries.
 
     ``memory_efficient=True`` gives the same values and gradients through the tiled softmax
     (:mod:`dist_contrast.losses.kernels.tiled`): the [n_local, N + K] logits exist one
@@ -82,7 +84,7 @@ def info_nce(
         else:
             total = _full_sum(qn, kn, keys, offset, negs, temperature, in_batch)
         if not in_batch:
-            return global_mean(total, qn.shape[0], False)
+            return global_mean(total, global_count(qn, use_gather), use_gather)
         return keep_graph(global_mean(total, keys.shape[0], use_gather), keys)
 
 

@@ -18,6 +18,7 @@ from dist_contrast.losses.checks import (
     check_temperature,
 )
 from dist_contrast.losses.kernels.numerics import fp32_region, normalize
+from dist_contrast.losses.reduce import global_count, global_mean
 
 MODES = ("nce", "softmax")
 
@@ -110,9 +111,11 @@ def nce_loss(
       estimate it on the first batch and keep it: :class:`NCELoss` does). Computed in log
       space (the reference adds 1e-7 to the denominators; this does not).
 
-    Distributed: every term is per sample, nothing is gathered; each rank returns the mean over
-    its samples (the global mean when ranks hold equal batches). With ``gather_mode="all"`` an
-    estimated Z is taken over every rank's batch, so all ranks use the same Z.
+    Distributed: every term is per sample and no embedding is gathered. With
+    ``gather_mode="all"`` the sample count is summed over ranks and each rank returns
+    ``W * (sum) / N``, the global mean whatever the per-rank batch sizes (uneven batches weight
+    samples, not ranks), and an estimated Z is taken over every rank's batch, so all ranks use
+    the same Z; with ``"off"`` each rank returns the mean over its samples.
     """
     check_choice(mode, "mode", MODES)
     if mode == "nce":
@@ -124,12 +127,14 @@ def nce_loss(
         logits = _logits(features, positives, negatives, temperature)
         if mode == "softmax":
             targets = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-            return F.cross_entropy(logits, targets)
+            total = F.cross_entropy(logits, targets, reduction="sum")
+            return global_mean(total, global_count(logits, use_gather), use_gather)
         log_z = math.log(z) if z is not None else _log_z(logits, n_data, use_gather)
         log_p = logits - log_z
         log_k_noise = math.log((logits.shape[1] - 1) / n_data)
         pos_term, neg_terms = nce_terms(log_p[:, 0], log_p[:, 1:], log_k_noise)
-        return (pos_term + neg_terms.sum(dim=1)).mean()
+        total = (pos_term + neg_terms.sum(dim=1)).sum()
+        return global_mean(total, global_count(logits, use_gather), use_gather)
 
 
 class NCELoss(nn.Module):

@@ -30,6 +30,12 @@ def all_reduce_sum(t: torch.Tensor, enabled: bool) -> torch.Tensor:
     return t
 
 
+def global_count(rows: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """The number of ``rows`` summed over ranks (with the gather on), as a tensor for
+    :func:`global_mean`: the divisor of a per-sample mean that gathers nothing else."""
+    return all_reduce_sum(torch.tensor(float(rows.shape[0]), device=rows.device), enabled)
+
+
 def gather_labels(labels: torch.Tensor, enabled: bool) -> torch.Tensor:
     return distributed.all_gather_no_grad(labels) if enabled else labels
 
