@@ -1,4 +1,11 @@
-"""Input checks shared by the objectives: shapes, dtypes, labels and hyperparameters."""
+"""Input checks shared by the objectives: shapes, dtypes, labels and hyperparameters.
+
+Shapes and dtypes are checked on every call (they cost nothing); values only where they are
+Python numbers (hyperparameters). The values of tensors (embeddings, a learned temperature or
+logit scale) are never read here: reading one is a host sync on a GPU, and a NaN on one rank
+must not raise on that rank alone while the others wait in a collective. A non-finite input
+gives a non-finite loss, which the step guard (``train/guard.py``) turns into a skipped step on
+every rank."""
 
 from __future__ import annotations
 
@@ -13,8 +20,6 @@ def check_embeddings(x: torch.Tensor, name: str, ndim: int = 2) -> None:
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has embedding dimension 0")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
 
 
 def check_same_shape(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
@@ -25,9 +30,10 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None
 
 
 def check_temperature(t: float | torch.Tensor) -> None:
-    value = float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
-    if not value > 0:
-        raise ValueError(f"temperature must be > 0, got {value}")
+    if _scalar_tensor(t, "temperature"):
+        return
+    if not float(t) > 0:
+        raise ValueError(f"temperature must be > 0, got {float(t)}")
 
 
 def check_gather(mode: str) -> bool:
@@ -71,16 +77,28 @@ def check_labels(labels: torch.Tensor, n: int, name: str = "labels") -> None:
         raise ValueError(f"{name} has {labels.shape[0]} entries but the batch has {n} rows")
 
 
-def check_finite(value: float | torch.Tensor, name: str) -> float:
-    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+def _scalar_tensor(value: float | torch.Tensor, name: str) -> bool:
+    """Whether ``value`` is a tensor (then one element, its value left unread)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a single value, got shape {tuple(value.shape)}")
+    return True
+
+
+def check_finite(value: float | torch.Tensor, name: str) -> float | None:
+    """``value`` as a float once it is finite; None for a tensor (its value is not read)."""
+    if _scalar_tensor(value, name):
+        return None
+    v = float(value)
     if v != v or v in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
 
 
-def check_positive(value: float | torch.Tensor, name: str) -> float:
+def check_positive(value: float | torch.Tensor, name: str) -> float | None:
     v = check_finite(value, name)
-    if not v > 0:
+    if v is not None and not v > 0:
         raise ValueError(f"{name} must be > 0, got {v}")
     return v
 

@@ -18,16 +18,24 @@ from multiproc import run_ranks
 
 
 class PoisonedSimCLR(SimCLR):
-    """SimCLR whose loss is NaN at the given calls (0-based) of ``loss``."""
+    """SimCLR whose loss (``where="loss"``) or one of whose embeddings (``"embeddings"``: a
+    NaN in one row of z1, before the loss gathers it) is NaN at the given calls (0-based) of
+    ``loss``."""
 
-    def __init__(self, base: SimCLR, bad_calls: set[int]) -> None:
+    def __init__(self, base: SimCLR, bad_calls: set[int], where: str = "loss") -> None:
         super().__init__(base.encoder, base.projector, base.criterion)
-        self.bad_calls, self.calls = bad_calls, 0
+        self.bad_calls, self.calls, self.where = bad_calls, 0, where
 
     def loss(self, emb, batch):
-        out = super().loss(emb, batch)
         bad, self.calls = self.calls in self.bad_calls, self.calls + 1
-        return LossOutput(out.loss * float("nan"), out.metrics) if bad else out
+        if bad and self.where == "embeddings":
+            poison = torch.zeros_like(emb["z1"])
+            poison[0, 0] = float("nan")
+            emb = {**emb, "z1": emb["z1"] + poison}
+        out = super().loss(emb, batch)
+        if bad and self.where == "loss":
+            return LossOutput(out.loss * float("nan"), out.metrics)
+        return out
 
 
 def _cfg(digits, run_dir, stage, precision, **train):
@@ -43,9 +51,9 @@ def _cfg(digits, run_dir, stage, precision, **train):
     )
 
 
-def _trainer(cfg, rank, world, bad_calls):
+def _trainer(cfg, rank, world, bad_calls, where="loss"):
     torch.manual_seed(cfg.run.seed)
-    method = PoisonedSimCLR(build_method(cfg), bad_calls if rank == 1 else set())
+    method = PoisonedSimCLR(build_method(cfg), bad_calls if rank == 1 else set(), where)
     engine, _, scheduler = wrap(method, cfg, world)
     loader = train_loader(cfg.data, cfg.augment, cfg.train.batch_size, 0, rank, world)
     return Trainer(cfg, engine, scheduler, loader, rank, world)
@@ -61,34 +69,41 @@ def _weights(trainer, stage):
     return torch.cat([p.detach().float().flatten().clone() for p in params])
 
 
-def _skip_one(rank, world, digits, run_dir, stage, precision):
-    """Run A: batches b0, b1 (NaN on rank 1), b2. Run B: b0, b2. Weights after each step."""
+def _skip_one(rank, world, digits, run_dir, stage, precision, where):
+    """Run A: batches b0, b1, b2 (NaN on rank 1), b3. Run B: b0, b1, b3. Weights after each
+    step of A, and after B."""
     cfg = _cfg(digits, run_dir, stage, precision)
-    a = _trainer(cfg, rank, world, {1})
+    a = _trainer(cfg, rank, world, {2}, where)
     batches = iter(a.loader)
-    views = [a.augment_batch(next(batches)) for _ in range(3)]
+    views = [a.augment_batch(next(batches)) for _ in range(4)]
     trace, taken = [_weights(a, stage)], []
     for v in views:
         taken.append(a.train_step(v)[1])
         trace.append(_weights(a, stage))
     lr_steps, skipped = a.scheduler.last_epoch, a.guard.skipped_steps
     b = _trainer(cfg, rank, world, set())
-    for v in (views[0], views[2]):
+    for v in (views[0], views[1], views[3]):
         b.train_step(v)
     return trace, taken, lr_steps, skipped, _weights(b, stage)
 
 
+@pytest.mark.parametrize("where", ["loss", "embeddings"])
 @pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "bf16")])
-def test_nan_on_one_rank_skips_the_step_on_every_rank(digits_dir, tmp_path, stage, precision):
-    results = run_ranks(_skip_one, 2, str(digits_dir), tmp_path, stage, precision, timeout=300)
+def test_nan_on_one_rank_skips_the_step_on_every_rank(
+    digits_dir, tmp_path, stage, precision, where
+):
+    """A NaN loss, or a NaN embedding that the loss gathers (issue 16: it used to raise on
+    rank 1 alone), at step 3 of rank 1: both ranks skip that step and go on."""
+    args = (str(digits_dir), tmp_path, stage, precision, where)
+    results = run_ranks(_skip_one, 2, *args, timeout=300)
     for trace, taken, lr_steps, skipped, straight in results:
-        assert taken == [True, False, True]
-        assert not torch.equal(trace[0], trace[1])  # step 0 moved the weights
-        assert torch.equal(trace[1], trace[2])  # the NaN step left them alone
-        assert not torch.equal(trace[2], trace[3])
-        assert lr_steps == 2 and skipped == 1  # the LR schedule did not advance on the skip
-        # Optimizer state untouched too: b0, NaN, b2 ends where b0, b2 ends.
-        assert torch.equal(trace[3], straight)
+        assert taken == [True, True, False, True]
+        assert not torch.equal(trace[1], trace[2])  # step 2 moved the weights
+        assert torch.equal(trace[2], trace[3])  # the NaN step left them alone
+        assert not torch.equal(trace[3], trace[4])
+        assert lr_steps == 3 and skipped == 1  # the LR schedule did not advance on the skip
+        # Optimizer state untouched too: b0, b1, NaN, b3 ends where b0, b1, b3 ends.
+        assert torch.equal(trace[4], straight)
     (t0, *_), (t1, *_) = results
     assert all(torch.equal(x, y) for x, y in zip(t0, t1, strict=True))  # the same on both ranks
 
