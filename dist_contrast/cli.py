@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from dist_contrast.errors import UserError
@@ -315,13 +316,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
-        print(f"dist-contrast: error: {where}{exc}", file=sys.stderr)
+        print(f"dist-contrast: error: {_where()}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dist-contrast: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from dist_contrast.distributed import peer_gone
+
+        said = peer_gone(exc)
+        if _where() and said:  # another rank ended first: its own message is the cause
+            print(f"dist-contrast: {_where()}stopped: another rank ended ({said})", file=sys.stderr)
+            return 1
+        traceback.print_exc()  # a bug or an unforeseen fault: the traceback, then one line
+        print(f"dist-contrast: error: {_where()}{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _where() -> str:
+    """``[rank R] `` in a job of several ranks, else nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
 
 
 if __name__ == "__main__":

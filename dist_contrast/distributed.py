@@ -151,6 +151,24 @@ def init(timeout_s: float = 600.0) -> DistEnv:
     return env
 
 
+# What a collective raises on a rank whose peer has gone (the peer's own error is the cause).
+PEER_GONE = (
+    "Connection closed by peer",  # gloo
+    "Connection reset by peer",  # gloo
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "remote process exited or there was a network error",  # NCCL
+)
+
+
+def peer_gone(exc: BaseException) -> str | None:
+    """What the collective said if ``exc`` is one failing because another rank has ended
+    (secondary to that rank's own error, which says what went wrong), else None."""
+    if isinstance(exc, RuntimeError):
+        return next((s for s in PEER_GONE if s in str(exc)), None)
+    return None
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

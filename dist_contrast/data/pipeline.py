@@ -14,7 +14,10 @@ the batches it would have received without the interruption.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -292,6 +295,29 @@ class TrainLoader:
         self.epoch += 1
         self.next_worker = 0
         self._reset_epoch()
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """End the workers, whatever state the run is in: asked to stop, joined for up to
+        ``grace_s`` seconds, then killed. Idempotent; the next iteration starts new ones.
+
+        The workers hold stop signals blocked (``train.preempt.held``), so torch's own
+        SIGTERM at shutdown, and the one multiprocessing sends at interpreter exit before it
+        joins its daemonic children for ever, do not reach them: a rank that left by an
+        exception with the loader still referenced by the traceback used to hang at exit. A
+        worker never writes to the run directory, so SIGKILL loses nothing."""
+        it, self._it, self._pending, self._ended = self._it, None, {}, {}
+        workers = list(getattr(it, "_workers", ()))
+        if not workers:
+            return
+        deadline = time.monotonic() + grace_s
+        shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's __del__ runs
+        if shutdown is not None:
+            shutdown()  # sets the done event and sends each worker its end marker
+        for w in workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+            if w.is_alive():
+                os.kill(w.pid, signal.SIGKILL)
+                w.join()
 
     def start(self) -> None:
         """Start the workers now, from the current position: they fill their prefetch slots

@@ -151,14 +151,17 @@ def _train(cfg: Config, env: distributed.DistEnv, stop: preempt.StopSignals | No
     )
     trainer = Trainer(cfg, engine, scheduler, loader, env.rank, env.world_size)
     trainer.stop = stop
-    trainer.resume()
-    with preempt.held():  # workers forked here never act on a stop signal
-        loader.start()  # the first batches are made while the logger (wandb) starts
-    trainer.logger = MetricsLogger(run_dir, cfg, trainer.step, enabled=main)
     try:
-        trainer.run()
+        trainer.resume()
+        with preempt.held():  # workers forked here never act on a stop signal
+            loader.start()  # the first batches are made while the logger (wandb) starts
+        trainer.logger = MetricsLogger(run_dir, cfg, trainer.step, enabled=main)
+        try:
+            trainer.run()
+        finally:
+            trainer.logger.close()
     finally:
-        trainer.logger.close()
+        loader.close()  # on success, error or stop: no worker outlives the rank
     if main and cfg.logging.plots:
         write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
     return run_dir

@@ -1,6 +1,9 @@
 import json
 import multiprocessing
+import os
+import signal
 import tarfile
+import time
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from dist_contrast.data.pipeline import _read, read_all, train_loader
 from dist_contrast.data.shards import resolve_shards
 from dist_contrast.data.tario import Faults
 from dist_contrast.errors import DataError
+from dist_contrast.train import preempt
 
 
 def test_digits_shards_counts_split_and_content(digits_dir):
@@ -94,6 +98,31 @@ def test_started_workers_run_ahead_and_deliver_the_same_batches(digits_dir):
     loader.start()  # a no-op once started
     got = [b["index"] for b in loader.iter_epoch()]
     assert torch.equal(torch.cat(want), torch.cat(got))
+
+
+def test_close_ends_workers_that_hold_stop_signals(digits_dir):
+    """Workers forked inside preempt.held() ignore SIGTERM (torch's shutdown and
+    multiprocessing's exit handler send only that); close() ends them all the same, and the
+    stream goes on from the same position afterwards."""
+    shards = str(digits_dir / "train-00000[0-3].tar")
+    want = [b["index"] for b in _loader(shards, workers=2, batch=5).iter_epoch()]
+    loader = _loader(shards, workers=2, batch=5)
+    with preempt.held():
+        loader.start()
+    batches = iter(loader)
+    got = [next(batches)["index"] for _ in range(3)]
+    workers = list(loader._it._workers)
+    os.kill(workers[0].pid, signal.SIGTERM)
+    workers[0].join(1.0)
+    assert workers[0].is_alive()  # the stop signal is held: a plain terminate() cannot end it
+    start = time.monotonic()
+    loader.close(grace_s=2.0)
+    assert time.monotonic() - start < 15
+    assert not any(w.is_alive() for w in workers)
+    loader.close()  # idempotent
+    got += [b["index"] for b in loader.iter_epoch()]  # new workers, from the same position
+    assert torch.equal(torch.cat(want), torch.cat(got))
+    loader.close()
 
 
 def test_views_are_uint8_crops_and_batches_full(digits_dir):
