@@ -23,8 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.check:
         from dist_contrast.train.engine import prepare
 
-        prepare(cfg)
-        print(f"config ok: run dir {cfg.run_dir}")
+        world = prepare(cfg, args.world)
+        print(f"config ok for {world} rank(s): run dir {cfg.run_dir}")
         return 0
     from dist_contrast.train.engine import train
 
@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config, a diff over the defaults")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--check", action="store_true", help="validate config and paths, then exit")
+    p.add_argument(
+        "--world",
+        type=int,
+        help="with --check: the ranks the job will have (default: the launcher's, else 1)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="kNN and linear-probe evaluation of a run or an export")

@@ -13,7 +13,7 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$here/.venv/bin/python" ]; then PYTHON="$here/.venv/bin/python"; else PYTHON=python3; fi
 fi
 # Check config, shards and run dir once, in one process, so mistakes print one line.
-"$PYTHON" -m dist_contrast.cli train --config "$config" "$@" --check >/dev/null
+"$PYTHON" -m dist_contrast.cli train --config "$config" "$@" --check --world "$nproc" >/dev/null
 # Share the cores between ranks unless the user chose.
 cores=$("$PYTHON" -c 'import os; print(len(os.sched_getaffinity(0)))')
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}

@@ -40,14 +40,33 @@ def split_override(item: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def split_top_level(spec: str) -> list[str]:
+    """Split on the commas that are not inside braces (``a-{0..9}.tar, b.tar``), stripped."""
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
 def override_value(key: str, value: str) -> Any:
-    """The YAML value of an override (``""`` stays an empty string); one line if it is not YAML
-    (an unclosed ``[`` or ``{``: quote the value, or write it as a YAML list)."""
+    """The YAML value of an override (``""`` stays an empty string). A ``[...]`` list that is
+    not YAML because its items hold brace patterns (``[a/{0..9}.tar, b/{0..3}.tar]``, shard
+    lists as the README writes them) is a list of those strings. Anything else that is not
+    YAML is one line (quote the value, or write it as a YAML list)."""
     if value == "":
         return ""
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError as exc:
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]") and "{" in text:
+            return split_top_level(text[1:-1])
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(
             f"override {key}: value {value!r} is not valid YAML ({problem}); quote it, or give a "

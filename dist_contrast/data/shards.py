@@ -11,23 +11,10 @@ from pathlib import Path
 
 import braceexpand
 
+from dist_contrast.config.parse import split_top_level
 from dist_contrast.errors import DataError
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
-
-
-def _split_top_level(spec: str) -> list[str]:
-    """Split on commas that are not inside braces."""
-    parts, depth, cur = [], 0, []
-    for ch in spec:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
 
 
 def resolve_shards(spec: str | list[str], what: str = "shards") -> list[str]:
@@ -35,7 +22,7 @@ def resolve_shards(spec: str | list[str], what: str = "shards") -> list[str]:
 
     Local paths must exist; remote URLs are passed through. A pattern matching no file is an
     error that names it."""
-    items = spec if isinstance(spec, list) else _split_top_level(spec)
+    items = spec if isinstance(spec, list) else split_top_level(spec)
     if not items:
         raise DataError(f"{what}: empty shard pattern")
     urls: list[str] = []

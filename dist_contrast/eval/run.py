@@ -13,6 +13,7 @@ import torch
 from dist_contrast.data.pipeline import read_all, read_captioned
 from dist_contrast.data.shards import resolve_shards
 from dist_contrast.data.sources import build_sources
+from dist_contrast.errors import DataError
 from dist_contrast.eval.image_text import method_scores
 from dist_contrast.eval.probes import scores
 from dist_contrast.export.write import trained_method
@@ -35,6 +36,8 @@ def evaluate_run(run_dir: str | Path) -> dict:
         ],
         cfg.data,
     )
+    if not cfg.data.val_shards:
+        raise DataError("evaluation needs validation shards: set data.val_shards")
     val_urls = resolve_shards(cfg.data.val_shards, "data.val_shards")
     image_text = cfg.method.name == "clip"
     val_x, val_y, val_captions = read_captioned(val_urls, cfg.data, require_caption=image_text)

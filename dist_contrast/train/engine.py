@@ -20,7 +20,8 @@ from dist_contrast import distributed
 from dist_contrast.config import Config, TrainConfig, save_config
 from dist_contrast.data.augment import DeviceAugment
 from dist_contrast.data.pipeline import TrainLoader, train_loader
-from dist_contrast.data.sources import build_sources
+from dist_contrast.data.shards import resolve_shards
+from dist_contrast.data.sources import build_sources, check_readers
 from dist_contrast.data.tario import FAULT_REASONS
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.distributed import mix_seed
@@ -110,19 +111,28 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype | None = Non
     return out
 
 
-def prepare(cfg: Config) -> None:
-    """Everything a user can get wrong, checked before any process group starts."""
+def prepare(cfg: Config, world: int | None = None) -> int:
+    """Everything a user can get wrong, checked before any process group starts, for a job of
+    ``world`` ranks (default: the launcher's environment); returns ``world``."""
+    world = world or distributed.detect_env().world_size
+    if world < 1:
+        raise ConfigError(f"--world must be at least 1, got {world}")
     if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(
             "deepspeed.precision=fp16 needs a CUDA device (DeepSpeed's fp16 loss scaling); "
             "use deepspeed.precision=bf16 or fp32 on this machine"
         )
-    sources = build_sources(cfg.data.train_shards, cfg.data.train_weights, "data.train_shards")
+    d = cfg.data
+    sources = build_sources(d.train_shards, d.train_weights, "data.train_shards")
+    check_readers(sources, world, d.num_workers, d.resampled, "data.train_shards")
+    if d.val_shards:  # evaluation reads them after training: a typo fails now, not then
+        resolve_shards(d.val_shards, "data.val_shards")
     check_method_data(cfg, sources)
     resolve(cfg)
     tokenizer_for(cfg.data)  # a missing or broken tokenizer.json: one line, before any rank
     check_run_dir(cfg)
     checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
+    return world
 
 
 def train(cfg: Config) -> Path:

@@ -34,6 +34,55 @@ def test_train_bad_input(overrides, expected, digits_dir, tmp_path):
     _one_clear_line(proc, expected)
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # 15 train shards cannot feed 2 ranks x 8 workers (used to fail after the ranks started)
+        (["data.num_workers=8"], "shard(s) for 2 rank(s) x 8 worker(s); every reader needs"),
+        # evaluation reads them only after training (used to fail then)
+        (["data.val_shards=/nonexistent/val-*.tar"], "data.val_shards: shard pattern"),
+        # a YAML error in an override (used to be a yaml ParserError traceback)
+        (["model.width={3"], "override model.width: value '{3' is not valid YAML"),
+        (["train.lr=[1e-3"], "override train.lr: value '[1e-3' is not valid YAML"),
+    ],
+)
+def test_check_refuses_before_any_rank_starts(overrides, expected, digits_dir, tmp_path):
+    proc = run_cli(
+        "train",
+        "--config",
+        "configs/simclr_digits.yaml",
+        f"run.dir={tmp_path}",
+        f"data.train_shards={digits_dir}/train-*.tar",
+        f"data.val_shards={digits_dir}/val-*.tar",
+        *overrides,
+        "--check",
+        "--world",
+        "2",
+    )
+    _one_clear_line(proc, expected)
+
+
+def test_check_accepts_the_readme_mixing_syntax(digits_dir, tmp_path):
+    """``[a/{0..3}.tar, b/{4..7}.tar]`` is not YAML (braces), but it is how shard lists are
+    written: a list of two patterns, mixed by data.train_weights."""
+    proc = run_cli(
+        "train",
+        "--config",
+        "configs/simclr_digits.yaml",
+        f"run.dir={tmp_path}",
+        f"data.train_shards=[{digits_dir}/train-00000{{0..3}}.tar, "
+        f"{digits_dir}/train-00000{{4..7}}.tar]",
+        "data.train_weights=[3, 1]",
+        f"data.val_shards={digits_dir}/val-*.tar",
+        "data.num_workers=1",
+        "--check",
+        "--world",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "config ok for 2 rank(s)" in proc.stdout
+
+
 def test_run_dir_that_is_a_file(digits_dir, tmp_path):
     (tmp_path / "simclr_digits").write_text("not a directory")
     proc = run_cli(

@@ -108,3 +108,20 @@ def test_every_config_file_in_the_repo_loads():
     for path in files:
         load_config(path)
         assert path.read_text().startswith("#"), f"{path.name} should name its command"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("[a/{0..9}.tar, b/{0..3}.tar]", ["a/{0..9}.tar", "b/{0..3}.tar"]),
+        (
+            "[s3://x/{0..1}.tar,  pipe:cat c-{0..2}.tar ]",
+            ["s3://x/{0..1}.tar", "pipe:cat c-{0..2}.tar"],
+        ),
+        ("[a.tar, b.tar]", ["a.tar", "b.tar"]),  # plain YAML
+        ("a/{0..9}.tar", "a/{0..9}.tar"),  # one brace pattern is a string already
+    ],
+)
+def test_shard_lists_with_brace_patterns_parse_as_lists(value, expected):
+    cfg = load_config(None, [f"data.train_shards={value}"])
+    assert cfg.data.train_shards == expected
