@@ -25,6 +25,10 @@ from dist_contrast.errors import CheckpointError
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
 TMP_PREFIX = ".tmp_"
+ZERO_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+# torch.save's RuntimeErrors on a failed write (seen on a full tmpfs: "basic_ios::clear:
+# iostream error", then "unexpected pos N vs M" from the zip writer)
+WRITE_FAILED = ("iostream error", "unexpected pos", "file write failed", "No space left")
 
 
 def step_tag(step: int) -> str:
@@ -90,12 +94,19 @@ def save(
         _clear_partial(root)
     distributed.barrier()
     client = {**(client_state or {}), "step": step}
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False)
-    if rank_state is not None:
-        path = rank_file(root / tmp_tag, distributed.rank())
-        tmp = path.with_suffix(".tmp")
-        torch.save(rank_state, tmp)
-        os.replace(tmp, path)
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False)
+        if rank_state is not None:
+            path = rank_file(root / tmp_tag, distributed.rank())
+            tmp = path.with_suffix(".tmp")
+            torch.save(rank_state, tmp)
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_failed(root, tmp_tag, exc) from None
+    except RuntimeError as exc:  # how torch.save's C++ writer reports a full disk
+        if not any(m in str(exc) for m in WRITE_FAILED) or distributed.peer_gone(exc):
+            raise
+        raise _write_failed(root, tmp_tag, exc) from None
     distributed.barrier()
     if distributed.is_main():
         final = root / tag
@@ -106,6 +117,23 @@ def save(
         _prune(root, keep)
     distributed.barrier()
     return root / tag
+
+
+def _write_failed(root: Path, tmp_tag: str, exc: BaseException) -> CheckpointError:
+    """The one line a rank ends with when it cannot write its part of a checkpoint (a full
+    disk, a quota, a lost mount), after removing the partial folder: ``latest`` still names
+    the previous checkpoint. Its peers, waiting in the checkpoint's barrier, see it leave."""
+    shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = getattr(exc, "strerror", None) or "the write failed"
+    latest = read_latest(root)
+    kept = f"latest is still {latest.name}" if latest else "no earlier checkpoint"
+    return CheckpointError(
+        f"could not write checkpoint {root / tmp_tag} ({reason}; {free}); {kept}"
+    )
 
 
 def rng_state() -> dict:
@@ -132,6 +160,24 @@ def load_rank_state(step_dir: Path, rank: int) -> dict | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def zero_world(step_dir: Path) -> int | None:
+    """The ranks whose ZeRO partitions ``step_dir`` holds (``zero_pp_rank_R_*`` files); None
+    for a checkpoint without partitions (ZeRO stage 0)."""
+    ranks = {m.group(1) for p in step_dir.iterdir() if (m := ZERO_FILE.match(p.name))}
+    return len(ranks) or None
+
+
+def check_world(step_dir: Path, world: int) -> None:
+    """Refuse, before any rank starts, to resume partitions written by another number of ranks
+    (DeepSpeed would fail after the ranks start, in 60 lines around ZeRORuntimeException)."""
+    saved = zero_world(step_dir)
+    if saved is not None and saved != world:
+        raise CheckpointError(
+            f"{step_dir} holds ZeRO partitions of {saved} rank(s); this job has {world}: resume "
+            f"it on {saved} rank(s) (resuming on another world size is not supported yet)"
+        )
 
 
 def resolve_resume(root: Path, spec: str) -> Path | None:

@@ -33,7 +33,7 @@ from dist_contrast.train.guard import StepGuard
 from dist_contrast.train.metrics import MetricsLogger, embedding_metrics
 from dist_contrast.train.optim import build_optimizer
 from dist_contrast.train.plots import write_plots
-from dist_contrast.train.runs import check_method_data, check_run_dir, resolve
+from dist_contrast.train.runs import check_method_data, check_run_dir, lock_run_dir, resolve
 
 # DeepSpeed's ZeRO-2 calls a collective that torch now marks deprecated; it is not ours to fix.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
@@ -130,21 +130,30 @@ def prepare(cfg: Config, world: int | None = None) -> int:
     check_method_data(cfg, sources)
     resolve(cfg)
     tokenizer_for(cfg.data)  # a missing or broken tokenizer.json: one line, before any rank
-    check_run_dir(cfg)
-    checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
+    check_run_dir(cfg, probe_lock=distributed.detect_env().rank == 0)
+    step_dir = checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
+    if step_dir is not None:
+        checkpoint.check_world(step_dir, world)
     return world
 
 
 def train(cfg: Config) -> Path:
     """Train ``cfg`` on every rank of the job; return the run directory."""
     prepare(cfg)
-    # SIGUSR1/SIGTERM: stop at the next step with a checkpoint (preempt.py), from the start on.
-    with preempt.StopSignals() as stop:
-        env = distributed.init(cfg.train.collective_timeout_s)
-        try:
-            return _train(cfg, env, stop)
-        finally:
-            distributed.shutdown()
+    # Rank 0 owns the run dir for the run's life: a second run on it is refused before any
+    # process group starts (its peers are then ended by the launcher).
+    lock = lock_run_dir(cfg.run_dir) if distributed.detect_env().rank == 0 else None
+    try:
+        # SIGUSR1/SIGTERM: stop at the next step with a checkpoint (preempt.py), from the start.
+        with preempt.StopSignals() as stop:
+            env = distributed.init(cfg.train.collective_timeout_s)
+            try:
+                return _train(cfg, env, stop)
+            finally:
+                distributed.shutdown()
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _train(cfg: Config, env: distributed.DistEnv, stop: preempt.StopSignals | None = None) -> Path:

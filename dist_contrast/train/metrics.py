@@ -25,6 +25,7 @@ class MetricsLogger:
         self.bar = None
         if not enabled:
             return
+        _drop_rows_after(run_dir / "metrics.jsonl", start_step)
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         if cfg.logging.wandb:
             self.wandb = _start_wandb(run_dir, cfg)
@@ -64,6 +65,30 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         self.file = self.wandb = self.bar = None
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of ``path`` up to ``step`` (the checkpoint a run resumes from): the rows a
+    stopped or killed run logged after its last checkpoint are logged again by the resumed
+    run, and each step must appear once. Rewritten through a temporary file; a torn last line
+    (a kill mid-write) is dropped too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import tempfile
 from pathlib import Path
+from typing import IO
 
 from dist_contrast.config import Config, load_config
 from dist_contrast.data.decode import sample_fields
@@ -12,18 +17,64 @@ from dist_contrast.errors import CheckpointError, ConfigError, DataError
 from dist_contrast.methods import registry
 from dist_contrast.train import checkpoint
 
+LOCK = ".lock"  # in the run directory: held (flock) by rank 0 of the run that owns it
 
-def check_run_dir(cfg: Config) -> None:
-    """Refuse a run dir that cannot be used, before any process group starts."""
+
+def check_run_dir(cfg: Config, probe_lock: bool = True) -> None:
+    """Refuse a run dir that cannot be used, before any process group starts: a file in its
+    place, a folder this user cannot write, another run using it, checkpoints of an earlier
+    run that is not being resumed. ``probe_lock``: only where no rank 0 of this same job may
+    hold the lock already (``--check``, and rank 0 itself)."""
     run_dir = cfg.run_dir
     for path in (Path(cfg.run.dir), run_dir):
         if path.exists() and not path.is_dir():
             raise CheckpointError(f"run dir '{path}' exists and is a file")
+    _check_writable(run_dir)
+    if probe_lock and (run_dir / LOCK).exists():
+        lock_run_dir(run_dir).close()  # refused if another run holds it
     if cfg.checkpoint.resume == "" and checkpoint.step_dirs(run_dir / "checkpoints"):
         raise CheckpointError(
             f"run dir '{run_dir}' already holds checkpoints: continue it with "
             f"checkpoint.resume=latest, or start another with run.name=NEW_NAME"
         )
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run dir, or the folder it would be made in, takes a file (written and removed)."""
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dist-contrast-probe-"):
+            pass
+    except OSError as exc:
+        what = "run dir" if folder == run_dir else f"folder of run dir '{run_dir}',"
+        raise CheckpointError(f"{what} '{folder}' cannot be written: {exc.strerror}") from None
+
+
+def lock_run_dir(run_dir: Path) -> IO[str]:
+    """Rank 0's lock on ``run_dir`` (created if needed): an open file under an exclusive
+    ``flock``, held until it is closed or the process ends, however it ends (the kernel drops
+    it: a killed run leaves no stale lock). A second run on the folder is refused in one line
+    naming the holder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK, "a+")  # noqa: SIM115 (held for the run's life)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(
+            f"run dir '{run_dir}' is in use by another run ({holder}); wait for it, or start "
+            "this one with run.name=NEW_NAME"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    host, job = socket.gethostname(), os.environ.get("SLURM_JOB_ID")
+    handle.write(f"pid {os.getpid()} on {host}" + (f", Slurm job {job}" if job else "") + "\n")
+    handle.flush()
+    return handle
 
 
 def load_run(run_dir: Path) -> tuple[Config, Path]:

@@ -8,6 +8,7 @@ peers waited in a collective for the 600 s timeout."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -122,3 +123,145 @@ def test_short_runs_end_promptly(digits_dir, tmp_path, workers):
         last_step = (tmp_path / name / "metrics.jsonl").stat().st_mtime
         late = ended - last_step
         assert late < 15, f"run {i} ended {late:.0f} s after its last step"
+
+
+def _mount(tmp_path, options):
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    return mount
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 64 MiB tmpfs at tmp_path/fs, unmounted afterwards (mounting needs root, as in CI)."""
+    mount = _mount(tmp_path, "size=64m")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_check_refuses_a_run_dir_that_cannot_be_written(digits_dir, tmp_path):
+    """A read-only file system (root writes through permissions, not through that)."""
+    mount = _mount(tmp_path, "size=1m,ro")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dist_contrast.cli", "train"]
+            + _args(digits_dir, mount / "runs", "ro", 1, 3)
+            + ["--check"],
+            env=cli_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "cannot be written: Read-only file system" in lines[0]
+
+
+def _fill(folder: Path, leave: int) -> None:
+    """Fill the file system of ``folder`` until ``leave`` bytes are free."""
+    with open(folder / "filler", "wb") as f:
+        while (free := os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize) > leave:
+            f.write(b"\0" * min(free - leave, 1 << 20))
+            f.flush()
+
+
+def test_a_full_disk_at_a_checkpoint_ends_every_rank(digits_dir, tmpfs):
+    """A checkpoint is written (every 3 steps); then the disk fills (64 KiB left, enough for
+    metrics.jsonl, not for a checkpoint): the next one fails on the ranks, and the whole job
+    ends with one line naming the folder and the free space, `latest` where it was."""
+    args = ["-m", "dist_contrast.cli", "train", *_args(digits_dir, tmpfs, "full", 1, 40)]
+    args += ["checkpoint.every=3"]
+    tag = uuid.uuid4().hex
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**cli_env(), "DIST_CONTRAST_TEST_TAG": tag}
+    proc = subprocess.Popen(
+        cmd + args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        latest = tmpfs / "full" / "checkpoints" / "latest"
+        deadline = time.monotonic() + 120
+        while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert latest.exists(), "the first checkpoint never came"
+        _fill(tmpfs, 64 << 10)
+        kept = latest.read_text().strip()  # a checkpoint that raced the filling may be newer
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        elapsed = time.monotonic() - start
+        time.sleep(1.0)
+        left = _tagged_pids(tag)
+    finally:
+        for pid in _tagged_pids(tag):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0
+    assert elapsed < 60, f"{elapsed:.0f} s\n{err[-3000:]}"
+    assert left == [], f"processes left behind: {left}"
+    ours = [line for line in err.splitlines() if line.startswith("dist-contrast:")]
+    assert any("could not write checkpoint" in line and "MiB free" in line for line in ours), err
+    assert "dist_contrast/" not in err, err[-3000:]  # no traceback through the ranks' code
+    assert latest.read_text().strip() == kept
+    assert not list((tmpfs / "full" / "checkpoints").glob(".tmp_*"))
+
+
+def test_a_diverging_run_ends_every_rank_with_one_line(digits_dir, tmp_path):
+    """train.lr=1e30: the guard's DivergedError on every rank (it used to be a ValueError of
+    the losses' NaN check on one rank, then a hang)."""
+    args = ["-m", "dist_contrast.cli", "train", *_args(digits_dir, tmp_path, "lr", 1, 40)]
+    code, err, elapsed, left = _launch(args + ["train.lr=1e30"], cli_env(), timeout=120)
+    assert code != 0
+    assert elapsed < 60 and left == []
+    ours = [line for line in err.splitlines() if line.startswith("dist-contrast:")]
+    assert ours and all("steps in a row had a non-finite loss" in line for line in ours), err
+
+
+def test_a_second_run_on_the_same_run_dir_is_refused(digits_dir, tmp_path):
+    """While a run owns its folder a second one is refused in one line; the first finishes
+    untouched, each step once in metrics.jsonl."""
+    tag = uuid.uuid4().hex
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    first = ["-m", "dist_contrast.cli", "train", *_args(digits_dir, tmp_path, "own", 1, 300)]
+    env = {**cli_env(), "DIST_CONTRAST_TEST_TAG": tag}
+    proc = subprocess.Popen(
+        cmd + first, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        metrics = tmp_path / "own" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not metrics.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metrics.exists(), "the first run never started"
+        second = subprocess.run(
+            [sys.executable, "-m", "dist_contrast.cli", "train"]
+            + _args(digits_dir, tmp_path, "own", 1, 300)
+            + ["checkpoint.resume=latest"],
+            env=cli_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        second_started = time.time()  # after its checks: it has been refused by then
+        _, err = proc.communicate(timeout=180)
+        first_ended = time.time()
+    finally:
+        for pid in _tagged_pids(tag):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+    assert second.returncode == 2
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is in use by another run (pid " in lines[0], second.stderr
+    assert proc.returncode == 0, err[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 301))
+    assert second_started < first_ended, "the first run ended before the second started"
