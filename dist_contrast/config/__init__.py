@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from dist_contrast.config.parse import build, override_value, read_yaml, set_dotted, split_override
+from dist_contrast.config.parse import build, read_yaml, set_dotted, split_override, typed_override
 from dist_contrast.config.schema import (
     DIGIT_NAMES,
     AugmentConfig,
@@ -45,7 +45,7 @@ def load_config(
         tree = read_yaml(Path(path))
     for item in overrides:
         key, value = split_override(item)
-        set_dotted(tree, key, override_value(key, value))
+        set_dotted(tree, key, typed_override(Config, key, value))
     cfg = build(Config, tree, prefix="")
     validate(cfg)
     return cfg

@@ -97,6 +97,28 @@ def dotted_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+def key_type(cls: type, dotted: str) -> Any:
+    """The annotated type of the dotted key of ``cls`` (None for an unknown key)."""
+    node: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    return node
+
+
+def typed_override(cls: type, key: str, value: str) -> Any:
+    """:func:`override_value`, except that a key typed ``str`` keeps the text as written:
+    ``run.name=off`` is the name "off", not YAML's False; ``run.name=2024`` is "2024"."""
+    parsed = override_value(key, value)
+    if key_type(cls, key) is str and isinstance(parsed, bool | int | float):
+        return value
+    return parsed
+
+
 def _unknown_key(dotted: str, root: type) -> ConfigError:
     close = difflib.get_close_matches(dotted, dotted_keys(root), n=1, cutoff=0.5)
     if not close:  # a typo in the section name still has a recognisable key name

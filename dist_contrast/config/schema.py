@@ -248,7 +248,10 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: bool = True  # offline mode; `wandb sync runs/<name>/wandb/offline-run-*` uploads later
+    wandb: bool = True  # a wandb run in <run>/wandb (false: none)
+    # offline: `wandb sync runs/<name>/wandb/offline-run-*` uploads later; online: live. The
+    # WANDB_MODE environment variable wins over this (online, offline, disabled).
+    wandb_mode: Literal["offline", "online"] = "offline"
     wandb_project: str = "dist-contrast"
     progress: bool = True
     plots: bool = True  # loss and throughput PNGs in <run>/plots/ at the end

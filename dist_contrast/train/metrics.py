@@ -1,4 +1,4 @@
-"""Where metrics go: ``metrics.jsonl`` always, wandb in offline mode, a progress bar."""
+"""Where metrics go: ``metrics.jsonl`` always, wandb (offline by default), a progress bar."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import math
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_contrast.config import Config, to_dict
+from dist_contrast.train import preempt
 
 
 class MetricsLogger:
@@ -28,7 +30,10 @@ class MetricsLogger:
         _drop_rows_after(run_dir / "metrics.jsonl", start_step)
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         if cfg.logging.wandb:
-            self.wandb = _start_wandb(run_dir, cfg)
+            try:
+                self.wandb = _start_wandb(run_dir, cfg)
+            except Exception as exc:  # noqa: BLE001 (wandb's own errors vary by version)
+                self._lose_wandb(exc)
         if cfg.logging.progress:
             from tqdm import tqdm
 
@@ -45,7 +50,12 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            try:
+                self.wandb.log(
+                    {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+                )
+            except Exception as exc:  # noqa: BLE001 (any failure of the service)
+                self._lose_wandb(exc)
         if self.bar is not None:
             loss = record["loss"]  # None when every step since the last line was skipped
             self.bar.set_postfix(
@@ -63,8 +73,22 @@ class MetricsLogger:
         if self.file is not None:
             self.file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as exc:  # noqa: BLE001
+                self._lose_wandb(exc)
         self.file = self.wandb = self.bar = None
+
+    def _lose_wandb(self, exc: Exception) -> None:
+        """wandb is a mirror of metrics.jsonl: when its service fails (killed by a signal meant
+        for the ranks, a lost connection), the run goes on without it, said once."""
+        print(
+            f"dist-contrast: warning: wandb stopped ({type(exc).__name__}: {exc}); the run goes "
+            "on, metrics.jsonl keeps every row",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.wandb = None
 
 
 def _drop_rows_after(path: Path, step: int) -> None:
@@ -122,7 +146,10 @@ def embedding_metrics(embeddings: list[torch.Tensor]) -> dict[str, float]:
 
 
 def _start_wandb(run_dir: Path, cfg: Config):
-    """An offline wandb run in ``run_dir/wandb``; a resumed run continues the same wandb run."""
+    """The wandb run of ``run_dir`` (in ``run_dir/wandb``), in ``logging.wandb_mode`` unless
+    ``WANDB_MODE`` says otherwise. Its id is kept in ``run_dir/wandb/run_id``: a resumed or
+    requeued run continues the same wandb run (online: resumed in place; offline: each start
+    writes an ``offline-run-*-ID`` folder, and ``wandb sync`` appends them to one run)."""
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
@@ -131,12 +158,20 @@ def _start_wandb(run_dir: Path, cfg: Config):
     id_file = wb_dir / "run_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id)
+    # Started with the stop signals held, the wandb service process (wandb-core) inherits them
+    # blocked, like the loader workers: a SIGTERM or SIGUSR1 sent to every process of a Slurm
+    # job must not end it before rank 0 has logged the stop and written the checkpoint.
+    with preempt.held():
+        return _init_wandb(wandb, run_dir, cfg, run_id)
+
+
+def _init_wandb(wandb, run_dir: Path, cfg: Config, run_id: str):
     return wandb.init(
         project=cfg.logging.wandb_project,
         name=cfg.run.name,
         id=run_id,
         resume="allow",
         dir=str(run_dir),
-        mode="offline",
+        mode=os.environ.get("WANDB_MODE") or cfg.logging.wandb_mode,
         config=to_dict(cfg),
     )

@@ -125,3 +125,9 @@ def test_every_config_file_in_the_repo_loads():
 def test_shard_lists_with_brace_patterns_parse_as_lists(value, expected):
     cfg = load_config(None, [f"data.train_shards={value}"])
     assert cfg.data.train_shards == expected
+
+
+@pytest.mark.parametrize("value", ["off", "yes", "2024", "1e3", "null-ish"])
+def test_a_str_key_keeps_the_text_as_written(value):
+    assert load_config(None, [f"run.name={value}"]).run.name == value
+    assert load_config(None, ["train.steps=12"]).train.steps == 12  # typed keys still parse
