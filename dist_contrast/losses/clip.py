@@ -15,8 +15,8 @@ from dist_contrast.losses.checks import (
     check_positive,
     check_tiling,
 )
+from dist_contrast.losses.kernels import tiled
 from dist_contrast.losses.kernels.numerics import fp32_region, normalize, upcast
-from dist_contrast.losses.kernels.tiled import tiled_cross_entropy
 from dist_contrast.losses.reduce import gather, global_mean
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -77,8 +77,11 @@ def clip_loss(
             return _full_matrix_loss(all_img, all_txt, scale)
         targets = torch.arange(img.shape[0], device=img.device) + offset
         if memory_efficient:
-            total = tiled_cross_entropy(img, all_txt, targets, scale=scale, tile=tile).sum()
-            total = total + tiled_cross_entropy(txt, all_img, targets, scale=scale, tile=tile).sum()
+            total = tiled.tiled_cross_entropy(img, all_txt, targets, scale=scale, tile=tile).sum()
+            total = (
+                total
+                + tiled.tiled_cross_entropy(txt, all_img, targets, scale=scale, tile=tile).sum()
+            )
         else:
             total = F.cross_entropy(scale * img @ all_txt.T, targets, reduction="sum")
             total = total + F.cross_entropy(scale * txt @ all_img.T, targets, reduction="sum")

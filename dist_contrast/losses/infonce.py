@@ -13,8 +13,8 @@ from dist_contrast.losses.checks import (
     check_temperature,
     check_tiling,
 )
+from dist_contrast.losses.kernels import tiled
 from dist_contrast.losses.kernels.numerics import fp32_region, normalize
-from dist_contrast.losses.kernels.tiled import tiled_cross_entropy, tiled_logsumexp
 from dist_contrast.losses.reduce import gather, global_count, global_mean, keep_graph
 
 
@@ -107,11 +107,13 @@ def _tiled_sum(qn, kn, keys, offset, negs, temperature, in_batch, tile) -> torch
     if in_batch:
         columns = keys if negs is None else torch.cat([keys, negs])
         targets = torch.arange(qn.shape[0], device=qn.device) + offset
-        per_query = tiled_cross_entropy(qn, columns, targets, scale=1 / temperature, tile=tile)
+        per_query = tiled.tiled_cross_entropy(
+            qn, columns, targets, scale=1 / temperature, tile=tile
+        )
         return per_query.sum()
     # the positive is each query's own key: one extra column per row, outside the tiles
     pos = (qn * kn).sum(dim=1) / temperature
-    lse = torch.logaddexp(pos, tiled_logsumexp(qn, negs, tile=tile, scale=1 / temperature))
+    lse = torch.logaddexp(pos, tiled.tiled_logsumexp(qn, negs, tile=tile, scale=1 / temperature))
     return (lse - pos).sum()
 
 

@@ -14,8 +14,8 @@ from dist_contrast.losses.checks import (
     check_temperature,
     check_tiling,
 )
+from dist_contrast.losses.kernels import tiled
 from dist_contrast.losses.kernels.numerics import fp32_region, normalize
-from dist_contrast.losses.kernels.tiled import tiled_cross_entropy
 from dist_contrast.losses.reduce import gather, global_mean
 
 
@@ -95,7 +95,7 @@ def nt_xent(
     with fp32_region():
         if memory_efficient:  # the self view left out inside each block
             v = _views(z1, z2, temperature, gather_mode)
-            per_anchor = tiled_cross_entropy(
+            per_anchor = tiled.tiled_cross_entropy(
                 v.anchors,
                 v.columns,
                 v.pos_col,

@@ -14,8 +14,8 @@ from dist_contrast.losses.checks import (
     check_temperature,
     check_tiling,
 )
+from dist_contrast.losses.kernels import tiled
 from dist_contrast.losses.kernels.numerics import fp32_region, masked_logsumexp, normalize
-from dist_contrast.losses.kernels.tiled import tiled_cross_entropy
 from dist_contrast.losses.reduce import gather, gather_labels, global_mean
 
 MODES = ("all", "one")
@@ -82,7 +82,7 @@ def supcon_loss(
             row_id = labels.repeat_interleave(a_views)
             col_id = gather_labels(labels, use_gather).repeat_interleave(views)
         if memory_efficient:
-            per_anchor = tiled_cross_entropy(
+            per_anchor = tiled.tiled_cross_entropy(
                 anchors,
                 cols,
                 row_labels=row_id,
