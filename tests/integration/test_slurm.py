@@ -176,16 +176,28 @@ def test_two_node_job_equals_torchrun(straight, digits_dir, tmp_path):
         assert [r[key] for r in slurm_rows] == [r[key] for r in local_rows], key
 
 
-def test_preempted_job_requeues_and_resumes(slurm, straight, digits_dir, tmp_path):
+# Where `scancel --signal=USR1` sends the stop: the tasks of the job's steps (the ranks), every
+# process of the job (the batch shell, the ranks, their loader workers, the wandb service), or
+# the batch shell only (as `#SBATCH --signal=B:USR1@...` does), which passes it on to the ranks.
+HOW = {"steps": [], "full": ["--full"], "batch": ["--batch"]}
+
+
+@pytest.mark.parametrize("how", list(HOW))
+def test_preempted_job_requeues_and_resumes(slurm, straight, digits_dir, tmp_path, how):
+    """With wandb on (offline): every process survives the stop until the checkpoint."""
     log = tmp_path / "job.out"
-    job_id = slurm.submit(log, _overrides(digits_dir, tmp_path, "preempted"))
+    overrides = _overrides(digits_dir, tmp_path, "preempted", **{"logging.wandb": "true"})
+    job_id = slurm.submit(log, overrides)
     run = tmp_path / "preempted"
     _wait_rows(slurm, job_id, run, 3)
-    slurm.cmd("scancel", "--signal=USR1", str(job_id))  # to every task of the job's steps
+    slurm.cmd("scancel", "--signal=USR1", *HOW[how], str(job_id))
     info = slurm.wait(job_id, timeout=300)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
     assert "start 2 at" in text and "requeueing job" in text
+    assert ("passing the stop on to the ranks" in text) == (how != "steps")
+    wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1
     stopped = int(text.split("SIGUSR1: stopped at step ")[1].split()[0])
     assert 3 <= stopped < STEPS
     rows, reference = _rows(run), _rows(straight[0])
