@@ -53,9 +53,23 @@ def shuffle_buffer(items: Iterator[dict], size: int, rng: random.Random) -> Iter
     yield from buf
 
 
-def _read(urls: Iterator[str] | list[str], faults: Faults) -> Iterator[dict]:
+def _read(
+    urls: Iterator[str] | list[str], faults: Faults, limit: int | None = None, what: str = ""
+) -> Iterator[dict]:
+    """The samples of ``urls`` in turn. With ``limit``: after that many shards in a row that
+    could not be opened (a whole pass over the shards this reader draws from), a
+    :class:`DataError` instead of going on skipping them for ever."""
+    failed = 0
     for url in urls:
+        before = faults.seen.get("unreadable_shard", 0)
         yield from tar_samples(url, faults)
+        failed = failed + 1 if faults.seen.get("unreadable_shard", 0) > before else 0
+        if limit is not None and failed >= limit:
+            raise DataError(
+                f"{what}: none of {failed} shard(s) in a row could be read (the last: "
+                f"{faults.last['unreadable_shard']}); check the URLs, the network and the "
+                "credentials"
+            )
 
 
 class ReaderStream(IterableDataset):
@@ -97,12 +111,14 @@ class ReaderStream(IterableDataset):
         d, seed = self.data, self.seed
         streams = []
         for i, src in enumerate(self.sources):
-            urls = (
-                src.resampled_shards(reader, seed, epoch, i)
-                if d.resampled
-                else src.epoch_shards(reader, seed, epoch, i)
-            )
-            streams.append(_read(urls, faults))
+            what = f"data.train_shards[{i}]" if len(self.sources) > 1 else "data.train_shards"
+            if d.resampled:  # drawn with replacement: as many failures as the source has shards
+                urls: Iterator[str] | list[str] = src.resampled_shards(reader, seed, epoch, i)
+                limit = len(src.urls)
+            else:  # this reader's share of the epoch, every one of them unreadable
+                urls = src.epoch_shards(reader, seed, epoch, i)
+                limit = len(urls)
+            streams.append(_read(urls, faults, limit, what))
         rng = random.Random(mix_seed(seed, epoch, reader.rank, reader.worker, 1))
         samples = mix(streams, [s.weight for s in self.sources], rng)
         if d.shuffle_buffer > 1:
@@ -150,8 +166,14 @@ class ReaderStream(IterableDataset):
         faults = Faults(where, self.data.warn_every_s, counts)
         skip, batch_no = int(start.get("raw", 0)), int(start.get("batch", 0))
         faults.muted = skip > 0  # re-reading what was counted already
-        pos, items = 0, []
         tag = {"_epoch": epoch, "_worker": reader.worker}
+        try:
+            yield from self._batches(reader, epoch, faults, skip, batch_no, tag)
+        except DataError as exc:  # sent as an item: one line in the training process
+            yield {**tag, "_error": str(exc)}
+
+    def _batches(self, reader, epoch, faults, skip, batch_no, tag) -> Iterator[dict[str, Any]]:
+        pos, items = 0, []
         for sample in self.raw_samples(reader, epoch, faults):
             pos += 1
             if pos <= skip:
@@ -348,6 +370,8 @@ class TrainLoader:
             want = (e, w, self.pos[w]["batch"])
             while want not in self._pending and (e, w) not in self._ended:
                 item = next(items)
+                if "_error" in item:  # a worker found a source it cannot read at all
+                    raise DataError(f"[rank {self.stream.rank}] {item['_error']}")
                 key = (item["_epoch"], item["_worker"])
                 if "_end" in item:
                     self._ended[key] = item

@@ -8,7 +8,10 @@ paths, ``pipe:`` commands and URLs all work.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shlex
 import sys
 import tarfile
 import time
@@ -37,10 +40,15 @@ class Faults:
     warn_every_s: float = 30.0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_REASONS, 0))
     muted: bool = False  # while re-reading data whose faults were counted already
+    # every fault seen, muted or not, and the detail of the last one, by reason
+    seen: dict[str, int] = field(default_factory=dict)
+    last: dict[str, str] = field(default_factory=dict)
     _last_warn: dict[str, float] = field(default_factory=dict)
     _suppressed: dict[str, int] = field(default_factory=dict)
 
     def add(self, reason: str, detail: str) -> None:
+        self.seen[reason] = self.seen.get(reason, 0) + 1
+        self.last[reason] = detail
         if self.muted:
             return
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -67,6 +75,21 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
+S3_COMMAND = "aws s3 cp {url} -"  # DIST_CONTRAST_S3_COMMAND overrides it
+
+
+def open_url(url: str) -> str:
+    """What webdataset's ``gopen`` opens for ``url``. Local paths, ``pipe:`` commands,
+    ``http(s)://`` (curl), ``gs://`` (gsutil) and ``hf://`` are its own; ``s3://``, which it
+    has no handler for, becomes ``pipe:`` + ``$DIST_CONTRAST_S3_COMMAND`` (default ``aws s3 cp
+    {url} -``; e.g. ``s5cmd cat {url}`` or ``rclone cat remote:{path}``), ``{url}`` the
+    shell-quoted URL and ``{path}`` the part after ``s3://``."""
+    if not url.startswith("s3://"):
+        return url
+    template = os.environ.get("DIST_CONTRAST_S3_COMMAND") or S3_COMMAND
+    return "pipe:" + template.format(url=shlex.quote(url), path=shlex.quote(url[5:]))
+
+
 def tar_samples(url: str, faults: Faults) -> Iterator[dict]:
     """The samples of one shard, in file order: dicts of extension -> bytes, plus
     ``__key__`` and ``__url__``."""
@@ -74,11 +97,12 @@ def tar_samples(url: str, faults: Faults) -> Iterator[dict]:
 
     stream = None
     try:
-        stream = wds.gopen(url)
+        stream = wds.gopen(open_url(url))
         tar = tarfile.open(fileobj=stream, mode="r|*")
     except Exception as exc:  # any failure to open is the shard's fault, not the run's
         if stream is not None:
-            stream.close()
+            with contextlib.suppress(Exception):  # a pipe's close reports its exit status
+                stream.close()
         faults.add("unreadable_shard", f"{url}: {exc}")
         return
     sample: dict = {}
