@@ -34,7 +34,7 @@ from dist_contrast.data.augment import (
 )
 from dist_contrast.data.decode import Decoded, decode_or_count
 from dist_contrast.data.sources import Reader, Source, check_readers, mix
-from dist_contrast.data.tario import FAULT_REASONS, Faults, tar_samples
+from dist_contrast.data.tario import FAULT_REASONS, Faults, shard_opens, tar_samples
 from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
 from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import DataError
@@ -54,22 +54,29 @@ def shuffle_buffer(items: Iterator[dict], size: int, rng: random.Random) -> Iter
 
 
 def _read(
-    urls: Iterator[str] | list[str], faults: Faults, limit: int | None = None, what: str = ""
+    urls: Iterator[str] | list[str],
+    faults: Faults,
+    source: tuple[str, ...] | None = None,
+    limit: int = 0,
+    what: str = "",
 ) -> Iterator[dict]:
-    """The samples of ``urls`` in turn. With ``limit``: after that many shards in a row that
-    could not be opened (a whole pass over the shards this reader draws from), a
-    :class:`DataError` instead of going on skipping them for ever."""
+    """The samples of ``urls`` in turn. With ``source`` (every shard of the source ``urls``
+    come from): after ``limit`` shards in a row that could not be opened (this reader's whole
+    share of a pass), and if no shard of ``source`` opens either, a :class:`DataError`
+    instead of skipping for ever. A few bad shards among good ones stay skipped and counted."""
     failed = 0
     for url in urls:
         before = faults.seen.get("unreadable_shard", 0)
         yield from tar_samples(url, faults)
         failed = failed + 1 if faults.seen.get("unreadable_shard", 0) > before else 0
-        if limit is not None and failed >= limit:
-            raise DataError(
-                f"{what}: none of {failed} shard(s) in a row could be read (the last: "
-                f"{faults.last['unreadable_shard']}); check the URLs, the network and the "
-                "credentials"
-            )
+        if source is not None and failed >= max(1, limit):
+            if not any(shard_opens(u) for u in source):
+                raise DataError(
+                    f"{what}: none of its {len(source)} shard(s) could be read (the last: "
+                    f"{faults.last['unreadable_shard']}); check the URLs, the network and "
+                    "the credentials"
+                )
+            failed = 0  # the source is readable: these shards are bad, skipped and counted
 
 
 class ReaderStream(IterableDataset):
@@ -118,7 +125,7 @@ class ReaderStream(IterableDataset):
             else:  # this reader's share of the epoch, every one of them unreadable
                 urls = src.epoch_shards(reader, seed, epoch, i)
                 limit = len(urls)
-            streams.append(_read(urls, faults, limit, what))
+            streams.append(_read(urls, faults, src.urls, limit, what))
         rng = random.Random(mix_seed(seed, epoch, reader.rank, reader.worker, 1))
         samples = mix(streams, [s.weight for s in self.sources], rng)
         if d.shuffle_buffer > 1:

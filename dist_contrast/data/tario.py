@@ -90,6 +90,23 @@ def open_url(url: str) -> str:
     return "pipe:" + template.format(url=shlex.quote(url), path=shlex.quote(url[5:]))
 
 
+def shard_opens(url: str) -> bool:
+    """Whether ``url`` opens as a tar with a first member (read no further)."""
+    import webdataset as wds
+
+    stream = None
+    try:
+        stream = wds.gopen(open_url(url))
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            return next(iter(tar), None) is not None
+    except Exception:  # noqa: BLE001 (any failure: it does not open)
+        return False
+    finally:
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
 def tar_samples(url: str, faults: Faults) -> Iterator[dict]:
     """The samples of one shard, in file order: dicts of extension -> bytes, plus
     ``__key__`` and ``__url__``."""
