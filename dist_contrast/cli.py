@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"dist-contrast: error: {_where()}{exc}", file=sys.stderr)
+        _error(f"dist-contrast: error: {_where()}{exc}")
         return 2
     except KeyboardInterrupt:
         print("dist-contrast: interrupted", file=sys.stderr)
@@ -334,8 +334,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"dist-contrast: {_where()}stopped: another rank ended ({said})", file=sys.stderr)
             return 1
         traceback.print_exc()  # a bug or an unforeseen fault: the traceback, then one line
-        print(f"dist-contrast: error: {_where()}{type(exc).__name__}: {exc}", file=sys.stderr)
+        _error(f"dist-contrast: error: {_where()}{type(exc).__name__}: {exc}")
         return 1
+
+
+def _error(line: str) -> None:
+    """Print a rank's one-line error; also append it to ``$DIST_CONTRAST_ERROR_FILE`` when the
+    launcher set one (launch/local.sh, slurm/train.sbatch), which prints the first line there
+    last, after torchrun's or srun's own report: the cause is the last thing the user reads."""
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("DIST_CONTRAST_ERROR_FILE")
+    if path:
+        first = line.splitlines()[0] if line else line
+        try:
+            with open(path, "a") as f:  # one short write: whole lines, whichever rank is first
+                f.write(first + "\n")
+        except OSError:
+            pass
 
 
 def _where() -> str:

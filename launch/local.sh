@@ -17,5 +17,24 @@ fi
 # Share the cores between ranks unless the user chose.
 cores=$("$PYTHON" -c 'import os; print(len(os.sched_getaffinity(0)))')
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
-  -m dist_contrast.cli train --config "$config" "$@"
+# A rank that fails appends its one-line error to this file; it is printed again at the end,
+# after torchrun's report, so the cause is the last line on the screen.
+errors=$(mktemp "${TMPDIR:-/tmp}/dist-contrast-error.XXXXXX")
+export DIST_CONTRAST_ERROR_FILE=$errors
+"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
+  -m dist_contrast.cli train --config "$config" "$@" &
+pid=$!
+# torchrun runs in the background so that a signal to this script is passed on at once.
+trapped=0
+trap 'trapped=1; kill -TERM "$pid" 2>/dev/null || true' TERM
+trap 'trapped=1; kill -INT "$pid" 2>/dev/null || true' INT
+while :; do
+  trapped=0
+  if wait "$pid"; then rc=0; else rc=$?; fi
+  [ "$trapped" = 1 ] || break  # a trap cut the wait short: torchrun's status is still to come
+done
+if [ "$rc" -ne 0 ] && [ -s "$errors" ]; then
+  head -n 1 "$errors" >&2
+fi
+rm -f "$errors"
+exit "$rc"

@@ -265,3 +265,39 @@ def test_a_second_run_on_the_same_run_dir_is_refused(digits_dir, tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 301))
     assert second_started < first_ended, "the first run ended before the second started"
+
+
+def test_the_failing_rank_has_the_last_word(digits_dir, tmp_path):
+    """launch/local.sh: a rank whose shard is empty fails with one line (a user error); its
+    peer stops with one line; torchrun reports; the cause is printed again, last."""
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes((digits_dir / "train-000000.tar").read_bytes())
+    tarfile.open(shards / "b.tar", "w").close()  # a valid tar without a sample
+    tag = uuid.uuid4().hex
+    env = {**cli_env(), "PYTHON": sys.executable, "DIST_CONTRAST_TEST_TAG": tag}
+    args = _args(digits_dir, tmp_path, "empty", 1, 20)
+    args[args.index(f"data.train_shards={digits_dir}/train-*.tar")] = (
+        f"data.train_shards={shards}/*.tar"
+    )
+    try:
+        proc = subprocess.run(
+            ["launch/local.sh", "2", *args[1:]],  # args[0] is --config: local.sh takes it bare
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        time.sleep(1.0)
+        left = _tagged_pids(tag)
+    finally:
+        for pid in _tagged_pids(tag):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0 and left == []
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("dist-contrast: error: [rank "), proc.stderr[-3000:]
+    assert "got no full batch" in last
+    assert "dist_contrast/" not in proc.stderr  # no rank's traceback
