@@ -25,7 +25,7 @@ from dist_contrast.data.sources import build_sources, check_readers
 from dist_contrast.data.tario import FAULT_REASONS
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.distributed import mix_seed
-from dist_contrast.errors import ConfigError, DivergedError
+from dist_contrast.errors import ConfigError, DataError, DivergedError
 from dist_contrast.methods import LossOutput, Method, build_method
 from dist_contrast.train import checkpoint, preempt
 from dist_contrast.train.accumulate import cached_step, plain_step
@@ -126,7 +126,10 @@ def prepare(cfg: Config, world: int | None = None) -> int:
     sources = build_sources(d.train_shards, d.train_weights, "data.train_shards")
     check_readers(sources, world, d.num_workers, d.resampled, "data.train_shards")
     if d.val_shards:  # evaluation reads them after training: a typo fails now, not then
-        resolve_shards(d.val_shards, "data.val_shards")
+        try:
+            resolve_shards(d.val_shards, "data.val_shards")
+        except DataError as exc:
+            raise DataError(f"{exc} (data.val_shards='' trains without them)") from None
     check_method_data(cfg, sources)
     resolve(cfg)
     tokenizer_for(cfg.data)  # a missing or broken tokenizer.json: one line, before any rank

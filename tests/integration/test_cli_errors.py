@@ -91,6 +91,7 @@ def test_run_dir_that_is_a_file(digits_dir, tmp_path):
         "configs/simclr_digits.yaml",
         f"run.dir={tmp_path}",
         f"data.train_shards={digits_dir}/train-*.tar",
+        f"data.val_shards={digits_dir}/val-*.tar",
     )
     _one_clear_line(proc, "exists and is a file")
 
@@ -111,6 +112,7 @@ def test_resume_from_a_path_that_is_no_checkpoint(digits_dir, tmp_path):
         "configs/simclr_digits.yaml",
         f"run.dir={tmp_path}",
         f"data.train_shards={digits_dir}/train-*.tar",
+        f"data.val_shards={digits_dir}/val-*.tar",
         f"checkpoint.resume={tmp_path}/nowhere",
     )
     _one_clear_line(proc, "is not a checkpoint step directory")

@@ -45,6 +45,7 @@ def _train(run_dir: Path, name: str, shards: str, *extra: str, env: dict | None 
         f"run.dir={run_dir}",
         f"run.name={name}",
         f"data.train_shards={shards}",
+        "data.val_shards=",  # trained only, never evaluated
         "data.num_workers=2",
         "model.width=4",
         "train.batch_size=16",

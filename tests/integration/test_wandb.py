@@ -63,6 +63,7 @@ def _train(digits_dir, tmp_path, *extra, env=None):
     args = [
         f"run.dir={tmp_path}",
         f"data.train_shards={digits_dir}/train-*.tar",
+        "data.val_shards=",  # trained only, never evaluated
         "model.width=4",
         "train.batch_size=16",
         "train.steps=6",
@@ -118,6 +119,7 @@ def test_a_run_outlives_its_wandb_service(digits_dir, tmp_path):
     args = [
         f"run.dir={tmp_path}",
         f"data.train_shards={digits_dir}/train-*.tar",
+        "data.val_shards=",  # trained only, never evaluated
         "model.width=4",
         "train.batch_size=16",
         "train.steps=600",
