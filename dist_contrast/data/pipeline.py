@@ -14,9 +14,11 @@ the batches it would have received without the interruption.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -249,6 +251,24 @@ def _stack(values: list[torch.Tensor], shared: bool) -> torch.Tensor:
     return out.permute(0, 3, 1, 2) if hwc else out
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(worker_id: int = 0) -> None:
+    """In a loader worker: be killed (SIGKILL) when the training process dies, on Linux.
+
+    A rank killed outright (SIGKILL, the OOM killer) cannot close its loader; its workers,
+    which hold the stop signals blocked, would otherwise live on, one of them blocked for ever
+    flushing batches into a pipe nobody reads (seen: a test job whose stderr never closed)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl: nobody would send it
+        os._exit(1)
+
+
 class TrainLoader:
     """This rank's endless stream of training batches, in a fixed order, with a position that
     :meth:`state_dict` saves and :meth:`load_state_dict` restores."""
@@ -361,7 +381,11 @@ class TrainLoader:
             self.stream.epoch = self.epoch
             self.stream.resume = {w: p for w, p in self.pos.items() if p["raw"]}
             d = self.stream.data
-            extra = {"prefetch_factor": d.prefetch_factor} if self.num_workers else {}
+            extra = (
+                {"prefetch_factor": d.prefetch_factor, "worker_init_fn": die_with_parent}
+                if self.num_workers
+                else {}
+            )
             self._it = iter(
                 DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, **extra)
             )

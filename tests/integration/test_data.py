@@ -2,6 +2,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -123,6 +125,49 @@ def test_close_ends_workers_that_hold_stop_signals(digits_dir):
     got += [b["index"] for b in loader.iter_epoch()]  # new workers, from the same position
     assert torch.equal(torch.cat(want), torch.cat(got))
     loader.close()
+
+
+def test_workers_die_with_a_killed_training_process(digits_dir):
+    """A rank killed outright cannot close its loader: its workers must not outlive it (they
+    hold SIGTERM blocked; one used to block for ever flushing into a pipe nobody read)."""
+    script = f"""
+import sys
+from dist_contrast.config import AugmentConfig, DataConfig
+from dist_contrast.data.pipeline import train_loader
+from dist_contrast.train import preempt
+cfg = DataConfig(train_shards="{digits_dir}/train-*.tar", num_workers=2, image_size=8)
+loader = train_loader(cfg, AugmentConfig(), 5, 0, 0, 1)
+with preempt.held():
+    loader.start()
+print(" ".join(str(w.pid) for w in loader._it._workers), flush=True)
+sys.stdin.read()  # until killed
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2
+        time.sleep(1.0)  # the workers fill their prefetch slots
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in workers), "workers outlived their process"
+    finally:
+        proc.kill()
+        for pid in workers if "workers" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_views_are_uint8_crops_and_batches_full(digits_dir):
