@@ -8,6 +8,7 @@ peers waited in a collective for the 600 s timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,35 +44,58 @@ def _tagged_pids(tag: str) -> list[int]:
     return pids
 
 
-def _launch(args: list[str], env: dict[str, str], timeout: float):
-    """torchrun; (returncode, stderr, seconds, pids left after it ended). Whatever happens,
-    no process of the job survives the test."""
+def _kill_tagged(tag: str) -> None:
+    for pid in _tagged_pids(tag):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _torchrun(args: list[str], env: dict[str, str] | None = None):
+    """torchrun with 2 ranks, tagged; yields (process, tag). Whatever happens in the block, no
+    process of the job survives it."""
     tag = uuid.uuid4().hex
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.Popen(
         cmd + args,
-        env={**env, "DIST_CONTRAST_TEST_TAG": tag},
+        env={**(env or cli_env()), "DIST_CONTRAST_TEST_TAG": tag},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
+    try:
+        yield proc, tag
+    finally:
+        _kill_tagged(tag)
+        proc.kill()
+        proc.wait()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until ``path`` exists (the job has got that far), the job ends, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _finish(proc: subprocess.Popen, tag: str, timeout: float) -> tuple[str, float, list[int]]:
+    """Wait for the job to end: (stderr, seconds it took from now, pids still alive then)."""
     start = time.monotonic()
     try:
         _, err = proc.communicate(timeout=timeout)
-        elapsed = time.monotonic() - start
-        time.sleep(1.0)  # let a process that is already leaving finish
-        return proc.returncode, err, elapsed, _tagged_pids(tag)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the job did not end within {timeout} s; processes {_tagged_pids(tag)}")
-    finally:
-        for pid in _tagged_pids(tag):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.kill()
-        proc.wait()
+    elapsed = time.monotonic() - start
+    time.sleep(1.0)  # let a process that is already leaving finish
+    return err, elapsed, _tagged_pids(tag)
+
+
+def _launch(args: list[str], env: dict[str, str], timeout: float):
+    """torchrun to the end: (returncode, stderr, seconds, pids left after it ended)."""
+    with _torchrun(args, env) as (proc, tag):
+        err, elapsed, left = _finish(proc, tag, timeout)
+        return proc.returncode, err, elapsed, left
 
 
 def _args(digits_dir: Path, run_dir: Path, name: str, workers: int, steps: int) -> list[str]:
@@ -179,30 +203,13 @@ def test_a_full_disk_at_a_checkpoint_ends_every_rank(digits_dir, tmpfs):
     ends with one line naming the folder and the free space, `latest` where it was."""
     args = ["-m", "dist_contrast.cli", "train", *_args(digits_dir, tmpfs, "full", 1, 40)]
     args += ["checkpoint.every=3"]
-    tag = uuid.uuid4().hex
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**cli_env(), "DIST_CONTRAST_TEST_TAG": tag}
-    proc = subprocess.Popen(
-        cmd + args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with _torchrun(args) as (proc, tag):
         latest = tmpfs / "full" / "checkpoints" / "latest"
-        deadline = time.monotonic() + 120
-        while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for(latest, proc)
         assert latest.exists(), "the first checkpoint never came"
         _fill(tmpfs, 64 << 10)
         kept = latest.read_text().strip()  # a checkpoint that raced the filling may be newer
-        start = time.monotonic()
-        _, err = proc.communicate(timeout=90)
-        elapsed = time.monotonic() - start
-        time.sleep(1.0)
-        left = _tagged_pids(tag)
-    finally:
-        for pid in _tagged_pids(tag):
-            os.kill(pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
+        err, elapsed, left = _finish(proc, tag, 90)
     assert proc.returncode != 0
     assert elapsed < 60, f"{elapsed:.0f} s\n{err[-3000:]}"
     assert left == [], f"processes left behind: {left}"
@@ -227,18 +234,10 @@ def test_a_diverging_run_ends_every_rank_with_one_line(digits_dir, tmp_path):
 def test_a_second_run_on_the_same_run_dir_is_refused(digits_dir, tmp_path):
     """While a run owns its folder a second one is refused in one line; the first finishes
     untouched, each step once in metrics.jsonl."""
-    tag = uuid.uuid4().hex
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     first = ["-m", "dist_contrast.cli", "train", *_args(digits_dir, tmp_path, "own", 1, 300)]
-    env = {**cli_env(), "DIST_CONTRAST_TEST_TAG": tag}
-    proc = subprocess.Popen(
-        cmd + first, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with _torchrun(first) as (proc, tag):
         metrics = tmp_path / "own" / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while not metrics.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for(metrics, proc)
         assert metrics.exists(), "the first run never started"
         second = subprocess.run(
             [sys.executable, "-m", "dist_contrast.cli", "train"]
@@ -251,13 +250,8 @@ def test_a_second_run_on_the_same_run_dir_is_refused(digits_dir, tmp_path):
             timeout=120,
         )
         second_started = time.time()  # after its checks: it has been refused by then
-        _, err = proc.communicate(timeout=180)
+        err, _, _ = _finish(proc, tag, 180)
         first_ended = time.time()
-    finally:
-        for pid in _tagged_pids(tag):
-            os.kill(pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
     assert second.returncode == 2
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "is in use by another run (pid " in lines[0], second.stderr
@@ -294,8 +288,7 @@ def test_the_failing_rank_has_the_last_word(digits_dir, tmp_path):
         time.sleep(1.0)
         left = _tagged_pids(tag)
     finally:
-        for pid in _tagged_pids(tag):
-            os.kill(pid, signal.SIGKILL)
+        _kill_tagged(tag)
     assert proc.returncode != 0 and left == []
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("dist-contrast: error: [rank "), proc.stderr[-3000:]
@@ -321,30 +314,12 @@ def test_a_killed_rank_ends_the_job_promptly(digits_dir, tmp_path):
     """SIGKILL of rank 1 mid-run: its peer's collective fails at once (the connection closes),
     it leaves with one line, and torchrun ends the job: 7 s here (the old code: 31 s, until
     torchrun's SIGKILL 30 s after its SIGTERM, the survivor's loader keeping it alive)."""
-    tag = uuid.uuid4().hex
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args = ["-m", "dist_contrast.cli", "train", *_args(digits_dir, tmp_path, "kill", 2, 2000)]
-    env = {**cli_env(), "DIST_CONTRAST_TEST_TAG": tag}
-    proc = subprocess.Popen(
-        cmd + args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        metrics = tmp_path / "kill" / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while not metrics.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with _torchrun(args) as (proc, tag):
+        _wait_for(tmp_path / "kill" / "metrics.jsonl", proc)
         victim = _rank_pid(tag, 1, proc.pid)
         assert victim is not None, "rank 1 not found"
         os.kill(victim, signal.SIGKILL)
-        start = time.monotonic()
-        _, err = proc.communicate(timeout=90)
-        elapsed = time.monotonic() - start
-        time.sleep(1.0)
-        left = _tagged_pids(tag)
-    finally:
-        for pid in _tagged_pids(tag):
-            os.kill(pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
+        err, elapsed, left = _finish(proc, tag, 90)
     assert proc.returncode != 0 and left == [], err[-3000:]
     assert elapsed < 25, f"the job took {elapsed:.0f} s to end after the kill\n{err[-3000:]}"
