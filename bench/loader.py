@@ -16,7 +16,7 @@ JPEG to RGB, cut two random resized crops (area 0.08-1, aspect 3/4-4/3) resample
 ``--batch-size`` (two views [B, 3, S, S] uint8 + labels), handed by a torch DataLoader with
 ``--workers`` worker processes to this process.
 
-- ours: ``dist_contrast.data.pipeline.train_loader``, as in training: in its workers, Pillow
+- ours: ``dist_contrast.data.loader.train_loader``, as in training: in its workers, Pillow
   decodes once per image and torch resizes each whole-pixel crop (anti-aliased bilinear, uint8).
 - baseline: ``webdataset.WebDataset(urls, shardshuffle=...).shuffle(n).decode("pil")``, the crop
   box chosen as torchvision's RandomResizedCrop does, ``img.resize(size, BILINEAR, box=...)``,

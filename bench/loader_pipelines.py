@@ -37,10 +37,10 @@ SIMCLR_PIXEL_OPS = dict(
 
 
 class Ours:
-    """``dist_contrast.data.pipeline.train_loader``: its workers live across epochs."""
+    """``dist_contrast.data.loader.train_loader``: its workers live across epochs."""
 
     def __init__(self, urls: list[str], args: argparse.Namespace, workers: int) -> None:
-        from dist_contrast.data.pipeline import train_loader
+        from dist_contrast.data.loader import train_loader
 
         data, augment = configs(args, urls, workers)
         self.loader = train_loader(data, augment, args.batch_size, seed=0, rank=0, world=1)

@@ -5,26 +5,18 @@ weight, shuffles raw samples in a buffer, skips and counts bad data, crops two v
 (and optional small crops) and yields full batches. All randomness comes from
 (seed, epoch, rank, worker) and, for a sample's crops, its position in the reader's stream.
 
-:class:`TrainLoader` takes batches from the workers in a fixed order (round-robin over the
-workers that still have data), whatever order they arrive in, and keeps its position: per worker,
-the batches delivered and the raw samples they used. Restored from a checkpoint, each worker
-re-reads its raw samples up to that position without decoding them, and the run receives exactly
-the batches it would have received without the interruption.
+Each batch is tagged with its worker, index and raw position, so that the loader
+(:mod:`dist_contrast.data.loader`) can deliver them in a fixed order and resume exactly.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
 import random
-import signal
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from dist_contrast.config import AugmentConfig, DataConfig
 from dist_contrast.data.augment import (
@@ -35,7 +27,7 @@ from dist_contrast.data.augment import (
     sample_crop,
 )
 from dist_contrast.data.decode import Decoded, decode_or_count
-from dist_contrast.data.sources import Reader, Source, check_readers, mix
+from dist_contrast.data.sources import Reader, Source, mix
 from dist_contrast.data.tario import FAULT_REASONS, Faults, shard_opens, tar_samples
 from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
 from dist_contrast.distributed import mix_seed
@@ -249,186 +241,6 @@ def _stack(values: list[torch.Tensor], shared: bool) -> torch.Tensor:
     else:
         out = torch.stack(values)
     return out.permute(0, 3, 1, 2) if hwc else out
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(worker_id: int = 0) -> None:
-    """In a loader worker: be killed (SIGKILL) when the training process dies, on Linux.
-
-    A rank killed outright (SIGKILL, the OOM killer) cannot close its loader; its workers,
-    which hold the stop signals blocked, would otherwise live on, one of them blocked for ever
-    flushing batches into a pipe nobody reads (seen: a test job whose stderr never closed)."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl: nobody would send it
-        os._exit(1)
-
-
-class TrainLoader:
-    """This rank's endless stream of training batches, in a fixed order, with a position that
-    :meth:`state_dict` saves and :meth:`load_state_dict` restores."""
-
-    def __init__(self, stream: ReaderStream, num_workers: int) -> None:
-        self.stream, self.num_workers = stream, num_workers
-        self.workers = max(1, num_workers)
-        self.epoch, self.next_worker = 0, 0
-        self._reset_epoch()
-        self.closed_faults = dict.fromkeys(FAULT_REASONS, 0)
-        self._it: Iterator[dict[str, Any]] | None = None
-        self._pending: dict[tuple[int, int, int], dict] = {}  # (epoch, worker, batch) -> batch
-        self._ended: dict[tuple[int, int], dict] = {}  # (epoch, worker) -> end marker
-
-    def _reset_epoch(self) -> None:
-        self.pos = {
-            w: {"batch": 0, "raw": 0, "faults": dict.fromkeys(FAULT_REASONS, 0)}
-            for w in range(self.workers)
-        }
-        self.done: set[int] = set()
-
-    def faults(self) -> dict[str, int]:
-        """Skipped data so far, by reason, for this rank (all epochs)."""
-        out = dict(self.closed_faults)
-        for p in self.pos.values():
-            for k, v in p["faults"].items():
-                out[k] = out.get(k, 0) + v
-        return out
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "next_worker": self.next_worker,
-            "workers": self.workers,
-            "pos": self.pos,
-            "done": sorted(self.done),
-            "closed_faults": self.closed_faults,
-            "rank": self.stream.rank,
-            "world": self.stream.world,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["workers"], state["world"]) != (self.workers, self.stream.world):
-            raise DataError(
-                f"the checkpoint's data position is for {state['world']} rank(s) x "
-                f"{state['workers']} worker(s), this run has {self.stream.world} x {self.workers}"
-            )
-        self.epoch, self.next_worker = state["epoch"], state["next_worker"]
-        self.pos = {int(k): v for k, v in state["pos"].items()}
-        self.done = set(state["done"])
-        self.closed_faults = dict(state["closed_faults"])
-        self._it, self._pending, self._ended = None, {}, {}  # workers restart from here
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            yield from self.iter_epoch()
-
-    def iter_epoch(self) -> Iterator[dict[str, Any]]:
-        """The rest of the current epoch; at its end the epoch's counts are closed and the
-        position moves to the start of the next epoch."""
-        produced = any(p["batch"] for p in self.pos.values())
-        for batch in self._epoch():
-            produced = True
-            yield batch
-        if not produced:
-            raise DataError(
-                f"rank {self.stream.rank} got no full batch of "
-                f"{self.stream.batch_size} samples from its shards in an epoch"
-            )
-        for p in self.pos.values():
-            for k, v in p["faults"].items():
-                self.closed_faults[k] = self.closed_faults.get(k, 0) + v
-        self.epoch += 1
-        self.next_worker = 0
-        self._reset_epoch()
-
-    def close(self, grace_s: float = 10.0) -> None:
-        """End the workers, whatever state the run is in: asked to stop, joined for up to
-        ``grace_s`` seconds, then killed. Idempotent; the next iteration starts new ones.
-
-        The workers hold stop signals blocked (``train.preempt.held``), so torch's own
-        SIGTERM at shutdown, and the one multiprocessing sends at interpreter exit before it
-        joins its daemonic children for ever, do not reach them: a rank that left by an
-        exception with the loader still referenced by the traceback used to hang at exit. A
-        worker never writes to the run directory, so SIGKILL loses nothing."""
-        it, self._it, self._pending, self._ended = self._it, None, {}, {}
-        workers = list(getattr(it, "_workers", ()))
-        if not workers:
-            return
-        deadline = time.monotonic() + grace_s
-        shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's __del__ runs
-        if shutdown is not None:
-            shutdown()  # sets the done event and sends each worker its end marker
-        for w in workers:
-            w.join(max(0.0, deadline - time.monotonic()))
-            if w.is_alive():
-                os.kill(w.pid, signal.SIGKILL)
-                w.join()
-
-    def start(self) -> None:
-        """Start the workers now, from the current position: they fill their prefetch slots
-        while the caller does other set-up, and the first batch is ready when it is asked for.
-        A no-op once started (iterating starts them too)."""
-        self._items()
-
-    def _items(self) -> Iterator[dict[str, Any]]:
-        """The workers' tagged items; one DataLoader whose workers live across epochs,
-        (re)started from the current position when needed."""
-        if self._it is None:
-            self.stream.epoch = self.epoch
-            self.stream.resume = {w: p for w, p in self.pos.items() if p["raw"]}
-            d = self.stream.data
-            extra = (
-                {"prefetch_factor": d.prefetch_factor, "worker_init_fn": die_with_parent}
-                if self.num_workers
-                else {}
-            )
-            self._it = iter(
-                DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, **extra)
-            )
-        return self._it
-
-    def _epoch(self) -> Iterator[dict[str, Any]]:
-        items = self._items()
-        w, e = self.next_worker, self.epoch
-        while len(self.done) < self.workers:
-            if w in self.done:
-                w = (w + 1) % self.workers
-                continue
-            want = (e, w, self.pos[w]["batch"])
-            while want not in self._pending and (e, w) not in self._ended:
-                item = next(items)
-                if "_error" in item:  # a worker found a source it cannot read at all
-                    raise DataError(f"[rank {self.stream.rank}] {item['_error']}")
-                key = (item["_epoch"], item["_worker"])
-                if "_end" in item:
-                    self._ended[key] = item
-                else:
-                    self._pending[(*key, item["_batch"])] = item
-            if want in self._pending:
-                item = self._pending.pop(want)
-                self.pos[w].update(batch=want[2] + 1, raw=item["_raw"], faults=item["_faults"])
-                self.next_worker = w = (w + 1) % self.workers
-                yield {k: v for k, v in item.items() if not k.startswith("_")}
-            else:
-                final = self._ended.pop((e, w))
-                self.pos[w].update(raw=final["_raw"], faults=final["_faults"])
-                self.done.add(w)
-                w = (w + 1) % self.workers
-
-
-def train_loader(
-    data: DataConfig, augment: AugmentConfig, batch_size: int, seed: int, rank: int, world: int
-) -> TrainLoader:
-    from dist_contrast.data.sources import build_sources
-
-    sources = build_sources(data.train_shards, data.train_weights, "data.train_shards")
-    check_readers(sources, world, data.num_workers, data.resampled, "data.train_shards")
-    stream = ReaderStream(sources, data, augment, batch_size, seed, rank, world)
-    return TrainLoader(stream, data.num_workers)
 
 
 def read_all(urls: list[str], data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:

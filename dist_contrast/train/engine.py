@@ -19,7 +19,7 @@ import torch
 from dist_contrast import distributed
 from dist_contrast.config import Config, TrainConfig, save_config
 from dist_contrast.data.augment import DeviceAugment
-from dist_contrast.data.pipeline import TrainLoader, train_loader
+from dist_contrast.data.loader import TrainLoader, train_loader
 from dist_contrast.data.shards import resolve_shards
 from dist_contrast.data.sources import build_sources, check_readers
 from dist_contrast.data.tario import FAULT_REASONS

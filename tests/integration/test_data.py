@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dist_contrast.config import DIGIT_NAMES, AugmentConfig, DataConfig
-from dist_contrast.data.pipeline import _read, read_all, train_loader
+from dist_contrast.data.loader import train_loader
+from dist_contrast.data.pipeline import _read, read_all
 from dist_contrast.data.shards import resolve_shards
 from dist_contrast.data.tario import Faults
 from dist_contrast.errors import DataError
@@ -133,7 +134,7 @@ def test_workers_die_with_a_killed_training_process(digits_dir):
     script = f"""
 import sys
 from dist_contrast.config import AugmentConfig, DataConfig
-from dist_contrast.data.pipeline import train_loader
+from dist_contrast.data.loader import train_loader
 from dist_contrast.train import preempt
 cfg = DataConfig(train_shards="{digits_dir}/train-*.tar", num_workers=2, image_size=8)
 loader = train_loader(cfg, AugmentConfig(), 5, 0, 0, 1)

@@ -6,7 +6,7 @@ rank with DivergedError."""
 import pytest
 import torch
 
-from dist_contrast.data.pipeline import train_loader
+from dist_contrast.data.loader import train_loader
 from dist_contrast.errors import DivergedError, UserError
 from dist_contrast.methods import LossOutput, build_method
 from dist_contrast.methods.simclr import SimCLR

@@ -8,7 +8,8 @@ import webdataset as wds
 from PIL import Image
 
 from dist_contrast.config import AugmentConfig, DataConfig
-from dist_contrast.data.pipeline import read_all, train_loader
+from dist_contrast.data.loader import train_loader
+from dist_contrast.data.pipeline import read_all
 from dist_contrast.data.shards import resolve_shards
 
 

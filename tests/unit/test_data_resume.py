@@ -8,7 +8,7 @@ import torch
 
 from dist_contrast.config import AugmentConfig, DataConfig
 from dist_contrast.data import pipeline
-from dist_contrast.data.pipeline import train_loader
+from dist_contrast.data.loader import train_loader
 
 
 def _loader(digits_dir, rank, resampled):
