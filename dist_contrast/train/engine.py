@@ -114,7 +114,8 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype | None = Non
 def prepare(cfg: Config, world: int | None = None) -> int:
     """Everything a user can get wrong, checked before any process group starts, for a job of
     ``world`` ranks (default: the launcher's environment); returns ``world``."""
-    world = world or distributed.detect_env().world_size
+    if world is None:
+        world = distributed.detect_env().world_size
     if world < 1:
         raise ConfigError(f"--world must be at least 1, got {world}")
     if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():

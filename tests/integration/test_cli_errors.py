@@ -62,6 +62,21 @@ def test_check_refuses_before_any_rank_starts(overrides, expected, digits_dir, t
     _one_clear_line(proc, expected)
 
 
+def test_check_refuses_a_world_of_zero(digits_dir, tmp_path):
+    proc = run_cli(
+        "train",
+        "--config",
+        "configs/simclr_digits.yaml",
+        f"run.dir={tmp_path}",
+        f"data.train_shards={digits_dir}/train-*.tar",
+        f"data.val_shards={digits_dir}/val-*.tar",
+        "--check",
+        "--world",
+        "0",
+    )
+    _one_clear_line(proc, "--world must be at least 1, got 0")
+
+
 def test_check_accepts_the_readme_mixing_syntax(digits_dir, tmp_path):
     """``[a/{0..3}.tar, b/{4..7}.tar]`` is not YAML (braces), but it is how shard lists are
     written: a list of two patterns, mixed by data.train_weights."""
