@@ -6,8 +6,11 @@ Two kinds share one interface (``encode``/``__call__``, ``decode``, ``pad_id``, 
 - ``ByteTokenizer``: UTF-8 bytes, no vocabulary to train or ship. Ids 0, 1, 2 are pad,
   start-of-text and end-of-text; byte ``b`` is id ``3 + b`` (vocabulary of 259).
 - ``BPETokenizer``: byte-level BPE from the ``tokenizers`` library, trained on the ``txt`` of
-  shards or loaded from a ``tokenizer.json``. Its special tokens take ids 0, 1, 2 when trained
-  here; a loaded file names them ``<|pad|>``, ``<|startoftext|>``, ``<|endoftext|>``.
+  shards or loaded from a ``tokenizer.json``. Trained here, its special tokens take ids 0, 1, 2
+  as pad, end-of-text, start-of-text (``TRAIN_ORDER``): end-of-text is not id 2, the id that
+  Hugging Face's CLIP text model takes for its legacy pooling (the argmax of the ids) rather
+  than the first end-of-text, so an export to ``transformers`` pools where this package does.
+  A loaded file names them ``<|pad|>``, ``<|startoftext|>``, ``<|endoftext|>`` (any ids).
 
 A row is ``[sot, t_1, ..., t_k, eot, pad, ...]``. Text longer than the context is truncated and
 end-of-text is kept as the last token, so a model may pool at the eot position (as CLIP does).
@@ -26,6 +29,7 @@ from dist_contrast.errors import DataError, UserError
 
 PAD, SOT, EOT = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, SOT, EOT)
+TRAIN_ORDER = (PAD, EOT, SOT)  # ids 0, 1, 2 of a tokenizer trained here
 DEFAULT_CONTEXT_LENGTH = 32  # tokenizers built by hand; runs use data.context_length (77)
 TOKENIZER_KINDS = ("bytes", "bpe")
 
@@ -146,7 +150,7 @@ class BPETokenizer(Tokenizer):
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
+            special_tokens=list(TRAIN_ORDER),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )

@@ -72,7 +72,7 @@ def test_bpe_from_digits_shards_round_trips_and_is_shorter(bpe, digits_dir):
     ids = bpe(captions)
     assert ids.shape == (len(captions), 32) and ids.dtype == torch.int64
     assert bpe.decode(ids) == captions
-    assert (bpe.pad_id, bpe.sot_id, bpe.eot_id) == (0, 1, 2)
+    assert (bpe.pad_id, bpe.eot_id, bpe.sot_id) == (0, 1, 2)  # eot != 2: see TRAIN_ORDER
     assert 259 < bpe.vocab_size <= 320 and int(ids.max()) < bpe.vocab_size
     bpe_len = _lengths(ids, bpe.eot_id)
     byte_len = _lengths(ByteTokenizer(64)(captions), ByteTokenizer.eot_id)
