@@ -85,7 +85,14 @@ class AugmentConfig:
 
 
 ENCODER_NAMES = Literal[
-    "resnet_tiny", "resnet_small", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"
+    "resnet_tiny",
+    "resnet_small",
+    "resnet18",
+    "resnet50",
+    "vit_nano",
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
 ]
 
 
@@ -102,6 +109,20 @@ class ModelConfig:
     # LayerNorm whatever this says.
     norm: Literal["group", "batch", "sync_batch", "none"] = "group"
     patch_size: int = 4  # ViTs: must divide data.image_size (and augment.small_size)
+    # ViTs: "timm" (patch conv with bias, no norm before the blocks: transformers' ViTModel) or
+    # "clip" (OpenAI's CLIP image tower: patch conv without bias, ln_pre; CLIPVisionModel).
+    vit_layout: Literal["timm", "clip"] = "timm"
+    # MLP activation of ViT and text transformer blocks: "gelu" (exact) or "quick_gelu" (CLIP).
+    activation: Literal["gelu", "quick_gelu"] = "gelu"
+    # LayerNorm eps of ViT and text transformers (1e-6 as timm; OpenAI's CLIP uses 1e-5)
+    norm_eps: float = 1e-6
+    # Start from pretrained weights: "hf:DIR" (a transformers CLIPModel, CLIPVisionModel or
+    # ViTModel folder) or "export:DIR" (a dist-contrast export). Image-text runs take both towers
+    # and the logit scale, vision runs the image encoder. Shapes must match (checked).
+    init_from: str = ""
+    # Locked-image tuning (LiT, Zhai et al. 2022): the image tower (encoder and projection) is
+    # frozen: not in the optimizer, norms in eval mode, run without autograd.
+    lock_image: bool = False
     activation_checkpointing: bool = False  # recompute block activations in the backward
     proj_hidden_dim: int = 256
     proj_dim: int = 64

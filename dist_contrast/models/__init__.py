@@ -2,8 +2,9 @@
 
 Encoders (``model.encoder``): ``resnet_tiny`` / ``resnet_small`` (small digits/CIFAR ResNets),
 ``resnet18`` / ``resnet50`` (He et al. 2016; ``model.width`` channels in the first stage,
-``model.stem`` imagenet or small), ``vit_tiny`` / ``vit_small`` / ``vit_base`` (Dosovitskiy et
-al. 2021; ``model.patch_size``; LayerNorm, so ``model.norm`` and ``model.width`` do not apply).
+``model.stem`` imagenet or small), ``vit_nano`` / ``vit_tiny`` / ``vit_small`` / ``vit_base``
+(Dosovitskiy et al. 2021; ``model.patch_size``, ``model.vit_layout`` timm or clip; LayerNorm,
+so ``model.norm`` and ``model.width`` do not apply).
 Every encoder maps images to a ``(batch, out_dim)`` representation and exposes ``out_dim``.
 """
 
@@ -47,7 +48,14 @@ def _resnet(block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...])
 def _vit(name: str) -> Builder:
     def build(m: ModelSpec, in_channels: int, image_size: int) -> nn.Module:
         return VisionTransformer(
-            in_channels, image_size, m.patch_size, VIT_SIZES[name], m.activation_checkpointing
+            in_channels,
+            image_size,
+            m.patch_size,
+            VIT_SIZES[name],
+            m.activation_checkpointing,
+            m.vit_layout,
+            m.activation,
+            m.norm_eps,
         )
 
     return build
@@ -88,7 +96,13 @@ def build_predictor(model: ModelSpec) -> MLPHead:
 
 
 def build_text_encoder(
-    text: Any, vocab_size: int, context_length: int, eot_id: int, checkpointing: bool
+    text: Any,
+    vocab_size: int,
+    context_length: int,
+    eot_id: int,
+    checkpointing: bool,
+    act: str = "gelu",
+    eps: float = 1e-6,
 ) -> TextTransformer:
     """The text tower of ``text`` over a tokenizer's vocabulary; exposes ``out_dim``."""
     return TextTransformer(
@@ -100,6 +114,8 @@ def build_text_encoder(
         text.heads,
         text.mlp_ratio,
         checkpointing,
+        act,
+        eps,
     )
 
 

@@ -7,7 +7,8 @@ at the end-of-text token (the first ``eot_id`` of each row; the tokenizers of
 :mod:`dist_contrast.data.tokenizer` always keep one). With the causal mask the padding after
 end-of-text never reaches that feature, so no padding mask is needed. Weights: normal std 0.02
 for the token embedding, 0.01 for the position embedding (CLIP), truncated normal 0.02 for the
-linear layers, zero biases.
+linear layers, zero biases. The MLP activation is ``gelu`` or ``quick_gelu`` (``model.activation``).
+This is the layout of OpenAI's CLIP text tower and of Hugging Face's ``CLIPTextModel``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class TextTransformer(nn.Module):
         heads: int = 4,
         mlp_ratio: int = 4,
         checkpointing: bool = False,
+        act: str = "gelu",
+        eps: float = 1e-6,
     ) -> None:
         super().__init__()
         if width % heads:
@@ -40,10 +43,10 @@ class TextTransformer(nn.Module):
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
         self.blocks = nn.Sequential(
-            *(Block(width, heads, mlp_ratio, causal=True) for _ in range(layers))
+            *(Block(width, heads, mlp_ratio, True, act, eps) for _ in range(layers))
         )
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.out_dim = width
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.out_dim, self.act = width, act
         self.checkpointing = checkpointing
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)

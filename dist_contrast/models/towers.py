@@ -29,8 +29,15 @@ def image_encoder(cfg: RunSpec) -> nn.Module:
 def text_encoder(cfg: RunSpec, vocab_size: int, eot_id: int) -> TextTransformer:
     """The text tower of ``cfg.text`` over a vocabulary of ``vocab_size`` ids, pooled at the
     first ``eot_id``, for rows of ``cfg.data.context_length`` ids."""
+    m = cfg.model
     return build_text_encoder(
-        cfg.text, vocab_size, cfg.data.context_length, eot_id, cfg.model.activation_checkpointing
+        cfg.text,
+        vocab_size,
+        cfg.data.context_length,
+        eot_id,
+        m.activation_checkpointing,
+        m.activation,
+        m.norm_eps,
     )
 
 

@@ -10,6 +10,13 @@ divisible by the patch size get it bicubically interpolated. Pre-norm blocks:
 the class token, ``out_dim`` = embedding dim. Normalisation is LayerNorm throughout:
 ``model.norm`` does not apply to ViTs. Weights: truncated normal (std 0.02) for linear layers,
 class token and position embedding, zero biases (as in timm / MoCo v3).
+
+Two layouts (``model.vit_layout``): ``timm`` as above (the patch convolution has a bias; Hugging
+Face's ``ViTModel``), and ``clip``, OpenAI's CLIP image tower (and ``CLIPVisionModel``): a
+patch convolution without bias and a LayerNorm (``ln_pre``) on the token sequence before the
+first block. The MLP's activation (``model.activation``) is ``gelu`` (exact, erf) or
+``quick_gelu`` (``x * sigmoid(1.702 x)``, OpenAI's CLIP). LayerNorm eps: ``model.norm_eps``
+(1e-6, timm's; OpenAI's CLIP and transformers' defaults use 1e-5).
 """
 
 from __future__ import annotations
@@ -32,10 +39,28 @@ class ViTSize:
 
 
 VIT_SIZES = {
+    "vit_nano": ViTSize(128, 4, 4),  # small runs on CPU (the digits)
     "vit_tiny": ViTSize(192, 12, 3),
     "vit_small": ViTSize(384, 12, 6),
     "vit_base": ViTSize(768, 12, 12),
 }
+
+
+VIT_LAYOUTS = ("timm", "clip")
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return nn.GELU() if name == "gelu" else QuickGELU()
 
 
 class Attention(nn.Module):
@@ -59,13 +84,21 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, causal: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: int,
+        causal: bool = False,
+        act: str = "gelu",
+        eps: float = 1e-6,
+    ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, causal)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
+            nn.Linear(dim, mlp_ratio * dim), activation(act), nn.Linear(mlp_ratio * dim, dim)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,21 +116,32 @@ class VisionTransformer(nn.Module):
         patch_size: int,
         size: ViTSize,
         checkpointing: bool = False,
+        layout: str = "timm",
+        act: str = "gelu",
+        eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        if layout not in VIT_LAYOUTS:
+            raise ValueError(f"unknown model.vit_layout {layout!r}; choose one of {VIT_LAYOUTS}")
         if patch_size < 1 or image_size % patch_size:
             raise ValueError(
                 f"image size {image_size} is not divisible by model.patch_size {patch_size}; "
                 "choose a patch size that divides data.image_size"
             )
         self.grid = image_size // patch_size
-        self.patch_embed = nn.Conv2d(in_channels, size.dim, patch_size, patch_size)
+        self.layout, self.act = layout, act
+        clip = layout == "clip"
+        self.patch_embed = nn.Conv2d(in_channels, size.dim, patch_size, patch_size, bias=not clip)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, size.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, size.dim))
+        self.norm_pre = nn.LayerNorm(size.dim, eps=eps) if clip else nn.Identity()
         self.blocks = nn.Sequential(
-            *(Block(size.dim, size.heads, size.mlp_ratio) for _ in range(size.depth))
+            *(
+                Block(size.dim, size.heads, size.mlp_ratio, False, act, eps)
+                for _ in range(size.depth)
+            )
         )
-        self.norm = nn.LayerNorm(size.dim, eps=1e-6)
+        self.norm = nn.LayerNorm(size.dim, eps=eps)
         self.out_dim = size.dim
         self.checkpointing = checkpointing
         self._init_weights()
@@ -130,5 +174,6 @@ class VisionTransformer(nn.Module):
         pos = self._pos_embed(x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
+        x = self.norm_pre(x)
         x = run_blocks(self.blocks, x, self.checkpointing and self.training)
         return self.norm(x)[:, 0]
