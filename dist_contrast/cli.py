@@ -54,7 +54,9 @@ def _cmd_eval_export(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from dist_contrast.export import ExportOptions, export_run
 
-    opts = ExportOptions(torchscript=args.torchscript, onnx=args.onnx, force=args.force)
+    opts = ExportOptions(
+        torchscript=args.torchscript, onnx=args.onnx, force=args.force, format=args.format
+    )
     out, manifest = export_run(args.run, args.out, opts)
     towers = ", ".join(
         f"{k} ({v['parameters']:,} parameters)" for k, v in manifest["towers"].items()
@@ -256,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchscript", action="store_true", help="also TOWER/model.pt (traced)")
     p.add_argument("--onnx", action="store_true", help="also TOWER/model.onnx (needs onnx)")
     p.add_argument("--force", action="store_true", help="replace an existing export at --out")
+    p.add_argument(
+        "--format",
+        choices=("native", "hf"),
+        default="native",
+        help="native: this package's layout (load_encoder, load_clip); hf: a folder that "
+        "transformers loads as it is (CLIPModel, ViTModel, CLIPVisionModel, ResNetModel)",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("shards", help="write WebDataset shards")

@@ -9,9 +9,28 @@ from dist_contrast.config import Config
 from dist_contrast.export.layout import README_MD
 
 EVAL_KEYS = (
+    ("zeroshot_top1", "zero-shot top-1 (held-out prompt templates)"),
+    *(
+        (f"{d}_r{k}", f"retrieval {words} R@{k}")
+        for d, words in (("i2t", "image->text"), ("t2i", "text->image"))
+        for k in (1, 5, 10)
+    ),
     ("knn_top1", "kNN top-1"),
     ("linear_top1", "linear probe top-1"),
 )
+
+NATIVE_USE = [
+    "```python",
+    "from dist_contrast.export import load_clip, load_encoder",
+    "",
+    'enc = load_encoder("path/to/this/folder")  # tower="image", device="cpu"',
+    "features = enc.embed(images)  # PIL images, uint8 HWC arrays or [N, C, H, W] tensors",
+    'clip = load_clip("path/to/this/folder")  # image-text runs: both towers, joint space',
+    "```",
+    "",
+    "`dist-contrast eval --export path/to/this/folder --data 'shards-*.tar'` measures kNN "
+    "and linear-probe top-1 on other labelled shards.",
+]
 
 
 def _training_rows(manifest: dict, cfg: Config) -> list[tuple[str, str]]:
@@ -45,6 +64,8 @@ def _eval_lines(run_dir: Path) -> list[str]:
         "| metric | trained | same network at its initial weights |",
         "|---|---|---|",
     ]
+    if "retrieval_match" in result:
+        lines[0] += f" (a retrieved item counts when it matches by {result['retrieval_match']})"
     for key, label in EVAL_KEYS:
         if key in result:
             init = result.get(f"{key}_random_init")
@@ -61,12 +82,16 @@ def _tower_rows(manifest: dict) -> list[str]:
     return rows
 
 
-def write_card(folder: Path, manifest: dict, cfg: Config, run_dir: Path) -> None:
+def write_card(
+    folder: Path, manifest: dict, cfg: Config, run_dir: Path, use: list[str] | None = None
+) -> None:
+    """``README.md``: towers, training, every figure of the run's ``eval.json`` with its
+    random-init baseline, and ``use`` (how to load the folder; the native loader's by default)."""
     lines = [
         f"# {cfg.run.name}",
         "",
         f"A `{cfg.method.name}` model trained with dist-contrast, exported from "
-        f"`{manifest['run']}` (fp32 safetensors, one file per tower).",
+        f"`{manifest['run']}` ({manifest.get('layout', 'fp32 safetensors, one file per tower')}).",
         "",
         "## Towers",
         "",
@@ -86,15 +111,7 @@ def write_card(folder: Path, manifest: dict, cfg: Config, run_dir: Path) -> None
         "",
         "## Use",
         "",
-        "```python",
-        "from dist_contrast.export import load_encoder",
-        "",
-        'enc = load_encoder("path/to/this/folder")  # tower="image", device="cpu"',
-        "features = enc.embed(images)  # PIL images, uint8 HWC arrays or [N, C, H, W] tensors",
-        "```",
-        "",
-        "`dist-contrast eval --export path/to/this/folder --data 'shards-*.tar'` measures kNN "
-        "and linear-probe top-1 on other labelled shards.",
+        *(use or NATIVE_USE),
         "",
     ]
     (folder / README_MD).write_text("\n".join(lines))

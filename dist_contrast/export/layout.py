@@ -19,6 +19,7 @@ from torch import nn
 
 from dist_contrast.config import Config
 from dist_contrast.errors import UserError
+from dist_contrast.models.weights import load_exact
 
 EXPORT_JSON = "export.json"
 CONFIG_YAML = "config.yaml"
@@ -42,22 +43,7 @@ def check_state(module: nn.Module, state: dict[str, torch.Tensor], where: str) -
     """Load ``state`` into ``module`` after checking it fits exactly: the first key whose
     shape differs (with both shapes), is missing, or is not expected is named in an
     :class:`ExportError` (``where`` says where the weights come from)."""
-    own = module.state_dict()
-    for key, ref in own.items():
-        if key in state and tuple(state[key].shape) != tuple(ref.shape):
-            raise ExportError(
-                f"{where} holds weights of another architecture: '{key}' has shape "
-                f"{tuple(state[key].shape)} there, the config's model expects {tuple(ref.shape)}"
-            )
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    for keys, what in ((missing, "lacks"), (extra, "has the unexpected")):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise ExportError(
-                f"{where} holds weights of another architecture: it {what} key '{keys[0]}'{more}"
-            )
-    module.load_state_dict(state, strict=True)
+    load_exact(module, state, where, ExportError)
 
 
 def tower_kind(name: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -195,3 +196,54 @@ def load_encoder(
     elif tower == TEXT:
         loaded.tokenizer = tokenizer_for(cfg.data)
     return loaded
+
+
+@dataclass
+class LoadedCLIP:
+    """Both towers of an image-text export in the joint space (encoder + projection each).
+
+    ``encode_image(images)``: PIL / NumPy images, or a tensor of pixels (uint8, or float in
+    [0, 1]) -> L2-normalised [N, D]; ``encode_text(texts)``: captions, or token ids [N, L]
+    from ``tokenizer`` -> L2-normalised [N, D]. ``logit_scale``: the trained multiplier of the
+    cosine similarities (CLIP's clamped at ``loss.max_scale``, as in training), so
+    ``logit_scale * encode_image(x) @ encode_text(t).T`` are the model's logits."""
+
+    image: nn.Module
+    text: nn.Module
+    logit_scale: float
+    preprocess: Preprocess
+    tokenizer: Any
+    config: Config
+    device: torch.device
+
+    @torch.no_grad()
+    def encode_image(self, images: Any) -> torch.Tensor:
+        return F.normalize(self.image(self.preprocess(images)).float(), dim=1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Any) -> torch.Tensor:
+        ids = texts if isinstance(texts, torch.Tensor) else self.tokenizer.encode(texts)
+        return F.normalize(self.text(ids.to(self.device)).float(), dim=1)
+
+
+def load_clip(path: str | Path, device: str | torch.device = "cpu") -> LoadedCLIP:
+    """The image and text towers of the image-text export at ``path`` with their projections
+    and logit scale (see :class:`LoadedCLIP`)."""
+    folder, _ = _export_dir(Path(path))
+    manifest = read_manifest(folder)
+    if not {IMAGE, TEXT, "heads"} <= set(manifest["towers"]):
+        raise ExportError(
+            f"export '{folder}' is not of an image-text run (towers: "
+            f"{', '.join(manifest['towers'])}); use load_encoder"
+        )
+    image, text = load_encoder(folder, IMAGE, device), load_encoder(folder, TEXT, device)
+    heads = load_encoder(folder, "heads", device).module
+    return LoadedCLIP(
+        image=nn.Sequential(image.module, heads["image_proj"]).eval(),
+        text=nn.Sequential(text.module, heads["text_proj"]).eval(),
+        logit_scale=float(heads["criterion"].scale()),
+        preprocess=image.preprocess,
+        tokenizer=text.tokenizer,
+        config=image.config,
+        device=image.device,
+    )

@@ -25,6 +25,8 @@ from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.errors import CheckpointError
 from dist_contrast.export.card import write_card
 from dist_contrast.export.formats import write_onnx, write_torchscript
+from dist_contrast.export.hf import CONFIG_JSON as HF_CONFIG_JSON
+from dist_contrast.export.hf import hf_usage, write_hf
 from dist_contrast.export.layout import (
     CONFIG_YAML,
     EXPORT_JSON,
@@ -41,12 +43,23 @@ from dist_contrast.methods import build_method
 from dist_contrast.train import checkpoint
 from dist_contrast.train.runs import load_run
 
+FORMATS = ("native", "hf")
+
 
 @dataclass
 class ExportOptions:
     torchscript: bool = False  # <tower>/model.pt (traced) for encoder towers
     onnx: bool = False  # <tower>/model.onnx for encoder towers
     force: bool = False  # replace an existing export at ``out``
+    # "native": this package's layout (load_encoder, load_clip); "hf": a folder transformers
+    # loads as it is (CLIPModel, ViTModel, CLIPVisionModel, ResNetModel; export/hf.py)
+    format: str = "native"
+
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise ExportError(f"unknown export format {self.format!r}; choose one of {FORMATS}")
+        if self.format == "hf" and (self.torchscript or self.onnx):
+            raise ExportError("--torchscript and --onnx go with --format native")
 
 
 def consolidated_state(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -130,7 +143,25 @@ def _write_all(run_dir: Path, cfg: Config, step_dir: Path, tmp: Path, opts) -> d
         "step": int(step_dir.name.split("_")[-1]),
         "world_size": _world_size(step_dir),
     }
-    return write_method(trained_method(cfg, step_dir), cfg, tmp, opts, source, run_dir)
+    method = trained_method(cfg, step_dir)
+    if opts.format == "hf":
+        return write_hf_method(method, cfg, tmp, source, run_dir)
+    return write_method(method, cfg, tmp, opts, source, run_dir)
+
+
+def write_hf_method(method: nn.Module, cfg: Config, folder: Path, source: dict, run_dir: Path):
+    """:func:`write_hf` plus the model card; returns a manifest-like summary."""
+    cls = write_hf(method, cfg, folder)
+    params = json.loads((folder / HF_CONFIG_JSON).read_text())["dist_contrast_parameters"]
+    summary = {
+        **source,
+        "format": "hf",
+        "class": cls,
+        "layout": f"a transformers `{cls}` folder",
+        "towers": {"model": {"weights": WEIGHTS, "parameters": params, "class": cls}},
+    }
+    write_card(folder, summary, cfg, run_dir, use=hf_usage(cls))
+    return summary
 
 
 def write_method(
@@ -174,7 +205,8 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise ExportError(f"'{out}' already exists; choose another --out or pass --force")
-        if not (out / EXPORT_JSON).is_file():
+        hf_folder = (out / HF_CONFIG_JSON).is_file() and (out / WEIGHTS).is_file()
+        if not (out / EXPORT_JSON).is_file() and not hf_folder:
             raise ExportError(f"--force replaces only an export directory; '{out}' is not one")
 
 
@@ -192,6 +224,7 @@ def export_run(
     """Export the latest checkpoint of ``run_dir`` into ``out`` (default ``RUN/export``);
     return the directory and its ``export.json`` content."""
     opts = opts or ExportOptions()
+    opts.check()
     run_dir = Path(run_dir)
     try:
         cfg, step_dir = load_run(run_dir)
