@@ -48,6 +48,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Trainable parameters of the objective itself (a learnable temperature)."""
         return []
 
+    def sync_targets(self) -> None:
+        """Set momentum copies (if any) to the online networks' weights: after weights were
+        loaded into the towers (``model.init_from``)."""
+
     def towers(self) -> dict[str, nn.Module]:
         """The networks ``dist-contrast export`` writes, by name: ``image`` (the encoder: images
         [B, C, H, W] -> [B, D]) and ``heads`` (the projector and predictor that exist). A text

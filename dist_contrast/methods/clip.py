@@ -17,6 +17,12 @@ and this rank's momentum features of the step are enqueued. Unlike ALBEF the in-
 are the online features, not the momentum ones: the gathered batch gives the learning signal
 from the first step, where momentum keys lag the online towers by about 1 / (1 - momentum)
 steps (on a 200-step run this slowed learning to a crawl).
+
+``model.lock_image=true`` is locked-image tuning (LiT, Zhai et al. 2022): the image tower
+(encoder and projection) is frozen, its parameters out of the optimizer (``requires_grad``
+off before DeepSpeed builds it), kept in eval mode (batch-norm statistics do not move) and run
+under ``torch.no_grad`` (no activations kept for a backward); the text tower and the logit
+scale learn. Starting weights come from ``model.init_from`` (:mod:`dist_contrast.methods.init`).
 """
 
 from __future__ import annotations
@@ -98,9 +104,14 @@ class CLIP(Method):
         momentum_final: float = 1.0,
         schedule: str = "constant",
         tile: int | None = None,
+        lock_image: bool = False,
     ) -> None:
         super().__init__()
         self.image, self.text, self.criterion, self.queues = image, text, criterion, queues
+        self.lock_image = lock_image
+        if lock_image:
+            self.image.requires_grad_(False)
+            self.image.eval()
         self.momentum, self.momentum_final, self.schedule = momentum, momentum_final, schedule
         self.tile = tile
         self.step = 0
@@ -127,8 +138,25 @@ class CLIP(Method):
             "heads": nn.ModuleDict({**heads, "criterion": self.criterion}),
         }
 
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        if self.lock_image:
+            self.image.eval()
+        return self
+
+    def sync_targets(self) -> None:
+        if self.queues is not None:
+            self.queues.image.load_state_dict(self.image.state_dict())
+            self.queues.text.load_state_dict(self.text.state_dict())
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.lock_image:
+            return self.image(pixels)
+        with torch.no_grad():
+            return self.image(pixels)
+
     def embed_online(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"image": self.image(batch["view1"]), "text": self.text(batch["tokens"])}
+        return {"image": self.embed_image(batch["view1"]), "text": self.text(batch["tokens"])}
 
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         emb = self.embed_online(batch)
@@ -209,4 +237,5 @@ def build(cfg: Config) -> CLIP:
         momentum_final=m.momentum_final,
         schedule=m.momentum_schedule,
         tile=tile,
+        lock_image=cfg.model.lock_image,
     )

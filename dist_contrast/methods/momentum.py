@@ -116,6 +116,10 @@ class MomentumMethod(Method):
         """The momentum of the update after the ``step``-th step (1-based)."""
         return scheduled_momentum(step, total, self.momentum, self.momentum_final, self.schedule)
 
+    def sync_targets(self) -> None:
+        self.target_encoder.load_state_dict(self.encoder.state_dict())
+        self.target_projector.load_state_dict(self.projector.state_dict())
+
     def on_step_end(self, step: int, total_steps: int) -> None:
         m = self.momentum_at(step, total_steps)
         ema_update(self.target_encoder, self.encoder, m)

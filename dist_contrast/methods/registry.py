@@ -80,6 +80,16 @@ def check(cfg: Config) -> MethodSpec:
         raise LossChoiceError(
             f"loss.memory_efficient (tiled softmax) is not available for method '{name}'"
         )
+    if cfg.model.lock_image and not entry.image_text:
+        raise ConfigError(
+            f"model.lock_image (LiT) is for image-text methods; method '{name}' trains the image "
+            "encoder itself"
+        )
+    if cfg.model.lock_image and not cfg.model.init_from:
+        raise ConfigError(
+            "model.lock_image=true needs model.init_from=hf:DIR or export:DIR (a locked image "
+            "tower at random weights would never learn)"
+        )
     if entry.image_text and cfg.data.tokenizer == "none":
         raise ConfigError(
             f"config key 'data.tokenizer' must be bytes or bpe for method {name} (its text "

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dist_contrast import distributed
-from dist_contrast.config import Config, TrainConfig, save_config
+from dist_contrast.config import Config, TrainConfig
 from dist_contrast.data.augment import DeviceAugment
 from dist_contrast.data.loader import TrainLoader, train_loader
 from dist_contrast.data.shards import resolve_shards
@@ -26,14 +26,20 @@ from dist_contrast.data.tario import FAULT_REASONS
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import ConfigError, DataError, DivergedError
-from dist_contrast.methods import LossOutput, Method, build_method
+from dist_contrast.methods import LossOutput, Method, build_method, init
 from dist_contrast.train import checkpoint, preempt
 from dist_contrast.train.accumulate import cached_step, plain_step
 from dist_contrast.train.guard import StepGuard
 from dist_contrast.train.metrics import MetricsLogger, embedding_metrics
 from dist_contrast.train.optim import build_optimizer
 from dist_contrast.train.plots import write_plots
-from dist_contrast.train.runs import check_method_data, check_run_dir, lock_run_dir, resolve
+from dist_contrast.train.runs import (
+    check_method_data,
+    check_run_dir,
+    lock_run_dir,
+    resolve,
+    save_run_config,
+)
 
 # DeepSpeed's ZeRO-2 calls a collective that torch now marks deprecated; it is not ours to fix.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
@@ -138,7 +144,21 @@ def prepare(cfg: Config, world: int | None = None) -> int:
     step_dir = checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
     if step_dir is not None:
         checkpoint.check_world(step_dir, world)
+    elif cfg.model.init_from:  # the weights fit the model (keys, shapes, activation, eps)
+        init.apply(build_method(cfg), cfg)
     return world
+
+
+def initial_method(cfg: Config) -> Method:
+    """The method at the weights training starts from: fresh (the seed's), or loaded from
+    ``model.init_from`` when the run does not resume a checkpoint (whose weights win)."""
+    method = build_method(cfg)
+    resuming = checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
+    if cfg.model.init_from and resuming is None:
+        line = init.apply(method, cfg)
+        if distributed.is_main():
+            print(f"dist-contrast: {line}", file=sys.stderr)
+    return method
 
 
 def train(cfg: Config) -> Path:
@@ -164,11 +184,11 @@ def _train(cfg: Config, env: distributed.DistEnv, stop: preempt.StopSignals | No
     run_dir, main = cfg.run_dir, distributed.is_main()
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_run_config(cfg, run_dir)
     distributed.barrier()
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    engine, _, scheduler = wrap(build_method(cfg), cfg, env.world_size)
+    engine, _, scheduler = wrap(initial_method(cfg), cfg, env.world_size)
     loader = train_loader(
         cfg.data, cfg.augment, cfg.train.batch_size, cfg.run.seed, env.rank, env.world_size
     )
