@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import IO
 
-from dist_contrast.config import Config, load_config
+from dist_contrast.config import Config, load_config, save_config
+from dist_contrast.config.parse import split_top_level
 from dist_contrast.data.decode import sample_fields
-from dist_contrast.data.shards import dataset_size
+from dist_contrast.data.shards import REMOTE_PREFIXES, dataset_size
 from dist_contrast.data.sources import Source, first_sample
 from dist_contrast.errors import CheckpointError, ConfigError, DataError
 from dist_contrast.methods import registry
 from dist_contrast.train import checkpoint
 
 LOCK = ".lock"  # in the run directory: held (flock) by rank 0 of the run that owns it
+CONFIG_YAML = "config.yaml"
+TOKENIZER_JSON = "tokenizer.json"  # the run's copy of a BPE tokenizer file
 
 
 def check_run_dir(cfg: Config, probe_lock: bool = True) -> None:
@@ -77,13 +82,50 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
     return handle
 
 
+def _absolute(spec: str) -> str:
+    """A shard pattern / path with its local items made absolute (remote URLs as they are)."""
+    if not spec:
+        return spec
+    items = split_top_level(spec)
+    return ",".join(
+        i if i.startswith(REMOTE_PREFIXES) or os.path.isabs(i) else os.path.abspath(i)
+        for i in items
+    )
+
+
+def save_run_config(cfg: Config, run_dir: Path) -> None:
+    """``config.yaml`` of a run, movable: local data paths (shards, ``model.init_from``) made
+    absolute, and a BPE tokenizer file copied into the run dir (:func:`load_run` reads that
+    copy). The run can then be moved or copied and still be evaluated and exported from
+    anywhere, as long as its data stays where it was."""
+    saved = copy.deepcopy(cfg)
+    d = saved.data
+    if isinstance(d.train_shards, list):
+        d.train_shards = [_absolute(s) for s in d.train_shards]
+    else:
+        d.train_shards = _absolute(d.train_shards)
+    d.val_shards = _absolute(d.val_shards)
+    if d.tokenizer == "bpe" and d.tokenizer_path:
+        d.tokenizer_path = os.path.abspath(d.tokenizer_path)
+        if Path(d.tokenizer_path).is_file():
+            tmp = run_dir / f".{TOKENIZER_JSON}.tmp"
+            shutil.copyfile(d.tokenizer_path, tmp)
+            os.replace(tmp, run_dir / TOKENIZER_JSON)
+    kind, sep, where = saved.model.init_from.partition(":")
+    if sep and where:
+        saved.model.init_from = f"{kind}:{os.path.abspath(where)}"
+    save_config(saved, run_dir / CONFIG_YAML)
+
+
 def load_run(run_dir: Path) -> tuple[Config, Path]:
     """The resolved config of a run and its latest checkpoint directory."""
     if not run_dir.is_dir():
         raise CheckpointError(f"run dir '{run_dir}' does not exist or is not a directory")
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG_YAML).is_file():
         raise CheckpointError(f"'{run_dir}' has no config.yaml: is it a run directory?")
-    cfg = resolve(load_config(run_dir / "config.yaml"))  # a config.yaml of an older version
+    cfg = resolve(load_config(run_dir / CONFIG_YAML))  # a config.yaml of an older version
+    if cfg.data.tokenizer == "bpe" and (run_dir / TOKENIZER_JSON).is_file():
+        cfg.data.tokenizer_path = str(run_dir / TOKENIZER_JSON)  # the run's own copy
     step_dir = checkpoint.read_latest(run_dir / "checkpoints")
     if step_dir is None:
         raise CheckpointError(f"run dir '{run_dir}' has no checkpoint yet")
