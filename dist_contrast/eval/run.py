@@ -1,24 +1,43 @@
 """``dist-contrast eval --run RUN``: kNN top-1 and a linear probe on the validation shards, and
 for image-text runs zero-shot and retrieval, each against the same architecture at its initial
-weights (the run's seed), so the gain from training is visible. Written to ``eval.json``."""
+weights (the run's seed, or ``model.init_from``: ``initial_weights`` says which), so the gain
+from training is visible. Written to ``eval.json``."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from dist_contrast.data.pipeline import read_all, read_captioned
 from dist_contrast.data.shards import resolve_shards
 from dist_contrast.data.sources import build_sources
-from dist_contrast.errors import DataError
+from dist_contrast.errors import DataError, UserError
 from dist_contrast.eval.image_text import method_scores
 from dist_contrast.eval.probes import scores
 from dist_contrast.export.write import trained_method
-from dist_contrast.methods import build_method
+from dist_contrast.methods import build_method, init
 from dist_contrast.train.runs import load_run
+
+
+def starting_point(cfg) -> tuple[nn.Module, str]:
+    """The method at the weights training started from, and what they were: the seed's, or
+    those of ``model.init_from`` (if it can still be read; else the seed's, said so). Its
+    figures are the ``_random_init`` keys of ``eval.json``."""
+    torch.manual_seed(cfg.run.seed)
+    method = build_method(cfg)
+    if not cfg.model.init_from:
+        return method, f"random (seed {cfg.run.seed})"
+    try:
+        init.apply(method, cfg)
+    except UserError as exc:
+        print(f"dist-contrast: warning: baseline at random weights: {exc}", file=sys.stderr)
+        return method, f"random (seed {cfg.run.seed}; model.init_from unreadable)"
+    return method, f"model.init_from {cfg.model.init_from}"
 
 
 def evaluate_run(run_dir: str | Path) -> dict:
@@ -41,18 +60,18 @@ def evaluate_run(run_dir: str | Path) -> dict:
     val_urls = resolve_shards(cfg.data.val_shards, "data.val_shards")
     image_text = cfg.method.name == "clip"
     val_x, val_y, val_captions = read_captioned(val_urls, cfg.data, require_caption=image_text)
-    torch.manual_seed(cfg.run.seed)  # the weights training started from
-    initial_method = build_method(cfg)
+    initial_method, initial = starting_point(cfg)
     trained_m = trained_method(cfg, step_dir)
-    initial, trained = initial_method.encoder, trained_m.encoder
+    trained = trained_m.encoder
     result: dict = {
         "checkpoint": step_dir.name,
+        "initial_weights": initial,
         "knn_k": cfg.eval.knn_k,
         "linear_weight_decay": cfg.eval.linear_weight_decay,
         "train_samples": len(train_y),
         "val_samples": len(val_y),
     }
-    for suffix, enc in (("", trained), ("_random_init", initial)):
+    for suffix, enc in (("", trained), ("_random_init", initial_method.encoder)):
         probes = scores(cfg, enc, train_x, train_y, val_x, val_y)
         result.update({f"{k}{suffix}": v for k, v in probes.items()})
     if image_text:  # zero-shot and retrieval of both towers
