@@ -1,0 +1,248 @@
+"""The downstream path through Hugging Face ``transformers`` (the real library, a test extra):
+``export --format hf`` of a ViT CLIP run loaded by ``CLIPModel`` / ``AutoTokenizer`` with equal
+features and ids; a transformers-only script reproducing ``eval.json``'s zero-shot figure; a
+random ``CLIPModel`` as ``model.init_from`` and a LiT run from it; a ViT SimCLR encoder as
+``ViTModel``; the one-line refusal of a GroupNorm ResNet; a run directory moved elsewhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_contrast.data.tokenizer import BPETokenizer
+from dist_contrast.export import load_clip
+from dist_contrast.export.write import trained_method
+from dist_contrast.train.runs import load_run
+
+from conftest import ROOT, cli_env, run_cli
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+QUIET = ["logging.wandb=false", "logging.progress=false", "logging.plots=false"]
+CAPTIONS = ["a drawing of the number seven", "an image of a three", "handwriting of a one " * 9]
+BLOCK_DIST_CONTRAST = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "dist_contrast":
+            raise ImportError("dist_contrast is blocked in this test")
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _train(tmp, config: str, *overrides: str, name: str) -> None:
+    proc = run_cli(
+        "train", "--config", str(ROOT / config), f"run.name={name}", *QUIET, *overrides, cwd=tmp
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def vit_clip(tmp_path_factory, digits_dir, digits_tokenizer):
+    """A 4-step ViT CLIP run trained from its own folder with relative data and tokenizer
+    paths (as a user's), evaluated, and exported with --format hf."""
+    tmp = tmp_path_factory.mktemp("vit_clip")
+    (tmp / "digits").symlink_to(digits_dir)
+    (tmp / "tok").mkdir()
+    shutil.copy(digits_tokenizer, tmp / "tok" / "tokenizer.json")
+    _train(
+        tmp,
+        "configs/clip_vit_digits.yaml",
+        "data.train_shards=digits/train-*.tar",
+        "data.val_shards=digits/val-*.tar",
+        "data.tokenizer_path=tok/tokenizer.json",
+        "train.steps=4",
+        "train.batch_size=32",
+        "train.warmup_steps=0",
+        "method.queue_size=64",
+        "deepspeed.zero_stage=0",
+        name="vit",
+    )
+    run = tmp / "runs" / "vit"
+    assert run_cli("eval", "--run", str(run), "--brief", cwd=tmp).returncode == 0
+    proc = run_cli("export", "--run", str(run), "--out", str(tmp / "hf"), "--format", "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, run
+
+
+def test_clip_export_loads_in_transformers_with_equal_features(vit_clip, digits_tokenizer):
+    tmp, run = vit_clip
+    model = transformers.CLIPModel.from_pretrained(tmp / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp / "hf")
+    ours_tok = BPETokenizer.load(digits_tokenizer, 24)
+    ids = hf_tok(CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
+    assert torch.equal(ids["input_ids"], ours_tok(CAPTIONS))  # the long one truncated alike
+    cfg, step_dir = load_run(run)
+    method = trained_method(cfg, step_dir)
+    pixels = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf_image = model.get_image_features(pixel_values=pixels).pooler_output
+        hf_text = model.get_text_features(**ids).pooler_output
+        image, text = method.image(pixels), method.text(ours_tok(CAPTIONS))
+    assert (hf_image - image).abs().max() < 1e-5
+    assert (hf_text - text).abs().max() < 1e-5
+    assert abs(float(model.logit_scale.detach().exp()) - method.logit_scale()) < 1e-4
+
+
+def test_transformers_only_script_reproduces_zero_shot(vit_clip):
+    tmp, run = vit_clip
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_DIST_CONTRAST, str(ROOT / "examples" / "hf_zero_shot.py")]
+        + ["--model", str(tmp / "hf"), "--shards", str(tmp / "digits" / "val-*.tar")],
+        cwd=tmp,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = json.loads((run / "eval.json").read_text())
+    assert got["samples"] == want["val_samples"]
+    assert got["zeroshot_top1"] == want["zeroshot_top1"]
+
+
+def test_native_load_clip_gives_joint_space_logits(vit_clip):
+    tmp, run = vit_clip
+    proc = run_cli("export", "--run", str(run), "--out", str(tmp / "native"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    clip = load_clip(tmp / "native")
+    model = transformers.CLIPModel.from_pretrained(tmp / "hf").eval()
+    pixels = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    image, text = clip.encode_image(pixels), clip.encode_text(CAPTIONS)
+    assert torch.allclose(image.norm(dim=1), torch.ones(3)) and text.shape == (3, image.shape[1])
+    tokens = transformers.AutoTokenizer.from_pretrained(tmp / "hf")(
+        CAPTIONS, padding="max_length", truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model(pixel_values=(pixels - 0.5) / 0.5, **tokens)
+    ours = clip.logit_scale * image @ text.T
+    assert (out.logits_per_image - ours).abs().max() < 1e-4
+
+
+def test_moved_run_exports_and_evaluates_alike(vit_clip, tmp_path):
+    tmp, run = vit_clip
+    moved = tmp_path / "elsewhere" / "vit"
+    shutil.copytree(run, moved)
+    tokenizer = tmp / "tok" / "tokenizer.json"
+    hidden = tmp / "tok" / "hidden.json"
+    tokenizer.rename(hidden)  # the file the config named is gone; the run holds a copy
+    try:
+        other_cwd = tmp_path / "cwd"
+        other_cwd.mkdir()
+        (moved / "eval.json").unlink()
+        proc = run_cli("eval", "--run", str(moved), "--brief", cwd=other_cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = run_cli("export", "--run", str(moved), "--out", "exp", cwd=other_cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        hidden.rename(tokenizer)
+    before, after = (json.loads((r / "eval.json").read_text()) for r in (run, moved))
+    assert after == before
+    assert load_clip(other_cwd / "exp").encode_text(CAPTIONS).shape[0] == 3
+
+
+def _tiny_clip_config(tok: BPETokenizer) -> transformers.CLIPConfig:
+    """A CLIPModel of transformers' own defaults (quick_gelu, eps 1e-5) at our sizes."""
+    text = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=256)
+    text.update(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=24)
+    text.update(pad_token_id=tok.pad_id, bos_token_id=tok.sot_id, eos_token_id=tok.eot_id)
+    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4)
+    vision.update(num_attention_heads=4, image_size=16, patch_size=4, num_channels=1)
+    return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
+
+
+def test_init_from_hf_clip_then_lit(tmp_path, digits_dir, digits_tokenizer):
+    from dist_contrast.config import load_config
+    from dist_contrast.eval.run import starting_point
+    from dist_contrast.train.engine import initial_method
+
+    tok = BPETokenizer.load(digits_tokenizer, 24)
+    torch.manual_seed(3)
+    hf_model = transformers.CLIPModel(_tiny_clip_config(tok)).eval()
+    hf_model.save_pretrained(tmp_path / "hf_init")
+    overrides = [
+        f"model.init_from=hf:{tmp_path / 'hf_init'}",
+        "model.activation=quick_gelu",
+        "model.norm_eps=1e-5",
+        f"data.train_shards={digits_dir}/train-*.tar",
+        f"data.val_shards={digits_dir}/val-*.tar",
+        f"data.tokenizer_path={digits_tokenizer}",
+        f"run.dir={tmp_path}",
+    ]
+    cfg = load_config(ROOT / "configs/clip_vit_digits.yaml", overrides)
+    method = initial_method(cfg).eval()
+    pixels = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (
+            method.image(pixels) - hf_model.get_image_features(pixel_values=pixels).pooler_output
+        ).abs().max() < 1e-5
+        ids = tok(CAPTIONS)
+        assert (
+            method.text(ids) - hf_model.get_text_features(input_ids=ids).pooler_output
+        ).abs().max() < 1e-5
+    assert abs(method.logit_scale() - float(hf_model.logit_scale.exp())) < 1e-4
+    # LiT: 20 steps with the image tower locked (ZeRO-2, one process)
+    lit = [*overrides, "model.lock_image=true", "train.steps=20", "train.batch_size=32"]
+    lit += ["train.warmup_steps=0", "method.queue_size=64", "checkpoint.every=20"]
+    _train(tmp_path, "configs/clip_vit_digits.yaml", *lit, name="lit")
+    cfg_run, step_dir = load_run(tmp_path / "lit")
+    trained = trained_method(cfg_run, step_dir)
+    for name in ("image", "text"):
+        before, after = getattr(method, name).state_dict(), getattr(trained, name).state_dict()
+        same = all(torch.equal(before[k], after[k]) for k in before)
+        assert same == (name == "image"), name  # image tower bit-identical, text tower moved
+    assert trained.logit_scale() != method.logit_scale()
+    start, what = starting_point(cfg_run)  # eval's baseline: the init_from weights
+    assert what == f"model.init_from hf:{tmp_path / 'hf_init'}"
+    assert all(torch.equal(v, method.state_dict()[k]) for k, v in start.state_dict().items())
+
+
+def test_init_from_refuses_a_mismatch_in_one_line(tmp_path, digits_dir, digits_tokenizer):
+    tok = BPETokenizer.load(digits_tokenizer, 24)
+    transformers.CLIPModel(_tiny_clip_config(tok)).save_pretrained(tmp_path / "hf_init")
+    proc = run_cli(
+        "train",
+        "--config",
+        str(ROOT / "configs/clip_vit_digits.yaml"),
+        f"model.init_from=hf:{tmp_path / 'hf_init'}",
+        "model.norm_eps=1e-5",
+        f"data.train_shards={digits_dir}/train-*.tar",
+        f"data.tokenizer_path={digits_tokenizer}",
+        f"run.dir={tmp_path}",
+        *QUIET,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "hidden_act is 'quick_gelu'" in last and "model.activation=quick_gelu" in last, last
+
+
+def test_vit_simclr_exports_as_vit_model_and_groupnorm_resnet_is_refused(tmp_path, digits_dir):
+    data = [
+        f"data.train_shards={digits_dir}/train-*.tar",
+        f"data.val_shards={digits_dir}/val-*.tar",
+    ]
+    short = ["train.steps=1", "train.batch_size=16", "deepspeed.zero_stage=0", *data]
+    _train(tmp_path, "configs/simclr_digits.yaml", *short, "model.encoder=vit_nano", name="vit")
+    _train(tmp_path, "configs/simclr_digits.yaml", *short, name="resnet")
+    run = tmp_path / "runs" / "vit"
+    proc = run_cli("export", "--run", str(run), "--out", str(tmp_path / "hf"), "--format", "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
+    cfg, step_dir = load_run(run)
+    encoder = trained_method(cfg, step_dir).encoder
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (model(pixel_values=x).last_hidden_state[:, 0] - encoder(x)).abs().max() < 1e-5
+    proc = run_cli("export", "--run", str(tmp_path / "runs" / "resnet"), "--format", "hf")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.norm=batch" in lines[0], proc.stderr
