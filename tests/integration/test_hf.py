@@ -246,3 +246,40 @@ def test_vit_simclr_exports_as_vit_model_and_groupnorm_resnet_is_refused(tmp_pat
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.norm=batch" in lines[0], proc.stderr
+
+
+def test_init_from_our_export_and_from_a_vit_model(vit_clip, tmp_path, digits_dir):
+    """export:DIR gives an image-text run every tower of the export; hf:DIR of a ViTModel the
+    image encoder of a vision run (momentum copies synced to it)."""
+    from dist_contrast.config import load_config
+    from dist_contrast.train.engine import initial_method
+
+    tmp, run = vit_clip
+    assert run_cli("export", "--run", str(run), "--out", str(tmp_path / "exp")).returncode == 0
+    cfg, step_dir = load_run(run)
+    cfg.model.init_from = f"export:{tmp_path / 'exp'}"
+    cfg.run.dir = str(tmp_path / "runs")
+    started, trained = initial_method(cfg), trained_method(*load_run(run))
+    want = {k: v for k, v in trained.state_dict().items() if not k.startswith("queues.")}
+    assert all(torch.equal(started.state_dict()[k], v) for k, v in want.items())
+
+    vit_cfg = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4)
+    vit_cfg.update(num_attention_heads=4, image_size=16, patch_size=4, num_channels=1)
+    vit_cfg.update(layer_norm_eps=1e-6)
+    hf_vit = transformers.ViTModel(transformers.ViTConfig(**vit_cfg), add_pooling_layer=False)
+    hf_vit.eval().save_pretrained(tmp_path / "vit")
+    moco = load_config(
+        ROOT / "configs/moco_v3_digits.yaml",
+        [
+            "model.encoder=vit_nano",
+            f"model.init_from=hf:{tmp_path / 'vit'}",
+            f"data.train_shards={digits_dir}/train-*.tar",
+            f"run.dir={tmp_path / 'runs'}",
+        ],
+    )
+    method = initial_method(moco).eval()
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = hf_vit(pixel_values=x).last_hidden_state[:, 0]
+        assert (method.encoder(x) - want).abs().max() < 1e-5
+        assert (method.target_encoder(x) - want).abs().max() < 1e-5
