@@ -28,7 +28,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from dist_contrast.train.engine import train
 
-    run_dir = train(cfg)
+    evaluate = None
+    if cfg.eval.every:
+        from dist_contrast.eval.figures import periodic
+
+        evaluate = periodic(cfg)
+    run_dir = train(cfg, evaluate)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run finished: {run_dir}")
     return 0
@@ -65,6 +70,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distributed(fn, *args):
+    """``fn(*args)`` on every rank when a launcher started several (torchrun), else here."""
+    from dist_contrast import distributed
+
+    if distributed.detect_env().world_size <= 1:
+        return fn(*args)
+    distributed.init()
+    try:
+        return fn(*args)
+    finally:
+        distributed.shutdown()
+
+
+def distributed_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.export:
         return _cmd_eval_export(args)
@@ -72,7 +94,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--data and --val-data go with --export (a run is evaluated on its own)")
     from dist_contrast.eval.run import evaluate_run
 
-    result = evaluate_run(args.run)
+    result = _distributed(evaluate_run, args.run)
+    if not distributed_main():
+        return 0
     if not args.brief:
         print(json.dumps(result, indent=1))
     gain = result["knn_top1"] - result["knn_top1_random_init"]
@@ -241,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="kNN and linear-probe evaluation of a run or an export")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", help="run directory (runs/NAME): its latest checkpoint")
+    which.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        help="run directory (runs/NAME): its latest checkpoint; under torchrun write --run-dir "
+        "(torchrun's own parser takes --run for its --run-path)",
+    )
     which.add_argument("--export", help="export directory (from dist-contrast export)")
     p.add_argument("--data", help="with --export: labelled shards the probes are fitted on")
     p.add_argument("--val-data", help="with --export: shards measured on (default: 20%% of --data)")

@@ -246,6 +246,18 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    # Evaluation during training: every this many steps, on all ranks, the figures of
+    # `dist-contrast eval` (kNN, linear probe; zero-shot and retrieval for image-text runs) go to
+    # metrics.jsonl and wandb as eval/<name>; 0: only at the end (`dist-contrast eval`).
+    every: int = 0
+    # At most this many samples of each set per periodic evaluation (0: all): keeps it cheap.
+    max_samples: int = 0
+    # Storage of embedded features: fp32, or fp16 / bf16 for large sets (half the memory).
+    feature_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # Zero-shot on another set than data.val_shards: a CLIP_benchmark webdataset folder
+    # (classnames.txt, zeroshot_classification_templates.txt, test/*.tar), a folder of class
+    # folders, or labelled shards; its class names and templates win over the lists below.
+    zeroshot_data: str = ""
     knn_k: int = 20
     knn_temperature: float = 0.07
     batch_size: int = 512

@@ -63,6 +63,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
     _check(cfg.eval.linear_weight_decay >= 0, "eval.linear_weight_decay", "must be >= 0")
     _check(cfg.eval.linear_max_iter > 0, "eval.linear_max_iter", "must be > 0")
+    _check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0: no evaluation during training)")
+    _check(cfg.eval.max_samples >= 0, "eval.max_samples", "must be >= 0 (0: every sample)")
 
 
 def _validate_patch_size(cfg: Config) -> None:

@@ -36,40 +36,96 @@ def class_embeddings(
     templates: Sequence[str],
     batch_size: int = 512,
 ) -> torch.Tensor:
-    """[C, D]: per class, the normalised mean of the normalised prompt embeddings."""
-    prompts = [t.format(c) for c in classes for t in templates]
-    emb = embed(text_tower, tokenizer(prompts), batch_size)
-    return F.normalize(emb.view(len(classes), len(templates), -1).mean(dim=1), dim=1)
+    """[C, D]: per class, the normalised mean of the normalised prompt embeddings. Classes go
+    through the text tower a few at a time (about ``batch_size`` prompts a batch), so 1,000
+    classes x 80 templates never hold more than one batch of prompts."""
+    per = max(1, batch_size // max(1, len(templates)))
+    out = []
+    for i in range(0, len(classes), per):
+        names = classes[i : i + per]
+        prompts = [t.format(c) for c in names for t in templates]
+        emb = embed(text_tower, tokenizer(prompts), batch_size)
+        out.append(F.normalize(emb.view(len(names), len(templates), -1).mean(dim=1), dim=1))
+    return torch.cat(out)
 
 
 def zeroshot_top1(
-    image_feats: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor
+    image_feats: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor, chunk: int = 4096
 ) -> float:
-    pred = (image_feats @ class_emb.T).argmax(dim=1)
-    return float((pred == labels).double().mean())
+    correct = 0
+    for i in range(0, len(image_feats), chunk):
+        pred = (image_feats[i : i + chunk] @ class_emb.T).argmax(dim=1)
+        correct += int((pred == labels[i : i + chunk]).sum())
+    return correct / len(image_feats)
 
 
-def relevance(labels: torch.Tensor, captions: Sequence[str | None]) -> tuple[torch.Tensor, str]:
-    """[N, N] bool: item j is relevant to query i (see the module doc), and the rule used."""
+def match_keys(labels: torch.Tensor, captions: Sequence[str | None]) -> tuple[torch.Tensor, str]:
+    """What makes item j relevant to query i (see the module doc): equal keys. The labels
+    where every sample has one (rule "label"), else a code per distinct caption ("caption")."""
     if bool((labels >= 0).all()):
-        return labels[:, None] == labels[None, :], "label"
+        return labels, "label"
     ids: dict[str | None, int] = {}
-    codes = torch.tensor([ids.setdefault(c, len(ids)) for c in captions])
-    return codes[:, None] == codes[None, :], "caption"
+    return torch.tensor([ids.setdefault(c, len(ids)) for c in captions]), "caption"
 
 
 def recall_at(
-    query: torch.Tensor, items: torch.Tensor, relevant: torch.Tensor, ks=RECALL_AT, chunk=1024
+    query: torch.Tensor,
+    items: torch.Tensor,
+    query_keys: torch.Tensor,
+    item_keys: torch.Tensor,
+    ks=RECALL_AT,
+    chunk: int = 1024,
 ) -> dict[int, float]:
-    """Fraction of queries with a relevant item among their k most similar, per k."""
+    """Fraction of queries with a relevant item (an equal key) among their k most similar, per
+    k. Similarities and relevance are made one chunk of queries at a time: memory is
+    ``chunk x len(items)``, whatever the number of queries."""
     kmax = min(max(ks), items.shape[0])
     hits = {k: 0 for k in ks}
     for i in range(0, len(query), chunk):
         top = (query[i : i + chunk] @ items.T).topk(kmax, dim=1).indices
-        found = relevant[i : i + chunk].gather(1, top)  # [n, kmax]: relevant at rank r?
+        found = item_keys[top] == query_keys[i : i + chunk, None]  # [n, kmax]
         for k in ks:
             hits[k] += int(found[:, :k].any(dim=1).sum())
     return {k: hits[k] / len(query) for k in ks}
+
+
+def feature_scores(
+    image: torch.Tensor,
+    text: torch.Tensor | None,
+    labels: torch.Tensor,
+    captions: Sequence[str | None],
+    class_emb: torch.Tensor | None,
+) -> dict:
+    """Zero-shot top-1 (given class embeddings and labels) and retrieval recall both ways
+    (given caption features) from joint-space features of one set."""
+    img = F.normalize(image.float(), dim=1)
+    out: dict = {}
+    if class_emb is not None:
+        out["zeroshot_top1"] = zeroshot_top1(img, labels, class_emb)
+    if text is not None:
+        txt = F.normalize(text.float(), dim=1)
+        keys, rule = match_keys(labels, captions)
+        out["retrieval_match"] = rule
+        for name, (q, items) in {"i2t": (img, txt), "t2i": (txt, img)}.items():
+            for k, v in recall_at(q, items, keys, keys).items():
+                out[f"{name}_r{k}"] = v
+    return out
+
+
+def zeroshot_classes(
+    labels: torch.Tensor, ev: EvalConfig, classnames=None, templates=None
+) -> tuple[list[str], list[str]] | None:
+    """The class names and templates zero-shot uses (a set's own files win over the config),
+    or None when the samples are not all labelled."""
+    if not len(labels) or not bool((labels >= 0).all()):
+        return None
+    classes = list(classnames or ev.zeroshot_classes)
+    if int(labels.max()) >= len(classes):
+        raise DataError(
+            f"label {int(labels.max())} has no name: {len(classes)} class names "
+            "(eval.zeroshot_classes, or the set's classnames.txt)"
+        )
+    return classes, list(templates or ev.zeroshot_templates)
 
 
 def clip_scores(
@@ -82,27 +138,14 @@ def clip_scores(
     ev: EvalConfig,
 ) -> dict:
     """Zero-shot top-1 (when the samples carry labels) and retrieval recall (when they carry
-    captions) of one model on one labelled / captioned set."""
+    captions) of one model on images held in memory (small sets; see :func:`method_scores`)."""
     img = embed(image_tower, images, ev.batch_size)
-    out: dict = {}
-    if bool((labels >= 0).all()):
-        if int(labels.max()) >= len(ev.zeroshot_classes):
-            raise DataError(
-                f"label {int(labels.max())} has no name: eval.zeroshot_classes lists "
-                f"{len(ev.zeroshot_classes)} classes"
-            )
-        emb = class_embeddings(
-            text_tower, tokenizer, ev.zeroshot_classes, ev.zeroshot_templates, ev.batch_size
-        )
-        out["zeroshot_top1"] = zeroshot_top1(img, labels, emb)
+    txt = None
     if all(c is not None for c in captions):
         txt = embed(text_tower, tokenizer(list(captions)), ev.batch_size)
-        rel, rule = relevance(labels, captions)
-        out["retrieval_match"] = rule
-        for name, (q, items, r) in {"i2t": (img, txt, rel), "t2i": (txt, img, rel.T)}.items():
-            for k, v in recall_at(q, items, r).items():
-                out[f"{name}_r{k}"] = v
-    return out
+    named = zeroshot_classes(labels, ev)
+    emb = None if named is None else class_embeddings(text_tower, tokenizer, *named, ev.batch_size)
+    return feature_scores(img, txt, labels, captions, emb)
 
 
 def summary(result: dict) -> str:
@@ -124,14 +167,22 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def method_scores(cfg: Config, method, images, labels, captions) -> dict:
-    """:func:`clip_scores` of a CLIP method (its image and text towers, projections included)."""
-    return clip_scores(
-        method.image,
-        method.text,
-        tokenizer_for(cfg.data),
-        images,
-        labels,
-        captions,
-        cfg.eval,
-    )
+def method_scores(
+    cfg: Config,
+    method,
+    val,
+    classnames=None,
+    templates=None,
+    zeroshot: bool = True,
+    retrieval: bool = True,
+) -> dict:
+    """Zero-shot and retrieval of a CLIP method from ``val``, an embedded set (gathered) with
+    the image tower's joint-space features under ``image`` and the captions' under ``text``;
+    class names and templates of the set's own files win over the config's."""
+    named = zeroshot_classes(val.labels, cfg.eval, classnames, templates) if zeroshot else None
+    emb = None
+    if named is not None:
+        tok = tokenizer_for(cfg.data)
+        emb = class_embeddings(method.text, tok, *named, cfg.eval.batch_size)
+    text = val.feats.get("text") if retrieval else None
+    return feature_scores(val.feats["image"], text, val.labels, val.captions, emb)

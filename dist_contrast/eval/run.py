@@ -13,12 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_contrast.data.pipeline import read_all, read_captioned
-from dist_contrast.data.shards import resolve_shards
-from dist_contrast.data.sources import build_sources
-from dist_contrast.errors import DataError, UserError
-from dist_contrast.eval.image_text import method_scores
-from dist_contrast.eval.probes import scores
+from dist_contrast import distributed
+from dist_contrast.errors import UserError
+from dist_contrast.eval.figures import method_figures, run_sets
 from dist_contrast.export.write import trained_method
 from dist_contrast.methods import build_method, init
 from dist_contrast.train.runs import load_run
@@ -40,47 +37,39 @@ def starting_point(cfg) -> tuple[nn.Module, str]:
     return method, f"model.init_from {cfg.model.init_from}"
 
 
-def evaluate_run(run_dir: str | Path) -> dict:
-    """kNN and linear-probe top-1 of the trained and the initial encoder, written to
-    ``eval.json``: ``knn_top1``, ``linear_top1`` and the same with ``_random_init``."""
+def evaluate_run(run_dir: str | Path, progress: bool = True) -> dict:
+    """kNN and linear-probe top-1 of the trained and the initial encoder (and zero-shot and
+    retrieval for image-text runs), written to ``eval.json`` by rank 0: ``knn_top1``,
+    ``linear_top1``, ... and the same with ``_random_init``. Under torchrun every rank embeds
+    its share of the sets (:mod:`dist_contrast.eval.figures`); the figures are the same."""
     run_dir = Path(run_dir)
     cfg, step_dir = load_run(run_dir)
-    train_x, train_y = read_all(
-        [
-            u
-            for src in build_sources(
-                cfg.data.train_shards, cfg.data.train_weights, "data.train_shards"
-            )
-            for u in src.urls
-        ],
-        cfg.data,
-    )
-    if not cfg.data.val_shards:
-        raise DataError("evaluation needs validation shards: set data.val_shards")
-    val_urls = resolve_shards(cfg.data.val_shards, "data.val_shards")
-    image_text = cfg.method.name == "clip"
-    val_x, val_y, val_captions = read_captioned(val_urls, cfg.data, require_caption=image_text)
+    sets = run_sets(cfg)
     initial_method, initial = starting_point(cfg)
     trained_m = trained_method(cfg, step_dir)
-    trained = trained_m.encoder
+    desc = "eval" if progress else ""
+    trained = method_figures(cfg, trained_m, sets, desc=desc)
+    baseline = method_figures(cfg, initial_method, sets, desc=desc and "eval (initial)")
     result: dict = {
         "checkpoint": step_dir.name,
         "initial_weights": initial,
         "knn_k": cfg.eval.knn_k,
         "linear_weight_decay": cfg.eval.linear_weight_decay,
-        "train_samples": len(train_y),
-        "val_samples": len(val_y),
+        "train_samples": trained.pop("train_samples"),
+        "val_samples": trained.pop("val_samples"),
     }
-    for suffix, enc in (("", trained), ("_random_init", initial_method.encoder)):
-        probes = scores(cfg, enc, train_x, train_y, val_x, val_y)
-        result.update({f"{k}{suffix}": v for k, v in probes.items()})
-    if image_text:  # zero-shot and retrieval of both towers
-        for suffix, m in (("", trained_m), ("_random_init", initial_method)):
-            figures = method_scores(cfg, m, val_x, val_y, val_captions)
-            match = figures.pop("retrieval_match", None)
-            result.update({f"{k}{suffix}": v for k, v in figures.items()})
-            result.setdefault("retrieval_match", match)
-    tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, run_dir / "eval.json")
+    match = trained.pop("retrieval_match", None)
+    if "zeroshot_samples" in trained:
+        result["zeroshot_samples"] = trained.pop("zeroshot_samples")
+    result.update(trained)
+    result.update({f"{k}_random_init": v for k, v in baseline.items() if k not in NOT_FIGURES})
+    if match is not None:
+        result["retrieval_match"] = match
+    if distributed.is_main():
+        tmp = run_dir / "eval.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, run_dir / "eval.json")
     return result
+
+
+NOT_FIGURES = {"train_samples", "val_samples", "zeroshot_samples", "retrieval_match"}

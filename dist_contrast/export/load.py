@@ -220,6 +220,10 @@ class LoadedCLIP:
     def encode_image(self, images: Any) -> torch.Tensor:
         return F.normalize(self.image(self.preprocess(images)).float(), dim=1)
 
+    def text_fn(self):
+        """Captions -> joint-space text features (not normalised), for streamed evaluation."""
+        return lambda captions: self.text(self.tokenizer.encode(captions).to(self.device))
+
     @torch.no_grad()
     def encode_text(self, texts: Any) -> torch.Tensor:
         ids = texts if isinstance(texts, torch.Tensor) else self.tokenizer.encode(texts)

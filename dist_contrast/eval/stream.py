@@ -1,0 +1,201 @@
+"""Evaluation sets embedded as streams, split over the ranks of a job.
+
+A set is a list of units read in order (shards, or chunks of image files:
+:mod:`dist_contrast.data.evalsets`), decoded without augmentation (shorter side to the model's
+size, centre crop, normalised as in training) and embedded in batches of ``eval.batch_size``
+under the training precision. Rank ``r`` of ``W`` reads units ``r, r + W, r + 2W, ...``; what it
+keeps are features (``eval.feature_dtype``), never pixels, so memory is bounded by a batch plus
+the features, not by the set. Every sample carries its global position (unit, index in the
+unit): gathered features are put back in that order, so what is computed from them does not
+depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dist_contrast import distributed
+from dist_contrast.config import DataConfig
+from dist_contrast.data.augment import Normalize, resize_view
+from dist_contrast.data.decode import decode_or_count
+from dist_contrast.data.evalsets import Unit, unit_samples
+from dist_contrast.data.tario import Faults
+from dist_contrast.errors import DataError
+
+FEATURE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+UNIT_STRIDE = 1 << 32  # position = unit index * UNIT_STRIDE + index in the unit
+
+TextFn = Callable[[list[str]], torch.Tensor]
+ImageFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def towers_fn(towers: dict[str, nn.Module]) -> ImageFn:
+    """An :data:`ImageFn` running each of ``towers`` (in eval mode) on the same images."""
+    for t in towers.values():
+        t.eval()
+    return lambda x: {name: t(x) for name, t in towers.items()}
+
+
+@dataclass
+class Embedded:
+    """Features of a set (this rank's share, or all of it once :meth:`gathered`)."""
+
+    feats: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    captions: list[str | None]
+    order: torch.Tensor
+    faults: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def gathered(self) -> Embedded:
+        """Every rank's rows, in the set's own order (on every rank)."""
+        if not distributed.multi_rank():
+            return self
+        dev = distributed.device()
+        order = distributed.all_gather_no_grad(self.order.to(dev)).cpu()
+        perm = order.argsort()
+        labels = distributed.all_gather_no_grad(self.labels.to(dev)).cpu()[perm]
+        feats = {
+            k: distributed.all_gather_no_grad(v.to(dev)).cpu()[perm] for k, v in self.feats.items()
+        }
+        captions = [c for part in _gather_objects(self.captions) for c in part]
+        return Embedded(feats, labels, [captions[i] for i in perm.tolist()], order[perm])
+
+
+def _gather_objects(obj) -> list:
+    import torch.distributed as dist
+
+    parts: list = [None] * distributed.world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def my_units(units: Sequence[Unit]) -> list[tuple[int, Unit]]:
+    """This rank's share of ``units`` (with their indices): every W-th from its rank."""
+    r, w = (distributed.rank(), distributed.world_size()) if distributed.is_dist() else (0, 1)
+    return [(i, u) for i, u in enumerate(units) if i % w == r]
+
+
+def _samples(units, data: DataConfig, require_caption: bool, limit: int, faults: Faults):
+    """(position, uint8 view, label, caption) of this rank's units, at most ``limit`` (0: all)."""
+    n = 0
+    for index, unit in units:
+        pos = 0
+        for sample in unit_samples(unit, faults):
+            dec = decode_or_count(sample, faults, data.max_image_pixels, require_caption)
+            if dec is None:
+                continue
+            view = resize_view(dec.image, data.image_size, data.channels)
+            yield index * UNIT_STRIDE + pos, view, dec.label, dec.caption
+            pos, n = pos + 1, n + 1
+            if limit and n >= limit:
+                return
+
+
+def _batches(stream: Iterator, size: int) -> Iterator[list[tuple]]:
+    batch: list[tuple] = []
+    for item in stream:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def embed_set(
+    units: Sequence[Unit],
+    image: ImageFn,
+    data: DataConfig,
+    *,
+    batch_size: int,
+    text: TextFn | None = None,
+    require_caption: bool = False,
+    max_samples: int = 0,
+    precision: str = "fp32",
+    feature_dtype: str = "fp32",
+    device: torch.device | str = "cpu",
+    desc: str = "",
+) -> Embedded:
+    """This rank's share of ``units`` through ``image`` (images [B, C, S, S] -> features
+    [B, D] by name; :func:`towers_fn`) and, where every sample of a batch has a caption,
+    ``text`` (captions -> [B, D]) under the name ``text``. ``max_samples``: at most this many
+    samples in all (each rank keeps its first ``ceil(max_samples / W)``). Not gathered: call
+    :meth:`Embedded.gathered` where every rank's rows are needed."""
+    world = distributed.world_size() if distributed.is_dist() else 1
+    limit = -(-max_samples // world) if max_samples else 0
+    device = torch.device(device)
+    norm = Normalize(data.mean, data.std).to(device)
+    store = FEATURE_DTYPES[feature_dtype]
+    faults = Faults("[eval] ", data.warn_every_s)
+    mine = my_units(units)
+    parts: dict[str, list[torch.Tensor]] = {}
+    texts: list[torch.Tensor] = []
+    order, labels, captions = [], [], []
+    bar = _progress(len(mine), desc)
+    autocast = _autocast(precision, device)
+    done = 0  # units of this rank finished (for the progress bar)
+    for batch in _batches(_samples(mine, data, require_caption, limit, faults), batch_size):
+        pos, views, labs, caps = zip(*batch, strict=True)
+        x = norm(torch.stack(views).to(device))
+        with autocast:
+            for name, f in image(x).items():
+                parts.setdefault(name, []).append(f.float().to("cpu", store))
+            if text is not None and all(c is not None for c in caps):
+                texts.append(text(list(caps)).float().to("cpu", store))
+        order.extend(pos)
+        labels.extend(labs)
+        captions.extend(caps)
+        if bar is not None:
+            now = sum(1 for i, _ in mine if i < pos[-1] // UNIT_STRIDE)
+            bar.update(now - done)
+            done = now
+    if bar is not None:
+        bar.update(len(mine) - done)
+        bar.close()
+    feats = {k: _cat(v) for k, v in parts.items()}
+    if text is not None and len(texts) and sum(len(t) for t in texts) == len(labels):
+        feats["text"] = _cat(texts)
+    return Embedded(
+        feats,
+        torch.tensor(labels, dtype=torch.int64),
+        list(captions),
+        torch.tensor(order, dtype=torch.int64),
+        dict(faults.seen),
+    )
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, 0)
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return nullcontext()
+
+
+def _progress(total: int, desc: str):
+    if not desc or not distributed.is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="shard", dynamic_ncols=True, leave=False)
+
+
+def check_nonempty(emb: Embedded, what: str) -> None:
+    """A set of which no sample could be used is one error, on every rank."""
+    n = len(emb)
+    if distributed.multi_rank():
+        n = int(distributed.all_reduce_sum([float(n)])[0])
+    if n == 0:
+        raise DataError(f"no usable sample in {what}")
