@@ -161,8 +161,13 @@ def initial_method(cfg: Config) -> Method:
     return method
 
 
-def train(cfg: Config) -> Path:
-    """Train ``cfg`` on every rank of the job; return the run directory."""
+Evaluator = Callable[[Method, int], dict[str, float]]
+
+
+def train(cfg: Config, evaluate: Evaluator | None = None) -> Path:
+    """Train ``cfg`` on every rank of the job; return the run directory. ``evaluate(method,
+    step)``: the figures every ``eval.every`` steps (given by the CLI: :mod:`dist_contrast.eval`
+    sits after training in the layering), called on every rank."""
     prepare(cfg)
     # Rank 0 owns the run dir for the run's life: a second run on it is refused before any
     # process group starts (its peers are then ended by the launcher).
@@ -172,7 +177,7 @@ def train(cfg: Config) -> Path:
         with preempt.StopSignals() as stop:
             env = distributed.init(cfg.train.collective_timeout_s)
             try:
-                return _train(cfg, env, stop)
+                return _train(cfg, env, stop, evaluate)
             finally:
                 distributed.shutdown()
     finally:
@@ -180,7 +185,12 @@ def train(cfg: Config) -> Path:
             lock.close()
 
 
-def _train(cfg: Config, env: distributed.DistEnv, stop: preempt.StopSignals | None = None) -> Path:
+def _train(
+    cfg: Config,
+    env: distributed.DistEnv,
+    stop: preempt.StopSignals | None = None,
+    evaluate: Evaluator | None = None,
+) -> Path:
     run_dir, main = cfg.run_dir, distributed.is_main()
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -194,6 +204,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop: preempt.StopSignals | No
     )
     trainer = Trainer(cfg, engine, scheduler, loader, env.rank, env.world_size)
     trainer.stop = stop
+    trainer.evaluate = evaluate if cfg.eval.every else None
     try:
         trainer.resume()
         with preempt.held():  # workers forked here never act on a stop signal
@@ -242,6 +253,7 @@ class Trainer:
         self.ckpt_root = cfg.run_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
         self.stop: preempt.StopSignals | None = None  # set: a signal stops the run at a step end
+        self.evaluate: Evaluator | None = None  # set: figures every eval.every steps
         fp16 = cfg.deepspeed.precision == "fp16"  # gradients: DeepSpeed's loss scaler decides
         self.guard = StepGuard(engine.module, scheduler.optimizer, check_grads=not fp16)
 
@@ -313,10 +325,25 @@ class Trainer:
                 t_save = time.perf_counter()
                 self.save()
                 window.start += time.perf_counter() - t_save  # throughput excludes saving
+            if self.evaluate is not None and self.step % cfg.eval.every == 0:
+                t_eval = time.perf_counter()
+                self.periodic_eval()
+                window.start += time.perf_counter() - t_eval
             if not last and self.stop is not None and self.stop.agreed():
                 if not saved:
                     self.save()
                 raise self.stop.stop(self.step)  # every rank, after the same checkpoint
+
+    def periodic_eval(self) -> None:
+        """The figures of the model now (``eval.every``), logged as ``eval/<name>``. Training
+        does not notice: the RNG states are put back afterwards, the loader is not touched
+        (the sets are read apart from it) and the modules return to train mode."""
+        rng = checkpoint.rng_state()
+        try:
+            figures = self.evaluate(self.engine.module, self.step)
+        finally:
+            checkpoint.set_rng_state(rng)
+        self.logger.log_eval({"step": self.step, **{f"eval/{k}": v for k, v in figures.items()}})
 
     def train_step(self, batch: dict) -> tuple[LossOutput, bool]:
         """One optimizer step over ``batch``, or none if its loss or gradients are not finite

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from dist_contrast.config import Config, to_dict
 from dist_contrast.train import preempt
 
+TOP_KEYS = ("knn_top1", "linear_top1", "zeroshot_top1", "i2t_r1", "t2i_r1")
+
 
 class MetricsLogger:
     """Active on the main rank only; a no-op elsewhere."""
@@ -62,6 +64,28 @@ class MetricsLogger:
                 loss="skipped" if loss is None else f"{loss:.4f}",
                 sps=f"{record['samples_per_sec']:.0f}",
             )
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """A row of evaluation figures (``step`` and ``eval/...`` keys): metrics.jsonl, wandb
+        and one line under the progress bar."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            try:
+                self.wandb.log(
+                    {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+                )
+            except Exception as exc:  # noqa: BLE001 (any failure of the service)
+                self._lose_wandb(exc)
+        shown = ", ".join(
+            f"{k[5:]} {100 * v:.1f}%" for k, v in record.items() if k.endswith(TOP_KEYS)
+        )
+        message = f"step {record['step']}: {shown}"
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
