@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -152,8 +153,8 @@ def test_eval_every_logs_figures_and_leaves_training_alone(tmp_path, digits_dir,
         assert proc.returncode == 0, proc.stderr[-3000:]
         return tmp_path / name
 
-    with_eval = train("with_eval", *every)
-    without = train("without", *every[:0])
+    with_eval = train("with_eval", *every, "checkpoint.every=4")
+    without = train("without")
     losses, evals = _rows(with_eval)
     assert sorted(evals) == [2, 4, 6, 8]
     assert {"eval/zeroshot_top1", "eval/i2t_r1", "eval/linear_top1"} <= set(evals[8])
@@ -161,9 +162,12 @@ def test_eval_every_logs_figures_and_leaves_training_alone(tmp_path, digits_dir,
     assert losses == _rows(without)[0]  # bit-identical: the evaluation took nothing away
     assert _wandb_eval_steps(with_eval) == [2, 4, 6, 8]
     assert (with_eval / "plots" / "eval.png").is_file()
-    # stopped at 4, resumed: the same figures at 6 and 8
-    train("resumed", *every, "train.stop_at=4", "checkpoint.every=4")
-    resumed = train("resumed", *every, "checkpoint.resume=latest")
+    # the run put back to its checkpoint of step 4 and resumed: the same figures at 6 and 8
+    resumed = tmp_path / "resumed"
+    shutil.copytree(with_eval, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    (resumed / "checkpoints" / "latest").write_text("step_00000004\n")
+    train("resumed", *every, "checkpoint.resume=latest")
     r_losses, r_evals = _rows(resumed)
     assert r_losses == losses
     assert {s: r_evals[s] for s in (6, 8)} == {s: evals[s] for s in (6, 8)}
