@@ -24,7 +24,7 @@ from torch import nn
 from dist_contrast.config import Config, EvalConfig
 from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
 from dist_contrast.errors import DataError
-from dist_contrast.eval.probes import embed
+from dist_contrast.eval.probes import bounded_chunk, embed
 
 RECALL_AT = (1, 5, 10)
 
@@ -80,6 +80,7 @@ def recall_at(
     k. Similarities and relevance are made one chunk of queries at a time: memory is
     ``chunk x len(items)``, whatever the number of queries."""
     kmax = min(max(ks), items.shape[0])
+    chunk = bounded_chunk(chunk, items.shape[0])
     hits = {k: 0 for k in ks}
     for i in range(0, len(query), chunk):
         top = (query[i : i + chunk] @ items.T).topk(kmax, dim=1).indices

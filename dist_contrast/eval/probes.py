@@ -31,6 +31,16 @@ def embed(
     return F.normalize(out, dim=1) if normalize else out
 
 
+SIM_BLOCK_BYTES = 32 << 20  # a query chunk's similarities to the bank: at most this much
+
+
+def bounded_chunk(chunk: int, columns: int) -> int:
+    """``chunk`` rows, fewer when ``chunk x columns`` float32 similarities would pass
+    :data:`SIM_BLOCK_BYTES` (a 200k bank: 40 queries at a time), so the memory of a kNN or a
+    recall pass does not grow with the bank."""
+    return max(1, min(chunk, SIM_BLOCK_BYTES // (4 * max(1, columns))))
+
+
 def knn_top1(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -44,6 +54,7 @@ def knn_top1(
     votes for its class with weight exp(sim / temperature)."""
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
     k = min(k, len(train_feats))
+    chunk = bounded_chunk(chunk, len(train_feats))
     correct = 0
     for i in range(0, len(test_feats), chunk):
         sim = test_feats[i : i + chunk] @ train_feats.T
@@ -136,6 +147,7 @@ def knn_top1_sharded(
     n_bank = int(distributed.all_reduce_sum([float(len(bank))])[0])
     k = min(k, n_bank)
     dev = distributed.device()
+    chunk = bounded_chunk(chunk, n_bank)  # the same on every rank
     correct = 0
     for i in range(0, len(queries), chunk):
         q = queries[i : i + chunk]

@@ -139,7 +139,9 @@ def embed_set(
     mine = my_units(units)
     parts: dict[str, list[torch.Tensor]] = {}
     texts: list[torch.Tensor] = []
-    order, labels, captions = [], [], []
+    order: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    captions: list[str | None] = []
     bar = _progress(len(mine), desc)
     autocast = _autocast(precision, device)
     done = 0  # units of this rank finished (for the progress bar)
@@ -151,8 +153,8 @@ def embed_set(
                 parts.setdefault(name, []).append(f.float().to("cpu", store))
             if text is not None and all(c is not None for c in caps):
                 texts.append(text(list(caps)).float().to("cpu", store))
-        order.extend(pos)
-        labels.extend(labs)
+        order.append(torch.tensor(pos, dtype=torch.int64))  # tensors, not lists of ints:
+        labels.append(torch.tensor(labs, dtype=torch.int64))  # 8 bytes a sample, not ~40
         captions.extend(caps)
         if bar is not None:
             now = sum(1 for i, _ in mine if i < pos[-1] // UNIT_STRIDE)
@@ -162,13 +164,14 @@ def embed_set(
         bar.update(len(mine) - done)
         bar.close()
     feats = {k: _cat(v) for k, v in parts.items()}
-    if text is not None and len(texts) and sum(len(t) for t in texts) == len(labels):
+    labels_t = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
+    if text is not None and len(texts) and sum(len(t) for t in texts) == len(labels_t):
         feats["text"] = _cat(texts)
     return Embedded(
         feats,
-        torch.tensor(labels, dtype=torch.int64),
-        list(captions),
-        torch.tensor(order, dtype=torch.int64),
+        labels_t,
+        captions,
+        torch.cat(order) if order else torch.empty(0, dtype=torch.int64),
         dict(faults.seen),
     )
 

@@ -1,0 +1,851 @@
+"""Evaluation at scale on one process: streaming kNN, zero-shot class embeddings, retrieval.
+
+    dist-contrast bench eval [--sizes 20000,50000,200000] [--queries 10000] [--data-dir DIR]
+                             [--zs-classes 1000] [--zs-templates 80] [--retrieval-images 5000]
+                             [--allocators glibc,mmap128k] [--quick]
+
+Each measured run is a fresh process (this module with a hidden ``--child`` flag), so its peak
+resident set (``getrusage(RUSAGE_SELF).ru_maxrss``) is its own. Memory is reported in MB
+(10^6 bytes). Where Linux allows it (``/proc/self/clear_refs``), the peak is also reset before
+each phase of a run so that each phase's own peak is known; the process peak is the largest.
+Each measurement runs once per ``--allocators`` setting: ``glibc`` (its defaults, what a run
+gets) and ``mmap128k`` (``MALLOC_MMAP_THRESHOLD_=131072``: blocks of 128 KiB and more are
+mapped and given back at free). Under glibc's defaults a freed large block raises the mmap
+threshold, later large blocks come from the heap and freed ones stay resident, so RSS there
+includes memory no tensor holds any more; the second setting shows what the work itself needs.
+
+1. Streaming kNN. Synthetic WebDataset shards (``tarfile`` + PIL): ``--image-size`` px
+   grayscale PNGs, each a noisy copy of one of ``--classes`` random class patterns, label in
+   ``cls``; written once into ``--data-dir`` (default: a folder of the system's temp dir,
+   reused by later runs) as ``bank/`` and ``query/`` shard folders. The bank of N samples is
+   the first N of the largest bank (its first shards). Both sets go through
+   ``dist_contrast.eval.stream.embed_set`` (``open_eval_set`` units, decode, centre crop,
+   normalise, batches of ``eval.batch_size``) with a seeded random conv encoder to ``--dim``
+   features, then ``knn_top1_sharded`` (one process, k and temperature of ``EvalConfig``) of
+   the queries against the bank. Its similarity block is ``chunk x N`` floats: the query chunk
+   is sized so that block stays under ``--knn-mem-mb`` (``--knn-chunk`` fixes it). Per size:
+   peak RSS, the bank's feature bytes (N x D x 4), peak minus features, wall times.
+2. Zero-shot: ``class_embeddings`` of ``--zs-classes`` names ("class 0", ...) x
+   ``--zs-templates`` prompt templates (CLIP's 80 ImageNet templates) through a random
+   ``TextTransformer`` over ``ByteTokenizer(32)``; time, peak RSS, shape and norms.
+3. Retrieval: random unit features, ``--retrieval-images`` images with ``--captions-per-image``
+   captions each (a caption is its image's feature plus noise, renormalised; key = image
+   index), ``recall_at`` image->text and text->image in query chunks of ``--retrieval-chunk``.
+   Peak RSS of that run beside the full similarity matrix it never builds; R@1/5/10 checked
+   equal to a naive full-matrix reference (full similarity and relevance matrices, rows sorted)
+   on the first ``--reference-images`` images and their captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from dist_contrast_bench.common import cpu_model, default_out, usable_cores, write_json
+
+MB = 1e6
+PARTS = ("knn", "zeroshot", "retrieval")
+# The C allocator of each measured process: glibc's defaults (a freed large block raises its
+# mmap threshold, so later large blocks come from the heap, which keeps freed memory resident)
+# and a fixed 128 KiB mmap threshold (large blocks mapped and unmapped at free: RSS follows
+# the live memory more closely). Other allocators ignore these variables.
+ALLOCATORS = {"glibc": {}, "mmap128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+RECALL_KS = (1, 5, 10)
+
+# CLIP's 80 ImageNet prompt templates (Radford et al. 2021, the notebook of openai/CLIP).
+CLIP_TEMPLATES = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+QUICK = {
+    "sizes": "2000,5000",
+    "queries": 500,
+    "shard_size": 1000,
+    "zs_classes": 50,
+    "zs_templates": 8,
+    "retrieval_images": 200,
+    "reference_images": 200,
+    "retrieval_chunk": 64,
+    "allocators": "glibc",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Memory of this process
+
+
+def _status_mb(field: str) -> float | None:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status in MB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / MB
+    except OSError:
+        pass
+    return None
+
+
+def _maxrss_mb() -> float:
+    """Peak RSS so far (since the last reset): ``ru_maxrss`` is KiB on Linux, bytes on macOS."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MB
+
+
+def _reset_peak() -> bool:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Peaks:
+    """Per-phase peak RSS of this process and the process peak over all of them."""
+
+    def __init__(self) -> None:
+        self.process_mb = _maxrss_mb()
+        self.baseline_mb = _status_mb("VmRSS")  # resident after imports and setup
+        self.phases: dict[str, dict] = {}
+        self.resettable = True
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.process_mb = max(self.process_mb, _maxrss_mb())
+        self.resettable = self.resettable and _reset_peak()
+        start_mb = _status_mb("VmRSS")
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        peak = _maxrss_mb()
+        self.process_mb = max(self.process_mb, peak)
+        self.phases[name] = {
+            "seconds": seconds,
+            "start_rss_mb": start_mb,
+            # without a reset the peak is the process's so far, not the phase's own
+            "peak_rss_mb": peak,
+            "rise_mb": None if start_mb is None or not self.resettable else peak - start_mb,
+        }
+
+    def summary(self) -> dict:
+        self.process_mb = max(self.process_mb, _maxrss_mb())
+        return {
+            "peak_rss_mb": self.process_mb,
+            "baseline_rss_mb": self.baseline_mb,
+            "phase_peaks_are_own": self.resettable,
+            "phases": self.phases,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic shards
+
+
+def _signature(args: argparse.Namespace) -> str:
+    a = args
+    return f"px{a.image_size}_c{a.classes}_n{a.shard_size}_noise{a.noise:g}_seed{a.seed}"
+
+
+def _png(pixels) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(path: Path, set_id: int, index: int, args: argparse.Namespace) -> None:
+    """Shard ``index`` of a set: a deterministic function of the seed, set and index."""
+    import numpy as np
+
+    px = args.image_size
+    protos = np.random.default_rng(args.seed).integers(0, 256, (args.classes, px, px))
+    rng = np.random.default_rng([args.seed, set_id, index])
+    labels = rng.integers(0, args.classes, args.shard_size)
+    noise = rng.normal(0.0, args.noise, (args.shard_size, px, px))
+    images = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8)
+    tmp = path.with_name(path.name + ".part")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(args.shard_size):
+            key = f"{index:04d}_{i:06d}"
+            _add(tar, f"{key}.png", _png(images[i]))
+            _add(tar, f"{key}.cls", str(int(labels[i])).encode())
+    os.replace(tmp, path)  # a shard is there whole or not at all
+
+
+def ensure_data(args: argparse.Namespace) -> dict:
+    """The bank and query shard folders, writing the shards they lack."""
+    root = Path(args.data_dir) / _signature(args)
+    need = {
+        "bank": math.ceil(max(args.sizes) / args.shard_size),
+        "query": math.ceil(args.queries / args.shard_size),
+    }
+    start, written = time.perf_counter(), 0
+    for set_id, (name, count) in enumerate(need.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        names = folder / "classnames.txt"
+        if not names.is_file():
+            names.write_text("".join(f"class {c}\n" for c in range(args.classes)))
+        for index in range(count):
+            path = folder / f"{name}-{index:06d}.tar"
+            if not path.is_file():
+                _write_shard(path, set_id, index, args)
+                written += 1
+    return {
+        "root": str(root),
+        "bank": str(root / "bank"),
+        "query": str(root / "query"),
+        "shards_written": written,
+        "write_seconds": time.perf_counter() - start,
+        "shards_needed": need,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The measured runs (each in a fresh process)
+
+
+def _knn_chunk(spec: dict) -> int:
+    if spec["knn_chunk"]:
+        return spec["knn_chunk"]
+    return max(1, min(1024, int(spec["knn_mem_mb"] * MB) // (4 * spec["n"])))
+
+
+def _embed(spec: dict, folder: str, n: int, encoder, data_cfg, batch_size: int):
+    import torch.nn.functional as F
+
+    from dist_contrast.data.evalsets import open_eval_set
+    from dist_contrast.eval.stream import embed_set, towers_fn
+
+    units = open_eval_set(folder).units[: math.ceil(n / spec["shard_size"])]
+    emb = embed_set(
+        units, towers_fn({"encoder": encoder}), data_cfg, batch_size=batch_size, max_samples=n
+    )
+    if len(emb) != n:
+        raise RuntimeError(f"{folder}: embedded {len(emb)} samples, expected {n}")
+    feats = F.normalize(emb.feats.pop("encoder"), dim=1)  # the raw features are dropped
+    return feats, emb.labels
+
+
+def child_knn(spec: dict) -> dict:
+    from torch import nn
+
+    from dist_contrast.config import DataConfig, EvalConfig
+    from dist_contrast.eval.probes import knn_top1_sharded
+
+    torch.manual_seed(spec["seed"])
+    px, dim = spec["image_size"], spec["dim"]
+    encoder = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * px * px, dim)
+    ).eval()
+    data_cfg = DataConfig(image_size=px, channels=1, mean=[0.5], std=[0.5])
+    ev = EvalConfig()
+    n, chunk = spec["n"], _knn_chunk(spec)
+    peaks = Peaks()
+    with peaks.phase("embed_queries"):
+        q, q_labels = _embed(spec, spec["query"], spec["queries"], encoder, data_cfg, ev.batch_size)
+    with peaks.phase("embed_bank"):
+        bank, bank_labels = _embed(spec, spec["bank"], n, encoder, data_cfg, ev.batch_size)
+    with peaks.phase("knn"):
+        top1 = knn_top1_sharded(bank, bank_labels, q, q_labels, ev.knn_k, ev.knn_temperature, chunk)
+    return {
+        "N": n,
+        "queries": spec["queries"],
+        "dim": dim,
+        "k": ev.knn_k,
+        "knn_chunk": chunk,
+        "knn_block_mb": 4 * chunk * n / MB,
+        "top1": top1,
+        "feature_mb": n * dim * 4 / MB,
+        "query_feature_mb": spec["queries"] * dim * 4 / MB,
+        **peaks.summary(),
+    }
+
+
+def child_zeroshot(spec: dict) -> dict:
+    from dist_contrast.data.tokenizer import ByteTokenizer
+    from dist_contrast.eval.image_text import class_embeddings
+    from dist_contrast.models.text import TextTransformer
+
+    torch.manual_seed(spec["seed"])
+    tok = ByteTokenizer(32)
+    tower = TextTransformer(
+        tok.vocab_size, 32, tok.eot_id, width=spec["text_width"], layers=2, heads=4
+    ).eval()
+    classes = [f"class {c}" for c in range(spec["zs_classes"])]
+    templates = list(CLIP_TEMPLATES[: spec["zs_templates"]])
+    peaks = Peaks()
+    with peaks.phase("class_embeddings"):
+        emb = class_embeddings(tower, tok, classes, templates, spec["batch_size"])
+    norms = emb.norm(dim=1)
+    prompts = len(classes) * len(templates)
+    return {
+        "classes": len(classes),
+        "templates": len(templates),
+        "distinct_templates": len(set(templates)),
+        "prompts": prompts,
+        "text_width": spec["text_width"],
+        "batch_size": spec["batch_size"],
+        "shape": list(emb.shape),
+        "max_norm_error": float((norms - 1).abs().max()),
+        "unit_norms": bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-5)),
+        "finite": bool(torch.isfinite(emb).all()),
+        "seconds": peaks.phases["class_embeddings"]["seconds"],
+        "us_per_prompt": peaks.phases["class_embeddings"]["seconds"] / prompts * 1e6,
+        "all_prompt_features_mb": prompts * spec["text_width"] * 4 / MB,
+        **peaks.summary(),
+    }
+
+
+def reference_recall(query, items, query_keys, item_keys, ks=RECALL_KS) -> dict[int, float]:
+    """Naive recall@k: the full similarity and relevance matrices, every row sorted."""
+    sim = query @ items.T
+    relevant = query_keys[:, None] == item_keys[None, :]
+    order = sim.argsort(dim=1, descending=True)
+    ranked = relevant.gather(1, order)  # [n, items]: relevance in rank order
+    return {k: int(ranked[:, :k].any(dim=1).sum()) / len(query) for k in ks}
+
+
+def child_retrieval(spec: dict) -> dict:
+    import torch.nn.functional as F
+
+    from dist_contrast.eval.image_text import recall_at
+
+    g = torch.Generator().manual_seed(spec["seed"])
+    n, per, dim, chunk = spec["images"], spec["per_image"], spec["dim"], spec["chunk"]
+    image_keys = torch.arange(n)
+    caption_keys = torch.arange(n * per) // per
+    peaks = Peaks()
+    with peaks.phase("features"):
+        img = F.normalize(torch.randn(n, dim, generator=g), dim=1)
+        noise = spec["noise"] * torch.randn(n * per, dim, generator=g)
+        txt = F.normalize(img[caption_keys] + noise, dim=1)
+        del noise
+    with peaks.phase("recall_chunked"):
+        i2t = recall_at(img, txt, image_keys, caption_keys, RECALL_KS, chunk)
+        t2i = recall_at(txt, img, caption_keys, image_keys, RECALL_KS, chunk)
+    chunked = peaks.summary()  # before the reference, whose full matrices are not measured
+    m = spec["reference_images"]
+    sub = (img[:m], txt[: m * per], image_keys[:m], caption_keys[: m * per])
+    got = {
+        "i2t": recall_at(sub[0], sub[1], sub[2], sub[3], RECALL_KS, chunk),
+        "t2i": recall_at(sub[1], sub[0], sub[3], sub[2], RECALL_KS, chunk),
+    }
+    ref = {
+        "i2t": reference_recall(sub[0], sub[1], sub[2], sub[3]),
+        "t2i": reference_recall(sub[1], sub[0], sub[3], sub[2]),
+    }
+    full_mb = 4 * n * n * per / MB
+    return {
+        "images": n,
+        "captions": n * per,
+        "dim": dim,
+        "chunk": chunk,
+        "noise": spec["noise"],
+        "recall": {"i2t": i2t, "t2i": t2i},
+        "full_matrix_mb": full_mb,
+        "chunk_block_mb": {"i2t": 4 * chunk * n * per / MB, "t2i": 4 * chunk * n / MB},
+        "reference": {
+            "images": m,
+            "captions": m * per,
+            "chunked": got,
+            "naive": ref,
+            "equal": got == ref,
+        },
+        **chunked,
+    }
+
+
+CHILDREN = {"knn": child_knn, "zeroshot": child_zeroshot, "retrieval": child_retrieval}
+
+
+def _child_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    start = time.perf_counter()
+    result = CHILDREN[spec["kind"]](spec)
+    result["child_seconds"] = time.perf_counter() - start
+    Path(spec["out"]).write_text(json.dumps(result))
+    return 0
+
+
+def run_child(kind: str, spec: dict, timeout: float, allocator: str = "glibc") -> dict:
+    """``CHILDREN[kind](spec)`` in a fresh interpreter under ``ALLOCATORS[allocator]``; its
+    result plus its wall seconds."""
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
+        spec = dict(spec, kind=kind, out=str(Path(tmp) / "out.json"))
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        cmd = [sys.executable, "-m", "dist_contrast_bench.eval", "--child", str(spec_path)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env.update(ALLOCATORS[allocator], OMP_NUM_THREADS=str(spec["threads"]))
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr)[-4000:]
+            raise RuntimeError(f"bench eval child '{kind}' failed ({proc.returncode}):\n{tail}")
+        result = json.loads(Path(spec["out"]).read_text())
+    result["wall_seconds"] = wall
+    result["allocator"] = allocator
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The runs, summaries and tables
+
+
+def _knn_row(args: argparse.Namespace, data: dict, n: int, allocator: str) -> dict:
+    spec = {
+        "n": n,
+        "queries": args.queries,
+        "bank": data["bank"],
+        "query": data["query"],
+        "shard_size": args.shard_size,
+        "image_size": args.image_size,
+        "dim": args.dim,
+        "seed": args.seed,
+        "threads": args.threads,
+        "knn_chunk": args.knn_chunk,
+        "knn_mem_mb": args.knn_mem_mb,
+    }
+    row = run_child("knn", spec, args.timeout, allocator)
+    ph = row["phases"]
+    row["embed_us_per_sample"] = ph["embed_bank"]["seconds"] / n * 1e6
+    row["us_per_sample"] = row["child_seconds"] / n * 1e6
+    row["peak_minus_features_mb"] = row["peak_rss_mb"] - row["feature_mb"]
+    before, after = ph["embed_bank"]["start_rss_mb"], ph["knn"]["start_rss_mb"]
+    # resident growth the bank's embedding left behind (its features and what else stays)
+    row["bank_held_mb"] = None if before is None or after is None else after - before
+    print(
+        f"  kNN N={n} ({allocator}): peak {row['peak_rss_mb']:.0f} MB, {row['wall_seconds']:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
+
+
+def _flatness(rows: list[dict]) -> dict:
+    small, large = rows[0], rows[-1]
+    raw = large["peak_rss_mb"] / small["peak_rss_mb"]
+    net = large["peak_minus_features_mb"] / small["peak_minus_features_mb"]
+    return {
+        "smallest_N": small["N"],
+        "largest_N": large["N"],
+        "peak_ratio_raw": raw,
+        "peak_ratio_minus_features": net,
+        "raw_flat_within_10pct": raw <= 1.10,
+        "minus_features_flat_within_10pct": net <= 1.10,
+        "peak_growth_mb": large["peak_rss_mb"] - small["peak_rss_mb"],
+        "feature_growth_mb": large["feature_mb"] - small["feature_mb"],
+    }
+
+
+def _knn(args: argparse.Namespace, data: dict) -> dict:
+    rows = [_knn_row(args, data, n, a) for a in args.allocators for n in args.sizes]
+    summary = {a: _flatness([r for r in rows if r["allocator"] == a]) for a in args.allocators}
+    return {"rows": rows, "summary": summary}
+
+
+def _compact(run: dict, phase: str) -> dict:
+    ph = run["phases"][phase]
+    return {
+        "allocator": run["allocator"],
+        "peak_rss_mb": run["peak_rss_mb"],
+        "baseline_rss_mb": run["baseline_rss_mb"],
+        "rise_mb": ph["rise_mb"],
+        "seconds": ph["seconds"],
+        "wall_seconds": run["wall_seconds"],
+    }
+
+
+def _zeroshot(args: argparse.Namespace) -> dict:
+    spec = {
+        "zs_classes": args.zs_classes,
+        "zs_templates": args.zs_templates,
+        "text_width": args.text_width,
+        "batch_size": args.zs_batch_size,
+        "seed": args.seed,
+        "threads": args.threads,
+    }
+    runs = [run_child("zeroshot", spec, args.timeout, a) for a in args.allocators]
+    want = [args.zs_classes, args.text_width]
+    for r in runs:
+        r["ok"] = r["shape"] == want and r["unit_norms"] and r["finite"]
+    result = dict(runs[0])  # the figures of the first allocator; each run's memory in "runs"
+    result["ok"] = all(r["ok"] for r in runs)
+    result["runs"] = [dict(_compact(r, "class_embeddings"), ok=r["ok"]) for r in runs]
+    return result
+
+
+def _retrieval(args: argparse.Namespace) -> dict:
+    spec = {
+        "images": args.retrieval_images,
+        "per_image": args.captions_per_image,
+        "dim": args.dim,
+        "chunk": args.retrieval_chunk,
+        "reference_images": args.reference_images,
+        "noise": args.retrieval_noise,
+        "seed": args.seed,
+        "threads": args.threads,
+    }
+    runs = [run_child("retrieval", spec, args.timeout, a) for a in args.allocators]
+    result = dict(runs[0])
+    result["reference"] = dict(
+        runs[0]["reference"], equal=all(r["reference"]["equal"] for r in runs)
+    )
+    result["runs"] = [
+        dict(_compact(r, "recall_chunked"), recall=r["recall"], equal=r["reference"]["equal"])
+        for r in runs
+    ]
+    for r in result["runs"]:
+        r["rise_over_full_matrix"] = (
+            None if r["rise_mb"] is None else r["rise_mb"] / result["full_matrix_mb"]
+        )
+    return result
+
+
+def _md(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _f(v, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _knn_table(knn: dict) -> str:
+    headers = ["allocator", "bank N", "peak RSS MB", "features MB", "peak - features MB"]
+    headers += ["embed-bank rise MB", "held after embed MB", "kNN rise MB", "kNN chunk"]
+    headers += ["embed s", "embed us/sample", "kNN s", "wall s", "top-1"]
+    rows = []
+    for r in knn["rows"]:
+        ph = r["phases"]
+        rows.append(
+            [
+                r["allocator"],
+                f"{r['N']:,}",
+                _f(r["peak_rss_mb"]),
+                _f(r["feature_mb"]),
+                _f(r["peak_minus_features_mb"]),
+                _f(ph["embed_bank"]["rise_mb"]),
+                _f(r["bank_held_mb"]),
+                _f(ph["knn"]["rise_mb"]),
+                str(r["knn_chunk"]),
+                _f(ph["embed_bank"]["seconds"]),
+                _f(r["embed_us_per_sample"]),
+                _f(ph["knn"]["seconds"]),
+                _f(r["wall_seconds"]),
+                _f(r["top1"], ".3f"),
+            ]
+        )
+    lines = [_md(headers, rows), ""]
+    for a, s in knn["summary"].items():
+
+        def within(ok: bool) -> str:
+            return "within" if ok else "NOT within"
+
+        lines.append(
+            f"{a}: peak RSS {s['largest_N']:,} / {s['smallest_N']:,}: raw "
+            f"x{s['peak_ratio_raw']:.3f} ({within(s['raw_flat_within_10pct'])} 10%), minus the "
+            f"bank's features x{s['peak_ratio_minus_features']:.3f} "
+            f"({within(s['minus_features_flat_within_10pct'])} 10%); peak grew "
+            f"{s['peak_growth_mb']:.1f} MB, features {s['feature_growth_mb']:.1f} MB"
+        )
+    return "\n".join(lines)
+
+
+def _zeroshot_table(zs: dict) -> str:
+    headers = ["allocator", "classes x templates", "prompts", "shape", "max norm error"]
+    headers += ["seconds", "us/prompt", "peak RSS MB", "rise MB", "ok"]
+    rows = [
+        [
+            r["allocator"],
+            f"{zs['classes']} x {zs['templates']}",
+            f"{zs['prompts']:,}",
+            "x".join(map(str, zs["shape"])),
+            f"{zs['max_norm_error']:.1e}",
+            _f(r["seconds"]),
+            _f(r["seconds"] / zs["prompts"] * 1e6),
+            _f(r["peak_rss_mb"]),
+            _f(r["rise_mb"]),
+            "yes" if r["ok"] else "NO",
+        ]
+        for r in zs["runs"]
+    ]
+    return _md(headers, rows)
+
+
+def _retrieval_table(rt: dict) -> str:
+    headers = ["allocator", "images x captions", "chunk", "recall s", "peak RSS MB"]
+    headers += ["recall rise MB", "full matrix MB", "i2t R@1/5/10", "t2i R@1/5/10"]
+    headers += ["reference equal"]
+
+    def r3(d: dict) -> str:
+        return "/".join(f"{d[str(k)]:.3f}" for k in RECALL_KS)
+
+    ref = rt["reference"]
+    rows = [
+        [
+            r["allocator"],
+            f"{rt['images']:,} x {rt['captions']:,}",
+            str(rt["chunk"]),
+            _f(r["seconds"], ".2f"),
+            _f(r["peak_rss_mb"]),
+            _f(r["rise_mb"]),
+            _f(rt["full_matrix_mb"]),
+            r3(r["recall"]["i2t"]),
+            r3(r["recall"]["t2i"]),
+            f"{'yes' if r['equal'] else 'NO'} ({ref['images']:,} x {ref['captions']:,})",
+        ]
+        for r in rt["runs"]
+    ]
+    return _md(headers, rows)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dist-contrast bench eval", description=__doc__.strip().splitlines()[0]
+    )
+    p.add_argument("--parts", default=",".join(PARTS), help="which of knn,zeroshot,retrieval")
+    p.add_argument("--sizes", default="20000,50000,200000", help="kNN bank sizes N")
+    p.add_argument("--queries", type=int, default=10000, help="kNN query samples")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per synthetic shard")
+    p.add_argument("--classes", type=int, default=100, help="classes of the synthetic images")
+    p.add_argument("--image-size", type=int, default=8, help="synthetic images, px a side")
+    p.add_argument("--noise", type=float, default=96, help="pixel noise std of the images")
+    p.add_argument("--dim", type=int, default=64, help="feature dimension (kNN, retrieval)")
+    p.add_argument("--knn-chunk", type=int, default=0, help="kNN query chunk (0: from memory)")
+    p.add_argument("--knn-mem-mb", type=float, default=32, help="kNN similarity block bound")
+    p.add_argument("--zs-classes", type=int, default=1000)
+    p.add_argument("--zs-templates", type=int, default=80, help=f"<= {len(CLIP_TEMPLATES)}")
+    p.add_argument("--zs-batch-size", type=int, default=512, help="prompts per text batch")
+    p.add_argument("--text-width", type=int, default=64, help="width of the text transformer")
+    p.add_argument("--retrieval-images", type=int, default=5000)
+    p.add_argument("--captions-per-image", type=int, default=5)
+    p.add_argument("--retrieval-chunk", type=int, default=1024, help="recall_at query chunk")
+    p.add_argument("--retrieval-noise", type=float, default=0.2, help="caption noise std")
+    p.add_argument("--reference-images", type=int, default=1000, help="naive-check subset")
+    p.add_argument(
+        "--allocators",
+        default=",".join(ALLOCATORS),
+        help=f"run each measurement under these malloc settings: {','.join(ALLOCATORS)}",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=usable_cores(), help="torch threads")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per measured run")
+    p.add_argument(
+        "--data-dir",
+        default=str(Path(tempfile.gettempdir()) / "dist_contrast_bench_eval"),
+        help="cache of the synthetic shards (reused between runs)",
+    )
+    p.add_argument("--out", default=default_out("eval.json"))
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="banks 2,000/5,000, 500 queries, 50 classes x 8 templates, retrieval 200 x 1,000",
+    )
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    raw = list(argv)
+    args = p.parse_args(raw)
+    if args.child:
+        return args
+    if args.quick:
+        given = {a.split("=", 1)[0] for a in raw}
+        for key, value in QUICK.items():  # explicit options win over --quick
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
+    try:
+        args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    except ValueError:
+        p.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+    args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    args.allocators = list(dict.fromkeys(s.strip() for s in args.allocators.split(",") if s))
+    if not args.allocators or set(args.allocators) - set(ALLOCATORS):
+        p.error(f"--allocators: choose from {','.join(ALLOCATORS)}")
+    if not args.parts or set(args.parts) - set(PARTS):
+        p.error(f"--parts: choose from {','.join(PARTS)}")
+    counts = (args.queries, args.shard_size, args.classes, args.image_size, args.dim)
+    counts += (args.zs_classes, args.zs_templates, args.zs_batch_size, args.text_width)
+    counts += (args.retrieval_images, args.captions_per_image, args.retrieval_chunk)
+    counts += (args.reference_images, args.threads)
+    if not args.sizes or min(args.sizes) < 1 or min(counts) < 1:
+        p.error("sizes, counts, dimensions and chunks must be >= 1")
+    if args.zs_templates > len(CLIP_TEMPLATES):
+        p.error(f"--zs-templates: at most {len(CLIP_TEMPLATES)}")
+    if args.text_width % 4:
+        p.error("--text-width must be a multiple of 4 (4 heads)")
+    args.reference_images = min(args.reference_images, args.retrieval_images)
+    args.command = " ".join(["dist-contrast bench eval", *raw])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parse(argv)
+    if args.child:
+        return _child_main(args.child)
+    start = time.perf_counter()
+    machine = {
+        "cpu": cpu_model(),
+        "cores_usable": usable_cores(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    result: dict = {
+        "benchmark": "eval",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": args.command,
+        "machine": machine,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "memory": "peak RSS of a fresh process (getrusage ru_maxrss), MB = 10^6 bytes; "
+        "phase rise = a phase's own peak minus the RSS at its start (peak reset through "
+        "/proc/self/clear_refs)",
+    }
+    header = (
+        f"dist-contrast bench eval, {machine['cpu']}, {args.threads} torch thread(s), "
+        f"torch {torch.__version__}, {result['date']}\n`{args.command}`"
+    )
+    print(header, flush=True)
+    out = []
+    if "knn" in args.parts:
+        result["data"] = data = ensure_data(args)
+        print(
+            f"data: {data['root']} ({data['shards_written']} shard(s) written in "
+            f"{data['write_seconds']:.1f} s)",
+            file=sys.stderr,
+        )
+        result["knn"] = _knn(args, data)
+        title = (
+            f"## Streaming kNN: {args.queries:,} queries vs bank N, {args.image_size}x"
+            f"{args.image_size} PNG shards, D={args.dim}, one process"
+        )
+        out.append(title + "\n\n" + _knn_table(result["knn"]))
+    if "zeroshot" in args.parts:
+        result["zeroshot"] = _zeroshot(args)
+        title = (
+            f"## Zero-shot class embeddings: TextTransformer(width {args.text_width}, 2 layers) "
+            "over ByteTokenizer(32)"
+        )
+        out.append(title + "\n\n" + _zeroshot_table(result["zeroshot"]))
+    if "retrieval" in args.parts:
+        result["retrieval"] = _retrieval(args)
+        out.append(
+            f"## Retrieval: recall_at both ways, D={args.dim}\n\n"
+            + _retrieval_table(result["retrieval"])
+        )
+    result["seconds"] = time.perf_counter() - start
+    print("\n\n".join(out))
+    print(f"\n{result['seconds']:.1f} s in all")
+    print(f"wrote {write_json(args.out, result)}")
+    ok = result.get("zeroshot", {}).get("ok", True)
+    ok = ok and result.get("retrieval", {}).get("reference", {}).get("equal", True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""The evaluation benchmark runs in quick mode (each measured run a fresh process) and writes
+its three sections; the chunked recall equals the naive full-matrix reference. No timed
+assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+def _bench():
+    from dist_contrast_bench import eval as bench
+
+    return bench
+
+
+def test_quick_bench_writes_three_sections(tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "eval.json"
+    argv = ["--quick", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["machine"]["cpu"] and result["date"] and "--quick" in result["command"]
+    assert result["command"].startswith("dist-contrast bench eval")
+
+    knn = result["knn"]
+    assert [r["N"] for r in knn["rows"]] == [2000, 5000]
+    for row in knn["rows"]:
+        assert row["queries"] == 500 and 0.0 <= row["top1"] <= 1.0
+        assert row["feature_mb"] == row["N"] * 64 * 4 / 1e6
+        assert row["peak_rss_mb"] > row["feature_mb"] > 0 and row["wall_seconds"] > 0
+        assert set(row["phases"]) == {"embed_queries", "embed_bank", "knn"}
+    assert {r["allocator"] for r in knn["rows"]} == {"glibc"}
+    assert knn["summary"]["glibc"]["peak_ratio_raw"] > 0
+    assert "minus_features_flat_within_10pct" in knn["summary"]["glibc"]
+
+    zs = result["zeroshot"]
+    assert zs["shape"] == [50, 64] and zs["templates"] == zs["distinct_templates"] == 8
+    assert zs["unit_norms"] and zs["ok"] and zs["max_norm_error"] < 1e-5
+
+    rt = result["retrieval"]
+    assert (rt["images"], rt["captions"]) == (200, 1000)
+    ref = rt["reference"]
+    assert ref["equal"] and ref["chunked"] == ref["naive"]
+    assert set(ref["naive"]) == {"i2t", "t2i"} and set(ref["naive"]["i2t"]) == {"1", "5", "10"}
+    assert rt["full_matrix_mb"] == 4 * 200 * 1000 / 1e6
+
+    printed = capsys.readouterr().out
+    assert "Streaming kNN" in printed and "Zero-shot" in printed and "Retrieval" in printed
+
+
+def test_allocator_setting_reaches_the_measured_process(tmp_path):
+    bench = _bench()
+    out = tmp_path / "eval.json"
+    argv = ["--quick", "--parts", "retrieval", "--allocators", "mmap128k", "--out", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert "knn" not in result and "zeroshot" not in result
+    runs = result["retrieval"]["runs"]
+    assert [r["allocator"] for r in runs] == ["mmap128k"] and runs[0]["equal"]
+    assert bench.ALLOCATORS["mmap128k"] == {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def test_reference_recall_counts_the_first_relevant_rank():
+    bench = _bench()
+    query = torch.eye(3)
+    items = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.4], [0.0, 0.0, 1.0]])
+    # query 0's relevant item (key 5) ranks 2nd, query 1's (key 1) 1st, query 2 has none
+    qk, ik = torch.tensor([5, 1, 9]), torch.tensor([1, 0, 5, 7])
+    assert bench.reference_recall(query, items, qk, ik) == {1: 1 / 3, 5: 2 / 3, 10: 2 / 3}
+    from dist_contrast.eval.image_text import recall_at
+
+    assert recall_at(query, items, qk, ik, (1, 5, 10), chunk=2) == {1: 1 / 3, 5: 2 / 3, 10: 2 / 3}
+
+
+def test_eighty_distinct_templates():
+    templates = _bench().CLIP_TEMPLATES
+    assert len(templates) == len(set(templates)) == 80
+    assert all(t.count("{}") == 1 for t in templates)
+
+
+def test_cli_lists_and_helps_the_eval_bench(capsys):
+    from dist_contrast.cli import _benchmarks, main
+
+    assert "eval" in _benchmarks()
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "eval", "--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "dist-contrast bench eval" in printed and "--quick" in printed
+    assert "--child" not in printed
+
+
+def test_bench_rejects_bad_arguments(tmp_path):
+    bench = _bench()
+    out = str(tmp_path / "x.json")
+    bad = (["--sizes", "a,b"], ["--parts", "nope"], ["--zs-templates", "81"])
+    for argv in (*bad, ["--allocators", "tcmalloc"]):
+        with pytest.raises(SystemExit):
+            bench.main([*argv, "--out", out])
