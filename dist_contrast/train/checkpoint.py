@@ -104,7 +104,9 @@ def save(
     except OSError as exc:
         raise _write_failed(root, tmp_tag, exc) from None
     except RuntimeError as exc:  # how torch.save's C++ writer reports a full disk
-        if not any(m in str(exc) for m in WRITE_FAILED) or distributed.peer_gone(exc):
+        # ... or that the partial folder is gone: a peer whose write failed removed it
+        gone = not (root / tmp_tag).is_dir()
+        if not (gone or any(m in str(exc) for m in WRITE_FAILED)) or distributed.peer_gone(exc):
             raise
         raise _write_failed(root, tmp_tag, exc) from None
     distributed.barrier()

@@ -90,6 +90,10 @@ def test_clip_export_loads_in_transformers_with_equal_features(vit_clip, digits_
     assert (hf_image - image).abs().max() < 1e-5
     assert (hf_text - text).abs().max() < 1e-5
     assert abs(float(model.logit_scale.detach().exp()) - method.logit_scale()) < 1e-4
+    card = (tmp / "hf" / "README.md").read_text()  # every eval.json figure, with baseline
+    for label in ("zero-shot top-1", "image->text R@10", "text->image R@1", "kNN", "linear"):
+        assert label in card, label
+    assert "CLIPModel.from_pretrained" in card
 
 
 def test_transformers_only_script_reproduces_zero_shot(vit_clip):
@@ -216,6 +220,7 @@ def test_init_from_refuses_a_mismatch_in_one_line(tmp_path, digits_dir, digits_t
         f"model.init_from=hf:{tmp_path / 'hf_init'}",
         "model.norm_eps=1e-5",
         f"data.train_shards={digits_dir}/train-*.tar",
+        f"data.val_shards={digits_dir}/val-*.tar",
         f"data.tokenizer_path={digits_tokenizer}",
         f"run.dir={tmp_path}",
         *QUIET,
