@@ -129,26 +129,6 @@ def zeroshot_classes(
     return classes, list(templates or ev.zeroshot_templates)
 
 
-def clip_scores(
-    image_tower: nn.Module,
-    text_tower: nn.Module,
-    tokenizer: Tokenizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    captions: Sequence[str | None],
-    ev: EvalConfig,
-) -> dict:
-    """Zero-shot top-1 (when the samples carry labels) and retrieval recall (when they carry
-    captions) of one model on images held in memory (small sets; see :func:`method_scores`)."""
-    img = embed(image_tower, images, ev.batch_size)
-    txt = None
-    if all(c is not None for c in captions):
-        txt = embed(text_tower, tokenizer(list(captions)), ev.batch_size)
-    named = zeroshot_classes(labels, ev)
-    emb = None if named is None else class_embeddings(text_tower, tokenizer, *named, ev.batch_size)
-    return feature_scores(img, txt, labels, captions, emb)
-
-
 def summary(result: dict) -> str:
     """The image-text figures of an eval result in words (trained vs random init if both)."""
 

@@ -59,10 +59,23 @@ def knn_top1(
     for i in range(0, len(test_feats), chunk):
         sim = test_feats[i : i + chunk] @ train_feats.T
         top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(sim), n_classes)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
+        correct += _correct_votes(
+            top_sim, train_labels[top_idx], test_labels[i : i + chunk], n_classes, temperature
+        )
     return correct / len(test_feats)
+
+
+def _correct_votes(
+    top_sim: torch.Tensor,
+    top_labels: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    temperature: float,
+) -> int:
+    """Queries whose weighted vote (exp(sim / T) per neighbour's class) finds their label."""
+    votes = torch.zeros(len(top_sim), n_classes, dtype=top_sim.dtype)
+    votes.scatter_add_(1, top_labels, (top_sim / temperature).exp())
+    return int((votes.argmax(1) == labels).sum())
 
 
 def linear_probe_top1(
@@ -100,24 +113,6 @@ def linear_probe_top1(
     with torch.no_grad():
         logits = ((test_feats.double() - mean) / std) @ w + b
     return float((logits.argmax(dim=1) == test_labels).double().mean())
-
-
-def scores(cfg: Config, encoder: nn.Module, train_x, train_y, val_x, val_y) -> dict:
-    """kNN (normalised features) and linear-probe (raw features) top-1 of one encoder."""
-    bs, e = cfg.eval.batch_size, cfg.eval
-    train_f, val_f = embed(encoder, train_x, bs, False), embed(encoder, val_x, bs, False)
-    knn = knn_top1(
-        F.normalize(train_f, dim=1),
-        train_y,
-        F.normalize(val_f, dim=1),
-        val_y,
-        e.knn_k,
-        e.knn_temperature,
-    )
-    linear = linear_probe_top1(
-        train_f, train_y, val_f, val_y, e.linear_weight_decay, e.linear_max_iter
-    )
-    return {"knn_top1": knn, "linear_top1": linear}
 
 
 def _global_classes(*labels: torch.Tensor) -> int:
@@ -160,9 +155,9 @@ def knn_top1_sharded(
         sims = _gather_columns(top_sim.to(dev)).cpu()
         labs = _gather_columns(top_lab.to(dev)).cpu()
         best_sim, best = sims.topk(k, dim=1)
-        votes = torch.zeros(len(q), n_classes, dtype=best_sim.dtype)
-        votes.scatter_add_(1, labs.gather(1, best), (best_sim / temperature).exp())
-        correct += int((votes.argmax(1) == query_labels[i : i + chunk]).sum())
+        correct += _correct_votes(
+            best_sim, labs.gather(1, best), query_labels[i : i + chunk], n_classes, temperature
+        )
     return correct / len(queries)
 
 

@@ -45,7 +45,7 @@ from dist_contrast.models import towers
 
 class Preprocess:
     """Images -> the normalised float tensor [N, C, S, S] the image encoder expects, made as
-    evaluation made it (``read_all``):
+    evaluation makes it (:mod:`dist_contrast.eval.stream`):
 
     - a PIL image, or a NumPy array HW / HWC (uint8 0-255, or float in [0, 1], rounded to
       uint8): shorter side resized to S (bilinear), centre crop, converted to the trained

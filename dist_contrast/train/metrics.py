@@ -47,9 +47,8 @@ class MetricsLogger:
                 dynamic_ncols=True,
             )
 
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
+    def _write(self, record: dict[str, Any]) -> None:
+        """One row into metrics.jsonl and, while it lasts, wandb."""
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             try:
@@ -58,6 +57,11 @@ class MetricsLogger:
                 )
             except Exception as exc:  # noqa: BLE001 (any failure of the service)
                 self._lose_wandb(exc)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._write(record)
         if self.bar is not None:
             loss = record["loss"]  # None when every step since the last line was skipped
             self.bar.set_postfix(
@@ -70,14 +74,7 @@ class MetricsLogger:
         and one line under the progress bar."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            try:
-                self.wandb.log(
-                    {k: v for k, v in record.items() if k != "step"}, step=record["step"]
-                )
-            except Exception as exc:  # noqa: BLE001 (any failure of the service)
-                self._lose_wandb(exc)
+        self._write(record)
         shown = ", ".join(
             f"{k[5:]} {100 * v:.1f}%" for k, v in record.items() if k.endswith(TOP_KEYS)
         )
