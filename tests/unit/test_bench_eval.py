@@ -16,6 +16,12 @@ def _bench():
     return bench
 
 
+def _runs():
+    from dist_contrast_bench import eval_runs
+
+    return eval_runs
+
+
 def test_quick_bench_writes_three_sections(tmp_path, capsys):
     bench = _bench()
     out = tmp_path / "eval.json"
@@ -64,12 +70,12 @@ def test_allocator_setting_reaches_the_measured_process(tmp_path):
 
 
 def test_reference_recall_counts_the_first_relevant_rank():
-    bench = _bench()
+    runs = _runs()
     query = torch.eye(3)
     items = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.4], [0.0, 0.0, 1.0]])
     # query 0's relevant item (key 5) ranks 2nd, query 1's (key 1) 1st, query 2 has none
     qk, ik = torch.tensor([5, 1, 9]), torch.tensor([1, 0, 5, 7])
-    assert bench.reference_recall(query, items, qk, ik) == {1: 1 / 3, 5: 2 / 3, 10: 2 / 3}
+    assert runs.reference_recall(query, items, qk, ik) == {1: 1 / 3, 5: 2 / 3, 10: 2 / 3}
     from dist_contrast.eval.image_text import recall_at
 
     assert recall_at(query, items, qk, ik, (1, 5, 10), chunk=2) == {1: 1 / 3, 5: 2 / 3, 10: 2 / 3}
