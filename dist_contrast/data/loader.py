@@ -5,7 +5,9 @@ the worker processes' lives.
 workers that still have data), whatever order they arrive in, and keeps its position: per worker,
 the batches delivered and the raw samples they used. Restored from a checkpoint, each worker
 re-reads its raw samples up to that position without decoding them, and the run receives exactly
-the batches it would have received without the interruption. The workers hold the stop signals
+the batches it would have received without the interruption. Restored from the positions of
+another number of ranks or workers (:meth:`TrainLoader.load_elastic`), it reads its share of
+the rest of the epoch (:mod:`dist_contrast.data.position`). The workers hold the stop signals
 blocked, die with the training process, and are ended by :meth:`TrainLoader.close`.
 """
 
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from dist_contrast.config import AugmentConfig, DataConfig
 from dist_contrast.data.pipeline import ReaderStream
+from dist_contrast.data.position import elastic_plans, layout
 from dist_contrast.data.sources import build_sources, check_readers
 from dist_contrast.data.tario import FAULT_REASONS
 from dist_contrast.errors import DataError
@@ -47,7 +50,11 @@ def die_with_parent(worker_id: int = 0) -> None:
 
 class TrainLoader:
     """This rank's endless stream of training batches, in a fixed order, with a position that
-    :meth:`state_dict` saves and :meth:`load_state_dict` restores."""
+    :meth:`state_dict` saves and :meth:`load_state_dict` restores (:meth:`load_elastic` from
+    the positions of another number of ranks or workers).
+
+    ``dropped`` keeps, per epoch, the keys of the samples of the partial batches the workers
+    dropped at its end (a few per worker and epoch), so that checks can count every sample."""
 
     def __init__(self, stream: ReaderStream, num_workers: int) -> None:
         self.stream, self.num_workers = stream, num_workers
@@ -58,6 +65,9 @@ class TrainLoader:
         self._it: Iterator[dict[str, Any]] | None = None
         self._pending: dict[tuple[int, int, int], dict] = {}  # (epoch, worker, batch) -> batch
         self._ended: dict[tuple[int, int], dict] = {}  # (epoch, worker) -> end marker
+        self.plans: dict[int, dict] = {}  # epoch -> this rank's share (elastic resume)
+        self.dropped: dict[int, list[str]] = {}
+        self._layout: dict | None = None
 
     def _reset_epoch(self) -> None:
         self.pos = {
@@ -84,7 +94,15 @@ class TrainLoader:
             "closed_faults": self.closed_faults,
             "rank": self.stream.rank,
             "world": self.stream.world,
+            "plans": self.plans,
+            "layout": self.layout(),
         }
+
+    def layout(self) -> dict:
+        """The settings a saved position depends on (shards, weights, seed, shuffling)."""
+        if self._layout is None:
+            self._layout = layout(self.stream)
+        return self._layout
 
     def load_state_dict(self, state: dict) -> None:
         if (state["workers"], state["world"]) != (self.workers, self.stream.world):
@@ -96,7 +114,42 @@ class TrainLoader:
         self.pos = {int(k): v for k, v in state["pos"].items()}
         self.done = set(state["done"])
         self.closed_faults = dict(state["closed_faults"])
+        self.plans = {int(k): v for k, v in (state.get("plans") or {}).items()}
         self._it, self._pending, self._ended = None, {}, {}  # workers restart from here
+
+    def load_elastic(self, states: list[dict]) -> dict:
+        """Restore this rank's share of the rest of the saved epoch from ``states``, the
+        :meth:`state_dict` of every rank of the saved run in rank order, whatever its number
+        of ranks and workers: no sample of the epoch is read twice, none is left out.
+
+        Returns the same summary on every rank: ``epoch`` (the oldest epoch a saved rank was
+        in), ``left`` (samples of it not consumed yet, over all ranks), ``epochs`` (epoch ->
+        samples left, with the later epochs ranks had moved on to), ``was_world``,
+        ``was_workers``, ``world``, ``workers``. A :class:`DataError` where the positions
+        cannot be placed (other shards or settings, a rank missing)."""
+        world, workers = (states[0]["world"], states[0]["workers"]) if states else (0, 0)
+        if any((s["world"], s["workers"]) != (world, workers) for s in states):
+            raise DataError("the checkpoint's data positions disagree on the number of workers")
+        plans, left = elastic_plans(self.stream, states)
+        self.epoch, self.next_worker, self.plans = min(left), 0, plans
+        self._reset_epoch()
+        # the old ranks' skipped-data counts, each on one new rank: the totals are kept
+        self.closed_faults = dict.fromkeys(FAULT_REASONS, 0)
+        for s in states[self.stream.rank :: self.stream.world]:
+            counts = [s["closed_faults"], *(p["faults"] for p in s["pos"].values())]
+            for c in counts:
+                for k, v in c.items():
+                    self.closed_faults[k] = self.closed_faults.get(k, 0) + v
+        self._it, self._pending, self._ended = None, {}, {}
+        return {
+            "epoch": self.epoch,
+            "left": left[self.epoch],
+            "epochs": left,
+            "was_world": world,
+            "was_workers": workers,
+            "world": self.stream.world,
+            "workers": self.workers,
+        }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
@@ -109,7 +162,7 @@ class TrainLoader:
         for batch in self._epoch():
             produced = True
             yield batch
-        if not produced:
+        if not produced and self.epoch not in self.plans:  # an elastic rest may run out
             raise DataError(
                 f"rank {self.stream.rank} got no full batch of "
                 f"{self.stream.batch_size} samples from its shards in an epoch"
@@ -119,6 +172,7 @@ class TrainLoader:
                 self.closed_faults[k] = self.closed_faults.get(k, 0) + v
         self.epoch += 1
         self.next_worker = 0
+        self.plans = {e: p for e, p in self.plans.items() if e >= self.epoch}
         self._reset_epoch()
 
     def close(self, grace_s: float = 10.0) -> None:
@@ -156,6 +210,7 @@ class TrainLoader:
         if self._it is None:
             self.stream.epoch = self.epoch
             self.stream.resume = {w: p for w, p in self.pos.items() if p["raw"]}
+            self.stream.plans = self.plans
             d = self.stream.data
             extra = (
                 {"prefetch_factor": d.prefetch_factor, "worker_init_fn": die_with_parent}
@@ -191,6 +246,7 @@ class TrainLoader:
                 yield {k: v for k, v in item.items() if not k.startswith("_")}
             else:
                 final = self._ended.pop((e, w))
+                self.dropped.setdefault(e, []).extend(final.get("_tail", ()))
                 self.pos[w].update(raw=final["_raw"], faults=final["_faults"])
                 self.done.add(w)
                 w = (w + 1) % self.workers

@@ -6,7 +6,10 @@ weight, shuffles raw samples in a buffer, skips and counts bad data, crops two v
 (seed, epoch, rank, worker) and, for a sample's crops, its position in the reader's stream.
 
 Each batch is tagged with its worker, index and raw position, so that the loader
-(:mod:`dist_contrast.data.loader`) can deliver them in a fixed order and resume exactly.
+(:mod:`dist_contrast.data.loader`) can deliver them in a fixed order and resume exactly. In an
+epoch with a *plan* (the rest of an epoch after an elastic resume, see
+:mod:`dist_contrast.data.position`), a reader reads the shards dealt to it instead, skipping
+the samples consumed before; its generators are salted by the plan.
 """
 
 from __future__ import annotations
@@ -53,15 +56,21 @@ def _read(
     source: tuple[str, ...] | None = None,
     limit: int = 0,
     what: str = "",
+    skip: dict[str, set[int]] | None = None,
 ) -> Iterator[dict]:
-    """The samples of ``urls`` in turn. With ``source`` (every shard of the source ``urls``
+    """The samples of ``urls`` in turn, each with its ``__index__`` in its shard, those of
+    ``skip`` (shard -> indices) left out. With ``source`` (every shard of the source ``urls``
     come from): after ``limit`` shards in a row that could not be opened (this reader's whole
     share of a pass), and if no shard of ``source`` opens either, a :class:`DataError`
     instead of skipping for ever. A few bad shards among good ones stay skipped and counted."""
     failed = 0
     for url in urls:
         before = faults.seen.get("unreadable_shard", 0)
-        yield from tar_samples(url, faults)
+        drop = skip.get(url, ()) if skip else ()
+        for i, sample in enumerate(tar_samples(url, faults)):
+            if i not in drop:
+                sample["__index__"] = i
+                yield sample
         failed = failed + 1 if faults.seen.get("unreadable_shard", 0) > before else 0
         if source is not None and failed >= max(1, limit):
             if not any(shard_opens(u) for u in source):
@@ -91,6 +100,7 @@ class ReaderStream(IterableDataset):
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch = 0
         self.resume: dict[int, dict] = {}  # worker -> {"batch", "raw", "faults"}
+        self.plans: dict[int, dict] = {}  # epoch -> this rank's share of it (elastic resume)
         self._tokenizer: Tokenizer | None = None  # built where it is used (in the worker)
 
     @property
@@ -108,24 +118,37 @@ class ReaderStream(IterableDataset):
             self.rank, self.world, info.id if info else 0, info.num_workers if info else 1
         )
 
-    def raw_samples(self, reader: Reader, epoch: int, faults: Faults) -> Iterator[dict]:
+    def raw_samples(
+        self, reader: Reader, epoch: int, faults: Faults, plan: dict | None = None
+    ) -> Iterator[dict]:
+        """The reader's raw samples of ``epoch``, mixed and shuffled; with ``plan``, its
+        rank's share of the rest of an epoch (elastic resume) instead of the epoch's shards."""
         d, seed = self.data, self.seed
+        salt = () if plan is None else (plan["salt"],)
         streams = []
         for i, src in enumerate(self.sources):
             what = f"data.train_shards[{i}]" if len(self.sources) > 1 else "data.train_shards"
+            skip = None
             if d.resampled:  # drawn with replacement: as many failures as the source has shards
-                urls: Iterator[str] | list[str] = src.resampled_shards(reader, seed, epoch, i)
+                urls: Iterator[str] | list[str] = src.resampled_shards(
+                    reader, seed, epoch, i, *salt
+                )
                 limit = len(src.urls)
+            elif plan is not None:  # the shards dealt to this reader, less what was consumed
+                pieces = plan["pieces"][i][reader.worker :: reader.workers]
+                urls, skip = [u for u, _ in pieces], {u: set(s) for u, s in pieces}
+                limit = len(urls)
             else:  # this reader's share of the epoch, every one of them unreadable
                 urls = src.epoch_shards(reader, seed, epoch, i)
                 limit = len(urls)
-            streams.append(_read(urls, faults, src.urls, limit, what))
-        rng = random.Random(mix_seed(seed, epoch, reader.rank, reader.worker, 1))
+            streams.append(_read(urls, faults, src.urls, limit, what, skip))
+        rng = random.Random(mix_seed(seed, epoch, reader.rank, reader.worker, 1, *salt))
         samples = mix(streams, [s.weight for s in self.sources], rng)
         if d.shuffle_buffer > 1:
             samples = shuffle_buffer(samples, d.shuffle_buffer, rng)
         if d.resampled:  # an epoch is epoch_samples in all, shared by the readers
-            samples = _take(samples, -(-d.epoch_samples // reader.count))
+            take = -(-d.epoch_samples // reader.count) if plan is None else plan["take"]
+            samples = _take(samples, take)
         return samples
 
     def views(self, dec: Decoded, reader: Reader, epoch: int, pos: int) -> dict[str, Any]:
@@ -175,7 +198,7 @@ class ReaderStream(IterableDataset):
 
     def _batches(self, reader, epoch, faults, skip, batch_no, tag) -> Iterator[dict[str, Any]]:
         pos, items = 0, []
-        for sample in self.raw_samples(reader, epoch, faults):
+        for sample in self.raw_samples(reader, epoch, faults, self.plans.get(epoch)):
             pos += 1
             if pos <= skip:
                 continue
@@ -186,7 +209,7 @@ class ReaderStream(IterableDataset):
             if dec is None:
                 continue
             try:
-                items.append(self.views(dec, reader, epoch, pos))
+                items.append({**self.views(dec, reader, epoch, pos), "key": sample["__key__"]})
             except Exception as exc:  # pixels that fail to decode past the header
                 faults.add(getattr(exc, "reason", "corrupt_image"), f"{sample['__key__']}: {exc}")
                 continue
@@ -199,7 +222,8 @@ class ReaderStream(IterableDataset):
                     **collate(items),
                 }
                 batch_no, items = batch_no + 1, []
-        yield {**tag, "_end": True, "_raw": pos, "_faults": dict(faults.counts)}
+        tail = [it["key"] for it in items]  # the partial batch, dropped
+        yield {**tag, "_end": True, "_raw": pos, "_faults": dict(faults.counts), "_tail": tail}
 
 
 def _take(items: Iterator[dict], n: int) -> Iterator[dict]:

@@ -3,7 +3,8 @@
 Not resampled: each epoch the shard list of a source is shuffled with (seed, epoch), the same on
 every rank, then split by rank and by worker, so every sample is read once per epoch. Resampled:
 each reader draws shards with replacement from the whole list with its own (seed, epoch, rank,
-worker) generator; an epoch is then a number of samples, not a pass over the data.
+worker) generator; an epoch is then a number of samples, not a pass over the data. After an
+elastic resume, the rest of an epoch is dealt to the readers by :mod:`.position` instead.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ class Source:
         return shards[reader.rank :: reader.world][reader.worker :: reader.workers]
 
     def resampled_shards(
-        self, reader: Reader, seed: int, epoch: int, source_id: int
+        self, reader: Reader, seed: int, epoch: int, source_id: int, *salt: int
     ) -> Iterator[str]:
-        rng = random.Random(mix_seed(seed, epoch, reader.rank, reader.worker, source_id, 17))
+        """Shards drawn with replacement; ``salt`` (an elastic resume's plan) draws anew."""
+        parts = (seed, epoch, reader.rank, reader.worker, source_id, 17, *salt)
+        rng = random.Random(mix_seed(*parts))
         while True:
             yield rng.choice(self.urls)
 
