@@ -103,6 +103,37 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def load_extra_state(self, state: dict) -> None:
         """Restore what :meth:`extra_state` returned."""
 
+    def load_extra_state_elastic(self, states: list[dict]) -> list[str]:
+        """Restore from what :meth:`extra_state` returned on every rank of a run with any
+        number of ranks (``states`` in old-rank order): this rank takes its share of the
+        rank-local state (queue shards, bank rows). Returns what was re-sharded, in short
+        phrases for the resume line ([] where nothing moved: the same ranks restore exactly as
+        :meth:`load_extra_state`). Here: state that every rank holds alike, checked to agree,
+        then loaded from old rank 0."""
+        _check_states(states)
+        for i, state in enumerate(states):
+            if state.keys() != states[0].keys():
+                raise ValueError(f"extra state of rank {i} has other fields than rank 0's")
+        for key in states[0]:
+            agreed(states, key)
+        self.load_extra_state(states[0])
+        return []
+
+
+def _check_states(states: list[dict]) -> None:
+    if not states:
+        raise ValueError("no extra states to load (one per rank of the saved run)")
+
+
+def agreed(states: list[dict], key: str):
+    """``states[r][key]``, the same on every old rank (a value every rank keeps alike, such as
+    the step); a clear error if the ranks disagree."""
+    _check_states(states)
+    values = [state[key] for state in states]
+    if any(value != values[0] for value in values[1:]):
+        raise ValueError(f"extra state {key!r} differs between the saved ranks: {values}")
+    return values[0]
+
 
 class Pending:
     """Tensors recorded by the loss calls of the current step, consumed after the step.

@@ -35,12 +35,12 @@ from torch import nn
 from dist_contrast.config import Config, LossConfig
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.losses import clip_loss, siglip_loss
-from dist_contrast.methods.base import LossOutput, Method, Pending, calls_per_step
+from dist_contrast.methods.base import LossOutput, Method, Pending, agreed, calls_per_step
 from dist_contrast.methods.momentum import ema_update, make_target, scheduled_momentum
 from dist_contrast.models import towers
 from dist_contrast.models.towers import Tower
 from dist_contrast.negatives import ShardedQueue
-from dist_contrast.negatives.queue import queue_clip_loss
+from dist_contrast.negatives.queue import queue_clip_loss, reshard_phrase
 
 
 class Objective(nn.Module):
@@ -81,14 +81,27 @@ class Objective(nn.Module):
 
 
 class MomentumQueues(nn.Module):
-    """Momentum copies of both towers and the image and text queues (ALBEF)."""
+    """Momentum copies of both towers and the image and text queues (ALBEF); the queues are
+    sharded over the running process group unless ``world`` and ``rank`` are given."""
 
-    def __init__(self, image: Tower, text: Tower, queue_size: int, seed: int, tile, calls):
+    def __init__(
+        self,
+        image: Tower,
+        text: Tower,
+        queue_size: int,
+        seed: int,
+        tile,
+        calls,
+        *,
+        world: int | None = None,
+        rank: int | None = None,
+    ):
         super().__init__()
         dim = image.proj.out_features
         self.image, self.text = make_target(image), make_target(text)
-        self.image_queue = ShardedQueue(dim, queue_size, seed=seed, tile=tile)
-        self.text_queue = ShardedQueue(dim, queue_size, seed=seed + 1, tile=tile)
+        layout = {"seed": seed, "tile": tile, "world": world, "rank": rank}
+        self.image_queue = ShardedQueue(dim, queue_size, **layout)
+        self.text_queue = ShardedQueue(dim, queue_size, **{**layout, "seed": seed + 1})
         self.pending = Pending(calls)
 
 
@@ -214,6 +227,17 @@ class CLIP(Method):
         if self.queues is not None:
             self.queues.image_queue.load_shard_state_dict(state["image_queue"])
             self.queues.text_queue.load_shard_state_dict(state["text_queue"])
+
+    def load_extra_state_elastic(self, states: list[dict]) -> list[str]:
+        self.step = int(agreed(states, "step"))
+        if self.queues is None:
+            return []
+        q = self.queues
+        old = q.image_queue.load_resharded([state["image_queue"] for state in states])
+        q.text_queue.load_resharded([state["text_queue"] for state in states])
+        return (
+            [] if old is None else [reshard_phrase("image/text queues", old, q.image_queue.size, 2)]
+        )
 
 
 def build(cfg: Config) -> CLIP:

@@ -104,6 +104,10 @@ class InstDisc(Method):
     def load_extra_state(self, state: dict) -> None:
         self.bank.load_shard_state_dict(state["bank"])
 
+    def load_extra_state_elastic(self, states: list[dict]) -> list[str]:
+        moved = self.bank.load_rerouted([state["bank"] for state in states])
+        return [f"bank {self.bank.n_data:,} rows re-routed"] if moved else []
+
 
 def build(cfg: Config) -> InstDisc:
     if cfg.method.bank_size < 1:

@@ -34,6 +34,7 @@ from dist_contrast.methods.base import LossOutput, Pending, calls_per_step
 from dist_contrast.methods.momentum import MomentumMethod, momentum_kwargs, online_networks
 from dist_contrast.models import build_predictor
 from dist_contrast.negatives import ShardedQueue
+from dist_contrast.negatives.queue import reshard_phrase
 
 
 class MoCoV2(MomentumMethod):
@@ -106,6 +107,11 @@ class MoCoV2(MomentumMethod):
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         self.queue.load_shard_state_dict(state["queue"])
+
+    def load_extra_state_elastic(self, states: list[dict]) -> list[str]:
+        said = super().load_extra_state_elastic(states)
+        old = self.queue.load_resharded([state["queue"] for state in states])
+        return said if old is None else [*said, reshard_phrase("queue", old, self.queue.size)]
 
 
 class MoCoV3(MomentumMethod):

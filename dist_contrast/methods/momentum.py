@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dist_contrast.config import Config
-from dist_contrast.methods.base import Method
+from dist_contrast.methods.base import Method, agreed
 from dist_contrast.models import build_encoder, build_head
 
 
@@ -131,6 +131,10 @@ class MomentumMethod(Method):
 
     def load_extra_state(self, state: dict) -> None:
         self.step = int(state["step"])
+
+    def load_extra_state_elastic(self, states: list[dict]) -> list[str]:
+        self.step = int(agreed(states, "step"))
+        return []
 
 
 def momentum_kwargs(cfg: Config) -> dict:

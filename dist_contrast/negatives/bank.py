@@ -29,6 +29,7 @@ from dist_contrast.losses.nce import MODES, nce_terms
 from dist_contrast.losses.reduce import global_mean
 from dist_contrast.negatives.rows import (
     check_int,
+    check_saved_world,
     check_shard_state,
     move_buffers,
     unit_rows,
@@ -150,6 +151,27 @@ def bank_loss(
         return global_mean(per_sample.sum(), f_all.shape[0], True)
 
 
+def _check_old_bank(states: list[dict], n_data: int, dim: int) -> tuple[int, float]:
+    """``(W, z)`` of the bank that saved ``states``, once they are consistent with a bank of
+    ``n_data`` rows of ``dim`` and agree on z."""
+    world = check_saved_world(states, "memory bank")
+    for r, state in enumerate(states):
+        if state.get("n_data") != n_data:
+            raise ValueError(
+                f"memory bank shard state {r} has n_data {state.get('n_data')}, this bank {n_data}"
+            )
+        want = (len(range(r, n_data, world)), dim)
+        if tuple(state["rows"].shape) != want:
+            raise ValueError(
+                f"memory bank shard state {r} has rows {tuple(state['rows'].shape)}, "
+                f"expected {want}"
+            )
+    zs = sorted({float(state["z"]) for state in states})
+    if len(zs) > 1:
+        raise ValueError(f"memory bank shard states disagree on z: {zs}")
+    return world, zs[0]
+
+
 def _last_occurrence(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct slots and, for each, the position of its last occurrence."""
     unique, inverse = torch.unique(slots, return_inverse=True)
@@ -175,6 +197,8 @@ class MemoryBank(nn.Module):
       ``v <- normalize(m v + (1 - m) f)``, routed to the owners) are collectives;
       :meth:`sample_negatives` draws uniformly, with replacement, from this rank's shard.
     - :meth:`loss`: fetch the positives, sample ``k`` negatives per rank, :func:`bank_loss`.
+    - Checkpoints: :meth:`shard_state_dict` per rank; :meth:`load_shard_state_dict` on the same
+      ranks, :meth:`load_rerouted` on another number of ranks.
 
     A training step: ``loss = bank.loss(f, idx, k)``; backward; ``bank.update(idx, f)``.
     """
@@ -206,8 +230,13 @@ class MemoryBank(nn.Module):
         owned = torch.arange(self.rank, n_data, self.world)
         self.register_buffer("rows", unit_rows(owned, dim, seed, dtype), persistent=False)
         self.register_buffer("z", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.generator = torch.Generator().manual_seed(
-            (seed * 1_000_003 + 7_919 * (self.rank + 1)) % 2**63
+        self.seed = seed
+        self.generator = self.fresh_generator()
+
+    def fresh_generator(self) -> torch.Generator:
+        """This rank's sampling generator at the start of a run: seeded with (seed, rank)."""
+        return torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + 7_919 * (self.rank + 1)) % 2**63
         )
 
     def _apply(self, fn, recurse: bool = True):
@@ -336,3 +365,31 @@ class MemoryBank(nn.Module):
         self.rows.copy_(rows.to(self.rows.dtype))
         self.z.fill_(float(state["z"]))
         self.generator.set_state(state["generator"])
+
+    @torch.no_grad()
+    def load_rerouted(self, states: list[dict]) -> bool:
+        """Take this rank's rows of a bank saved by any number of ranks: ``states`` are every
+        old rank's :meth:`shard_state_dict`, in rank order (each new rank reads them all: the
+        whole bank in CPU memory, n_data x dim).
+
+        Row ``i`` (old rank ``i % W`` slot ``i // W``) moves to rank ``i % W'`` slot
+        ``i // W'``; ``z`` is the same on every old rank (checked); the sampling generator is
+        the old one of this rank where it existed, else a fresh one (seed, rank). The same
+        ranks restore exactly (:meth:`load_shard_state_dict`) and return False; else True."""
+        old_world, z = _check_old_bank(states, self.n_data, self.dim)
+        if old_world == self.world:
+            self.load_shard_state_dict(states[self.rank])
+            return False
+        index = torch.arange(self.rank, self.n_data, self.world)
+        old_rank, old_slot = index % old_world, index // old_world
+        rows = torch.empty(self.shard_size, self.dim, dtype=self.rows.dtype)
+        for r, state in enumerate(states):
+            mine = old_rank == r
+            rows[mine] = state["rows"][old_slot[mine]].to(rows.dtype)
+        self.rows.copy_(rows)
+        self.z.fill_(z)
+        if self.rank < old_world:
+            self.generator.set_state(states[self.rank]["generator"])
+        else:
+            self.generator = self.fresh_generator()
+        return True

@@ -20,11 +20,51 @@ from dist_contrast.losses.kernels.tiled import tiled_logsumexp
 from dist_contrast.losses.reduce import global_mean
 from dist_contrast.negatives.rows import (
     check_int,
+    check_saved_world,
     check_shard_state,
     move_buffers,
     unit_rows,
     world_rank,
 )
+
+
+def nearest_queue_size(size: int, world: int) -> int:
+    """The multiple of ``world`` nearest to ``size`` (the lower one on a tie, at least
+    ``world``): a queue size that ``world`` ranks can share."""
+    lower = size - size % world
+    if lower == 0:
+        return world
+    return lower if size - lower <= lower + world - size else lower + world
+
+
+def reshard_phrase(name: str, old: int, new: int, copies: int = 1) -> str:
+    """What a resume says of queues re-sharded from ``old`` to ``new`` keys each:
+    ``"queue 65,536 keys re-sharded"``, ``"image/text queues 2 x 4,096 keys re-sharded"``,
+    ``"queue 4,096 keys re-sharded into 4,095 (newest kept)"``."""
+    times = f"{copies} x " if copies > 1 else ""
+    phrase = f"{name} {times}{old:,} keys re-sharded"
+    if new < old:
+        return f"{phrase} into {times}{new:,} (newest kept)"
+    if new > old:
+        return f"{phrase} into {times}{new:,} ({new - old:,} fresh as the oldest)"
+    return phrase
+
+
+def _check_old_queue(states: list[dict], dim: int) -> tuple[int, int]:
+    """``(W, K_shard)`` of the queue that saved ``states``, once they are consistent."""
+    world = check_saved_world(states, "queue")
+    size = states[0].get("size")
+    for state in states:
+        shard = (state.get("size"), *state["keys"].shape)
+        if shard != (size, size // world, dim) or size % world:
+            raise ValueError(
+                f"queue shard state {state['rank']} holds keys {tuple(state['keys'].shape)} of "
+                f"a queue of {state.get('size')}; expected [{size} / {world}, {dim}] (dimension "
+                f"{dim}) on every rank"
+            )
+        if not 0 <= int(state["ptr"]) < size // world:
+            raise ValueError(f"queue shard state {state['rank']} has pointer {state['ptr']}")
+    return world, size // world
 
 
 def queue_info_nce(
@@ -124,6 +164,8 @@ class ShardedQueue(nn.Module):
     - :meth:`enqueue`: this rank's keys only, detached, normalised, written in order at a ring
       pointer that wraps around (the batch need not divide K_shard; a batch larger than
       K_shard leaves its last K_shard keys). Deterministic.
+    - Checkpoints: :meth:`shard_state_dict` per rank; :meth:`load_shard_state_dict` on the same
+      ranks, :meth:`load_resharded` on another number of ranks (or another size).
     - :meth:`info_nce`: every query against all K_total keys (a collective), see
       :func:`queue_info_nce`. MoCo scores against the queue first and enqueues after.
     """
@@ -146,7 +188,7 @@ class ShardedQueue(nn.Module):
         if size % self.world:
             raise ValueError(
                 f"queue size {size} must be a multiple of the number of ranks {self.world} "
-                f"(each holds size / ranks keys); e.g. {size - size % self.world or self.world}"
+                f"(each holds size / ranks keys); e.g. {nearest_queue_size(size, self.world)}"
             )
         if tile is not None:
             check_int(tile, "tile", 1)
@@ -229,3 +271,37 @@ class ShardedQueue(nn.Module):
             raise ValueError(f"queue shard state has pointer {ptr}, outside 0..{self.shard_size}")
         self.keys.copy_(keys.to(self.keys.dtype))
         self._ptr = ptr
+
+    @torch.no_grad()
+    def load_resharded(self, states: list[dict]) -> int | None:
+        """Take this rank's share of a queue saved by any number of ranks: ``states`` are every
+        old rank's :meth:`shard_state_dict`, in rank order (each new rank reads them all: the
+        whole old queue in CPU memory, K_total x dim).
+
+        The old queue in its global order by age, oldest first, is row ``j = a * W + r`` for
+        age ``a = (slot - ptr_r) mod K_shard`` on old rank ``r``. Row ``j`` goes to new rank
+        ``j % W'`` at slot ``j // W'``, pointer 0 (the next key overwrites the oldest), so the
+        new shards in the same order are the old queue, row for row, and back and forth is the
+        identity. A queue of another size keeps the newest rows that fit; where it has more, its
+        oldest rows are those a fresh queue has there. The same ranks and size restore exactly
+        (:meth:`load_shard_state_dict`) and return None; otherwise the old K_total."""
+        old_world, old_shard = _check_old_queue(states, self.dim)
+        old_size = old_world * old_shard
+        if old_world == self.world and old_size == self.size:
+            self.load_shard_state_dict(states[self.rank])
+            return None
+        slots = torch.arange(self.shard_size)
+        rows = slots * self.world + self.rank + old_size - self.size  # in the old global order
+        kept = rows >= 0
+        old_rank, age = rows[kept] % old_world, rows[kept] // old_world
+        ptrs = torch.tensor([int(state["ptr"]) for state in states])
+        old_slot = (age + ptrs[old_rank]) % old_shard
+        fresh = self.rank * self.shard_size + slots[~kept]  # the rows of a fresh queue
+        new = torch.empty(self.shard_size, self.dim, dtype=self.keys.dtype)
+        new[~kept] = unit_rows(fresh, self.dim, self.seed, new.dtype)
+        for r, state in enumerate(states):
+            mine = old_rank == r
+            new[slots[kept][mine]] = state["keys"][old_slot[mine]].to(new.dtype)
+        self.keys.copy_(new)
+        self._ptr = 0
+        return old_size

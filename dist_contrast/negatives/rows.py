@@ -1,6 +1,6 @@
 """What the sharded buffers (ShardedQueue, MemoryBank) share: argument and layout checks,
-initial rows that do not depend on how many ranks share them, dtype-keeping moves, checks of a
-rank's saved state."""
+initial rows that do not depend on how many ranks share them, dtype-keeping moves, checks of
+the states ranks saved."""
 
 from __future__ import annotations
 
@@ -70,3 +70,18 @@ def check_shard_state(
             f"{what} shard state has {rows} {tuple(stored.shape)}, expected {tuple(current.shape)}"
         )
     return stored
+
+
+def check_saved_world(states: list[dict], what: str) -> int:
+    """The number of ranks that saved ``states`` (every old rank's ``shard_state_dict``, in rank
+    order), once each names that number and its own place; a clear error otherwise."""
+    if not states:
+        raise ValueError(f"no {what} shard states to load")
+    for i, state in enumerate(states):
+        got = (state.get("world"), state.get("rank"))
+        if got != (len(states), i):
+            raise ValueError(
+                f"{what} shard state {i} is rank {got[1]} of {got[0]}, not rank {i} of "
+                f"{len(states)}: pass the states saved by {got[0]} rank(s), in rank order"
+            )
+    return len(states)
