@@ -6,10 +6,19 @@ A save is never written in place: every rank writes its part (DeepSpeed's files 
 ``step_XXXXXXXX/``, then moves ``latest`` (temp file + rename), then prunes. A process killed
 anywhere in that sequence leaves the previous checkpoint complete and ``latest`` pointing at it;
 a half-written ``.tmp_*`` directory is never read, and the next save removes it.
+
+A checkpoint resumes on another number of ranks through DeepSpeed's universal checkpoint: the
+ZeRO partitions of ``step_XXXXXXXX/`` are consolidated once (per parameter: fp32 weights, Adam's
+moments and step) into the sibling ``step_XXXXXXXX_universal/``, written the same way (temporary
+directory, then a rename) and reused by later resumes; each rank then takes its new partition of
+it. The step directory itself is never changed.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import random
 import re
@@ -25,7 +34,9 @@ from dist_contrast.errors import CheckpointError
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
 TMP_PREFIX = ".tmp_"
-ZERO_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+# ZeRO 1-3 partitions; ``bf16_`` ones are DeepSpeed's BF16 optimizer (ZeRO-1 with bf16)
+ZERO_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_")
+UNIVERSAL_SUFFIX = "_universal"
 # torch.save's RuntimeErrors on a failed write (seen on a full tmpfs: "basic_ios::clear:
 # iostream error", then "unexpected pos N vs M" from the zip writer)
 WRITE_FAILED = ("iostream error", "unexpected pos", "file write failed", "No space left")
@@ -64,6 +75,9 @@ def _prune(root: Path, keep: int) -> None:
     old = [p for p in step_dirs(root) if p != latest]
     for path in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(f"step_*{UNIVERSAL_SUFFIX}"):  # conversions of pruned checkpoints
+        if not (root / path.name.removesuffix(UNIVERSAL_SUFFIX)).is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def rank_file(step_dir: Path, rank: int) -> Path:
@@ -164,22 +178,74 @@ def load_rank_state(step_dir: Path, rank: int) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _zero_ranks(step_dir: Path) -> list[int]:
+    """The ranks whose ZeRO partitions ``step_dir`` holds (``zero_pp_rank_R_*`` files)."""
+    return sorted({int(m.group(1)) for p in step_dir.iterdir() if (m := ZERO_FILE.match(p.name))})
+
+
 def zero_world(step_dir: Path) -> int | None:
-    """The ranks whose ZeRO partitions ``step_dir`` holds (``zero_pp_rank_R_*`` files); None
-    for a checkpoint without partitions (ZeRO stage 0)."""
-    ranks = {m.group(1) for p in step_dir.iterdir() if (m := ZERO_FILE.match(p.name))}
-    return len(ranks) or None
+    """The number of ranks whose ZeRO partitions ``step_dir`` holds; None for a checkpoint
+    without partitions (ZeRO stage 0)."""
+    return len(_zero_ranks(step_dir)) or None
 
 
 def check_world(step_dir: Path, world: int) -> None:
-    """Refuse, before any rank starts, to resume partitions written by another number of ranks
-    (DeepSpeed would fail after the ranks start, in 60 lines around ZeRORuntimeException)."""
-    saved = zero_world(step_dir)
-    if saved is not None and saved != world:
+    """Refuse, before any rank starts, what cannot resume on ``world`` ranks: partitions of
+    some ranks missing, or a checkpoint written by another number of ranks that cannot be
+    converted (no universal conversion beside it, and its folder is not writable)."""
+    ranks = _zero_ranks(step_dir)
+    if ranks != list(range(len(ranks))):
         raise CheckpointError(
-            f"{step_dir} holds ZeRO partitions of {saved} rank(s); this job has {world}: resume "
-            f"it on {saved} rank(s) (resuming on another world size is not supported yet)"
+            f"{step_dir} holds the ZeRO partitions of ranks {ranks} only: it is incomplete"
         )
+    saved = len(ranks)
+    if saved in (0, world):
+        return
+    if not universal_dir(step_dir).is_dir() and not os.access(step_dir.parent, os.W_OK):
+        raise CheckpointError(
+            f"{step_dir} holds ZeRO partitions of {saved} rank(s); this job has {world}: the "
+            f"conversion to {world} rank(s) is written beside it, in {step_dir.parent}, which is "
+            f"not writable (copy the step directory somewhere writable and resume from there)"
+        )
+
+
+def universal_dir(step_dir: Path) -> Path:
+    """Where the universal conversion of ``step_dir`` lives: DeepSpeed's ``load_dir``, holding
+    a tag of the step directory's name."""
+    return step_dir.parent / f"{step_dir.name}{UNIVERSAL_SUFFIX}"
+
+
+def _convert_universal(step_dir: Path) -> Path:
+    """Consolidate the ZeRO partitions of ``step_dir`` into a universal checkpoint (rank 0;
+    the others wait at the barrier); an earlier conversion is reused."""
+    final = universal_dir(step_dir)
+    if distributed.is_main() and not final.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = final.with_name(TMP_PREFIX + final.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=str(step_dir),
+            output_folder=str(tmp / step_dir.name),
+            num_extract_workers=1,  # in this process: no pool of workers to outlive it
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # a model without tensor parallelism: none to record
+        )
+        log = io.StringIO()  # its progress lines and bars: a failure is said in one line
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+        except Exception as exc:  # its asserts and file errors: one line for the user
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"could not convert {step_dir} to a universal checkpoint for another number "
+                f"of ranks: {type(exc).__name__}: {exc}"
+            ) from None
+        os.replace(tmp, final)
+    distributed.barrier()
+    return final
 
 
 def resolve_resume(root: Path, spec: str) -> Path | None:
@@ -197,11 +263,49 @@ def resolve_resume(root: Path, spec: str) -> Path | None:
 
 def load(engine, step_dir: Path) -> dict:
     """Restore model, optimizer and scheduler from ``step_dir``; return its client state
-    (``step``, ``data``, ...)."""
-    path, client = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    (``step``, ``data``, ...).
+
+    Partitions written by as many ranks as this job has load as they are (bit-exact). Written
+    by another number, they are loaded from the universal conversion: the fp32 weights, Adam's
+    ``exp_avg``/``exp_avg_sq`` and step of every parameter, cut into this job's partitions."""
+    saved = zero_world(step_dir)
+    if saved is None or saved == distributed.world_size():
+        path, client = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    else:
+        path, client = _load_universal(engine, step_dir)
     if path is None or client is None:
         raise CheckpointError(f"could not load the checkpoint in {step_dir}")
     return client
+
+
+def _load_universal(engine, step_dir: Path) -> tuple[str | None, dict | None]:
+    """``engine.load_checkpoint`` from the universal conversion of ``step_dir``. DeepSpeed reads
+    its ``checkpoint.load_universal`` setting at load time only: it is set for this load."""
+    root = _convert_universal(step_dir)
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        path, client = engine.load_checkpoint(str(root), tag=step_dir.name)
+    finally:
+        config.load_universal_checkpoint = before
+    _restore_group_settings(engine, root / step_dir.name)
+    return path, client
+
+
+def _restore_group_settings(engine, converted: Path) -> None:
+    """Each optimizer group's settings (weight decay, ``adapt``, ...) as saved: DeepSpeed's
+    ZeRO-3 universal load gives every group those of the first (0.19.8), which would decay the
+    biases and norms that :func:`~dist_contrast.train.optim.param_groups` leaves undecayed."""
+    saved = torch.load(converted / "zero" / "optimizer_state.pt", weights_only=False)
+    groups = engine.optimizer.optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups):
+        raise CheckpointError(
+            f"{converted} holds {len(saved['param_groups'])} optimizer group(s); the optimizer "
+            f"of this job has {len(groups)}"
+        )
+    for group, settings in zip(groups, saved["param_groups"], strict=True):
+        group.update({k: v for k, v in settings.items() if k != "params"})
 
 
 def load_model_state(step_dir: Path) -> dict[str, torch.Tensor]:
