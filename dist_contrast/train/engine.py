@@ -27,7 +27,7 @@ from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import ConfigError, DataError, DivergedError
 from dist_contrast.methods import LossOutput, Method, build_method, init
-from dist_contrast.train import checkpoint, preempt
+from dist_contrast.train import checkpoint, elastic, preempt
 from dist_contrast.train.accumulate import cached_step, plain_step
 from dist_contrast.train.guard import StepGuard
 from dist_contrast.train.metrics import MetricsLogger, embedding_metrics
@@ -144,6 +144,9 @@ def prepare(cfg: Config, world: int | None = None) -> int:
     step_dir = checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
     if step_dir is not None:
         checkpoint.check_world(step_dir, world)
+        fitted = elastic.fit_queue_size(cfg, step_dir, world)
+        if fitted and distributed.detect_env().rank == 0:
+            print(f"dist-contrast: {fitted}", file=sys.stderr)
     elif cfg.model.init_from:  # the weights fit the model (keys, shapes, activation, eps)
         init.apply(build_method(cfg), cfg)
     return world
@@ -258,6 +261,9 @@ class Trainer:
         self.guard = StepGuard(engine.module, scheduler.optimizer, check_grads=not fp16)
 
     def resume(self) -> None:
+        """Continue from ``checkpoint.resume``: on the ranks and workers that wrote it,
+        bit-exactly from each rank's own state; on others, each rank's share of the saved
+        ranks' states (:mod:`dist_contrast.train.elastic`), said in one line."""
         step_dir = checkpoint.resolve_resume(self.ckpt_root, self.cfg.checkpoint.resume)
         if step_dir is None:
             return
@@ -266,19 +272,27 @@ class Trainer:
         if "scheduler" in client:
             self.scheduler.load_state_dict(client["scheduler"])
         self.guard.skipped_steps = int(client.get("skipped_steps", 0))
-        state = checkpoint.load_rank_state(step_dir, self.rank)
-        same_world = state is not None and state["world"] == self.world
-        if same_world:
-            self.loader.load_state_dict(state["data"])
-            self.engine.module.load_extra_state(state["method"])
-            if "rng" in state:
-                checkpoint.set_rng_state(state["rng"])
-        elif distributed.is_main():
-            print(
-                f"dist-contrast: warning: {step_dir} holds no per-rank state for {self.world} "
-                f"rank(s): the data stream restarts and rank-local state (queues) is new",
-                file=sys.stderr,
-            )
+        own = checkpoint.load_rank_state(step_dir, self.rank)
+        if own is not None and elastic.same_layout(own, self.world, self.loader.workers):
+            self.loader.load_state_dict(own["data"])
+            self.engine.module.load_extra_state(own["method"])
+            if "rng" in own:
+                checkpoint.set_rng_state(own["rng"])
+            return
+        states = elastic.saved_states(step_dir)
+        if states is None:
+            if distributed.is_main():
+                print(
+                    f"dist-contrast: warning: {step_dir} holds no per-rank state: the data "
+                    f"stream restarts and rank-local state (queues) is new",
+                    file=sys.stderr,
+                )
+            return
+        line = elastic.resume_elastic(
+            self.loader, self.engine.module, states, self.cfg.run.seed, self.step, self.rank
+        )
+        if distributed.is_main():
+            print(f"dist-contrast: {line}", file=sys.stderr, flush=True)
 
     def save(self) -> None:
         state = {

@@ -1,0 +1,71 @@
+"""A run resumed on another number of ranks and loader workers, through the training entry:
+what the resume line says is what was re-dealt, and the run trains on to its end."""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+
+import pytest
+import torch
+
+from dist_contrast.train import checkpoint
+
+from conftest import run_torchrun
+
+pytestmark = pytest.mark.slow
+
+
+def _samples(digits_dir) -> int:
+    keys = set()
+    for shard in sorted(digits_dir.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            keys |= {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+    return len(keys)
+
+
+def test_moco_v2_two_ranks_two_workers_resumes_on_three_ranks_one_worker(digits_dir, tmp_path):
+    """MoCo v2 (ZeRO-2, a 256-key queue) on 2 ranks x 2 workers, stopped at step 4, resumed
+    on 3 ranks x 1 worker: the queue becomes 255 keys (the nearest multiple of 3, said), the
+    rest of the epoch is the samples not consumed (counted from the shards), the ZeRO
+    partitions are converted, and the run ends at step 8 with a checkpoint of 3 ranks."""
+    base = {
+        "run.dir": str(tmp_path),
+        "data.train_shards": f"{digits_dir}/train-*.tar",
+        "data.val_shards": "",
+        "train.batch_size": 32,
+        "train.steps": 8,
+        "train.warmup_steps": 2,
+        "train.log_every": 1,
+        "checkpoint.every": 4,
+        "logging.wandb": "false",
+        "logging.progress": "false",
+    }
+    args = ["train", "--config", "configs/moco_v2_digits.yaml"]
+    first = {**base, "train.stop_at": 4, "data.num_workers": 2}
+    proc = run_torchrun(2, *args, *[f"{k}={v}" for k, v in first.items()])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rest = {**base, "checkpoint.resume": "latest", "data.num_workers": 1}
+    proc = run_torchrun(3, *args, *[f"{k}={v}" for k, v in rest.items()], timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    left = _samples(digits_dir) - 4 * 2 * 32  # 4 steps of 2 ranks x 32 samples consumed
+    assert "the resumed run keeps 255 keys (85 a rank)" in proc.stderr
+    said = re.findall(r"dist-contrast: resumed step .*", proc.stderr)
+    assert said == [
+        f"dist-contrast: resumed step 4 on 3 rank(s) x 1 worker(s) (was 2 x 2): {left:,} "
+        f"samples of epoch 0 left; queue 256 keys re-sharded into 255 (newest kept)"
+    ], proc.stderr[-3000:]
+
+    run = tmp_path / "moco_v2_digits"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # finite, not NaN
+    last = run / "checkpoints" / "step_00000008"
+    for rank in range(3):
+        state = checkpoint.load_rank_state(last, rank)
+        assert state["world"] == 3
+        keys = state["method"]["queue"]["keys"]
+        assert keys.shape[0] == 85 and torch.isfinite(keys).all()
+    assert checkpoint.load_rank_state(last, 3) is None
