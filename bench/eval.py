@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from dist_contrast.eval.stream import FEATURE_DTYPES
 from dist_contrast_bench.common import cpu_model, default_out, usable_cores, write_json
 from dist_contrast_bench.eval_runs import (
     ALLOCATORS,
@@ -63,7 +64,7 @@ from dist_contrast_bench.eval_runs import (
 # The runs, summaries and tables
 
 
-def _knn_row(args: argparse.Namespace, data: dict, n: int, allocator: str) -> dict:
+def _knn_row(args: argparse.Namespace, data: dict, n: int, allocator: str, dtype: str) -> dict:
     spec = {
         "n": n,
         "queries": args.queries,
@@ -75,7 +76,7 @@ def _knn_row(args: argparse.Namespace, data: dict, n: int, allocator: str) -> di
         "seed": args.seed,
         "threads": args.threads,
         "knn_chunk": args.knn_chunk,
-        "knn_mem_mb": args.knn_mem_mb,
+        "feature_dtype": dtype,
     }
     row = run_child("knn", spec, args.timeout, allocator)
     ph = row["phases"]
@@ -86,7 +87,8 @@ def _knn_row(args: argparse.Namespace, data: dict, n: int, allocator: str) -> di
     # resident growth the bank's embedding left behind (its features and what else stays)
     row["bank_held_mb"] = None if before is None or after is None else after - before
     print(
-        f"  kNN N={n} ({allocator}): peak {row['peak_rss_mb']:.0f} MB, {row['wall_seconds']:.1f} s",
+        f"  kNN N={n} ({allocator}, {dtype} features): peak {row['peak_rss_mb']:.0f} MB, "
+        f"{row['wall_seconds']:.1f} s",
         file=sys.stderr,
         flush=True,
     )
@@ -110,8 +112,14 @@ def _flatness(rows: list[dict]) -> dict:
 
 
 def _knn(args: argparse.Namespace, data: dict) -> dict:
-    rows = [_knn_row(args, data, n, a) for a in args.allocators for n in args.sizes]
-    summary = {a: _flatness([r for r in rows if r["allocator"] == a]) for a in args.allocators}
+    settings = [(a, d) for a in args.allocators for d in args.feature_dtypes]
+    rows = [_knn_row(args, data, n, a, d) for a, d in settings for n in args.sizes]
+    summary = {
+        f"{a}, {d} features": _flatness(
+            [r for r in rows if (r["allocator"], r["feature_dtype"]) == (a, d)]
+        )
+        for a, d in settings
+    }
     return {"rows": rows, "summary": summary}
 
 
@@ -184,7 +192,8 @@ def _f(v, fmt: str = ".1f") -> str:
 
 
 def _knn_table(knn: dict) -> str:
-    headers = ["allocator", "bank N", "peak RSS MB", "features MB", "peak - features MB"]
+    headers = ["allocator", "features", "bank N", "peak RSS MB", "features MB"]
+    headers += ["peak - features MB"]
     headers += ["embed-bank rise MB", "held after embed MB", "kNN rise MB", "kNN chunk"]
     headers += ["embed s", "embed us/sample", "kNN s", "wall s", "top-1"]
     rows = []
@@ -193,6 +202,7 @@ def _knn_table(knn: dict) -> str:
         rows.append(
             [
                 r["allocator"],
+                r["feature_dtype"],
                 f"{r['N']:,}",
                 _f(r["peak_rss_mb"]),
                 _f(r["feature_mb"]),
@@ -284,8 +294,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=8, help="synthetic images, px a side")
     p.add_argument("--noise", type=float, default=96, help="pixel noise std of the images")
     p.add_argument("--dim", type=int, default=64, help="feature dimension (kNN, retrieval)")
-    p.add_argument("--knn-chunk", type=int, default=0, help="kNN query chunk (0: from memory)")
-    p.add_argument("--knn-mem-mb", type=float, default=32, help="kNN similarity block bound")
+    p.add_argument(
+        "--knn-chunk", type=int, default=1024, help="kNN query chunk (fewer where a block is big)"
+    )
+    p.add_argument(
+        "--feature-dtypes",
+        default="fp32,fp16",
+        help="eval.feature_dtype of the kNN runs: each of fp32,fp16,bf16 given",
+    )
     p.add_argument("--zs-classes", type=int, default=1000)
     p.add_argument("--zs-templates", type=int, default=80, help=f"<= {len(CLIP_TEMPLATES)}")
     p.add_argument("--zs-batch-size", type=int, default=512, help="prompts per text batch")
@@ -331,10 +347,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--allocators: choose from {','.join(ALLOCATORS)}")
     if not args.parts or set(args.parts) - set(PARTS):
         p.error(f"--parts: choose from {','.join(PARTS)}")
+    dtypes = (s.strip() for s in args.feature_dtypes.split(",") if s.strip())
+    args.feature_dtypes = list(dict.fromkeys(dtypes))
+    if not args.feature_dtypes or set(args.feature_dtypes) - set(FEATURE_DTYPES):
+        p.error(f"--feature-dtypes: choose from {','.join(FEATURE_DTYPES)}")
     counts = (args.queries, args.shard_size, args.classes, args.image_size, args.dim)
     counts += (args.zs_classes, args.zs_templates, args.zs_batch_size, args.text_width)
     counts += (args.retrieval_images, args.captions_per_image, args.retrieval_chunk)
-    counts += (args.reference_images, args.threads)
+    counts += (args.reference_images, args.threads, args.knn_chunk)
     if not args.sizes or min(args.sizes) < 1 or min(counts) < 1:
         p.error("sizes, counts, dimensions and chunks must be >= 1")
     if args.zs_templates > len(CLIP_TEMPLATES):

@@ -125,6 +125,7 @@ QUICK = {
     "reference_images": 200,
     "retrieval_chunk": 64,
     "allocators": "glibc",
+    "feature_dtypes": "fp32,fp16",
 }
 
 
@@ -271,33 +272,29 @@ def ensure_data(args: argparse.Namespace) -> dict:
 # The measured runs (each in a fresh process)
 
 
-def _knn_chunk(spec: dict) -> int:
-    if spec["knn_chunk"]:
-        return spec["knn_chunk"]
-    return max(1, min(1024, int(spec["knn_mem_mb"] * MB) // (4 * spec["n"])))
-
-
 def _embed(spec: dict, folder: str, n: int, encoder, data_cfg, batch_size: int):
-    import torch.nn.functional as F
-
     from dist_contrast.data.evalsets import open_eval_set
     from dist_contrast.eval.stream import embed_set, towers_fn
 
     units = open_eval_set(folder).units[: math.ceil(n / spec["shard_size"])]
     emb = embed_set(
-        units, towers_fn({"encoder": encoder}), data_cfg, batch_size=batch_size, max_samples=n
+        units,
+        towers_fn({"encoder": encoder}),
+        data_cfg,
+        batch_size=batch_size,
+        max_samples=n,
+        feature_dtype=spec["feature_dtype"],
     )
     if len(emb) != n:
         raise RuntimeError(f"{folder}: embedded {len(emb)} samples, expected {n}")
-    feats = F.normalize(emb.feats.pop("encoder"), dim=1)  # the raw features are dropped
-    return feats, emb.labels
+    return emb.feats.pop("encoder"), emb.labels  # as evaluation keeps them: raw, stored dtype
 
 
 def child_knn(spec: dict) -> dict:
     from torch import nn
 
     from dist_contrast.config import DataConfig, EvalConfig
-    from dist_contrast.eval.probes import knn_top1_sharded
+    from dist_contrast.eval.probes import BANK_BLOCK_BYTES, bounded_chunk, knn_top1_sharded
 
     torch.manual_seed(spec["seed"])
     px, dim = spec["image_size"], spec["dim"]
@@ -306,7 +303,7 @@ def child_knn(spec: dict) -> dict:
     ).eval()
     data_cfg = DataConfig(image_size=px, channels=1, mean=[0.5], std=[0.5])
     ev = EvalConfig()
-    n, chunk = spec["n"], _knn_chunk(spec)
+    n, chunk = spec["n"], spec["knn_chunk"]
     peaks = Peaks()
     with peaks.phase("embed_queries"):
         q, q_labels = _embed(spec, spec["query"], spec["queries"], encoder, data_cfg, ev.batch_size)
@@ -314,16 +311,20 @@ def child_knn(spec: dict) -> dict:
         bank, bank_labels = _embed(spec, spec["bank"], n, encoder, data_cfg, ev.batch_size)
     with peaks.phase("knn"):
         top1 = knn_top1_sharded(bank, bank_labels, q, q_labels, ev.knn_k, ev.knn_temperature, chunk)
+    block_rows = min(n, max(1, BANK_BLOCK_BYTES // (4 * dim)))
+    itemsize = bank.element_size()
     return {
         "N": n,
         "queries": spec["queries"],
         "dim": dim,
+        "feature_dtype": spec["feature_dtype"],
         "k": ev.knn_k,
-        "knn_chunk": chunk,
-        "knn_block_mb": 4 * chunk * n / MB,
+        "knn_chunk": bounded_chunk(chunk, block_rows),
+        "knn_block_rows": block_rows,
+        "knn_block_mb": 4 * bounded_chunk(chunk, block_rows) * block_rows / MB,
         "top1": top1,
-        "feature_mb": n * dim * 4 / MB,
-        "query_feature_mb": spec["queries"] * dim * 4 / MB,
+        "feature_mb": n * dim * itemsize / MB,
+        "query_feature_mb": spec["queries"] * dim * itemsize / MB,
         **peaks.summary(),
     }
 

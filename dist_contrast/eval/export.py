@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dist_contrast.data.evalsets import open_eval_set
 from dist_contrast.eval.image_text import class_embeddings, feature_scores, zeroshot_classes
@@ -82,17 +81,8 @@ def _probes(enc, x, val_data: str | None) -> dict:
         feats, y, val_f, val_y = feats[tr], y[tr], feats[va], y[va]
         split = f"{int(HOLDOUT * 100)}% of --data held out (seed 0)"
     e = cfg.eval
-    knn = knn_top1(
-        F.normalize(feats.float(), dim=1),
-        y,
-        F.normalize(val_f.float(), dim=1),
-        val_y,
-        e.knn_k,
-        e.knn_temperature,
-    )
-    linear = linear_probe_top1(
-        feats.float(), y, val_f.float(), val_y, e.linear_weight_decay, e.linear_max_iter
-    )
+    knn = knn_top1(feats, y, val_f, val_y, e.knn_k, e.knn_temperature)
+    linear = linear_probe_top1(feats, y, val_f, val_y, e.linear_weight_decay, e.linear_max_iter)
     return {
         "split": split,
         "train_samples": len(y),

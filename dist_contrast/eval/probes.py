@@ -17,6 +17,7 @@ from torch import nn
 
 from dist_contrast import distributed
 from dist_contrast.config import Config
+from dist_contrast.eval.memory import release_freed_memory
 
 
 @torch.no_grad()
@@ -31,14 +32,60 @@ def embed(
     return F.normalize(out, dim=1) if normalize else out
 
 
-SIM_BLOCK_BYTES = 32 << 20  # a query chunk's similarities to the bank: at most this much
+SIM_BLOCK_BYTES = 8 << 20  # a query chunk's similarities to the bank: at most this much
 
 
 def bounded_chunk(chunk: int, columns: int) -> int:
     """``chunk`` rows, fewer when ``chunk x columns`` float32 similarities would pass
-    :data:`SIM_BLOCK_BYTES` (a 200k bank: 40 queries at a time), so the memory of a kNN or a
+    :data:`SIM_BLOCK_BYTES` (a 200k bank: 10 queries at a time), so the memory of a kNN or a
     recall pass does not grow with the bank."""
     return max(1, min(chunk, SIM_BLOCK_BYTES // (4 * max(1, columns))))
+
+
+BANK_BLOCK_BYTES = 8 << 20  # normalised fp32 bank rows scored at a time
+PROBE_BLOCK_BYTES = 32 << 20  # standardised fp64 training rows of the linear probe at a time
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x.float(), dim=1)``, the same numbers, with one fp32 copy (normalised in
+    place) rather than two."""
+    y = x.float() if x.dtype != torch.float32 else x.clone()
+    return y.div_(y.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def _blocks(n: int, dim: int, budget: int, itemsize: int) -> list[tuple[int, int]]:
+    rows = max(1, budget // (itemsize * max(1, dim)))
+    return [(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+
+def _local_top_k(
+    bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's ``k`` most similar bank rows (cosine): (similarities, their labels), both
+    [Q, k], -inf / label 0 where the bank has fewer than ``k`` rows. The bank (features of any
+    dtype) is normalised a block at a time, each block scored against the queries a chunk at
+    a time and merged into the running top k: memory is one block and one similarity chunk,
+    whatever the bank's size."""
+    q_all = unit_rows(queries)
+    top_sim = q_all.new_full((len(q_all), k), float("-inf"))
+    top_lab = labels.new_zeros(len(q_all), k)
+    blocks = _blocks(len(bank), bank.shape[1] if bank.dim() == 2 else 1, BANK_BLOCK_BYTES, 4)
+    for b0, b1 in blocks:
+        rows = unit_rows(bank[b0:b1])
+        step = bounded_chunk(chunk, b1 - b0)
+        for i in range(0, len(q_all), step):
+            sim, idx = (q_all[i : i + step] @ rows.T).topk(min(k, b1 - b0), dim=1)
+            lab = labels[b0:b1][idx]
+            if len(blocks) > 1:  # merged with the earlier blocks' candidates
+                sim = torch.cat([top_sim[i : i + step], sim], dim=1)
+                lab = torch.cat([top_lab[i : i + step], lab], dim=1)
+                sim, pick = sim.topk(k, dim=1)
+                lab = lab.gather(1, pick)
+            top_sim[i : i + step, : sim.shape[1]] = sim
+            top_lab[i : i + step, : lab.shape[1]] = lab
+        del rows
+        release_freed_memory()  # the block's temporaries, not kept by the C library
+    return top_sim, top_lab
 
 
 def knn_top1(
@@ -51,16 +98,16 @@ def knn_top1(
     chunk: int = 1024,
 ) -> float:
     """Weighted kNN on cosine similarity (InstDisc): each of the k nearest training samples
-    votes for its class with weight exp(sim / temperature)."""
+    votes for its class with weight exp(sim / temperature). Features as embedded (any
+    dtype, not normalised): rows are normalised where they are scored."""
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
     k = min(k, len(train_feats))
-    chunk = bounded_chunk(chunk, len(train_feats))
+    top_sim, top_lab = _local_top_k(train_feats, train_labels, test_feats, k, chunk)
     correct = 0
     for i in range(0, len(test_feats), chunk):
-        sim = test_feats[i : i + chunk] @ train_feats.T
-        top_sim, top_idx = sim.topk(k, dim=1)
+        j = i + chunk
         correct += _correct_votes(
-            top_sim, train_labels[top_idx], test_labels[i : i + chunk], n_classes, temperature
+            top_sim[i:j], top_lab[i:j], test_labels[i:j], n_classes, temperature
         )
     return correct / len(test_feats)
 
@@ -78,6 +125,84 @@ def _correct_votes(
     return int((votes.argmax(1) == labels).sum())
 
 
+def _standardizer(x: torch.Tensor, n: float, all_sum=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (n - 1) of the rows of ``x`` in float64, a block of rows at a time (over
+    every rank's rows with ``all_sum``); ``n`` the number of rows in all."""
+    blocks = _blocks(len(x), x.shape[1], PROBE_BLOCK_BYTES, 8)
+    total = sum((x[i:j].double().sum(dim=0) for i, j in blocks), x.new_zeros(x.shape[1]).double())
+    mean = (all_sum(total) if all_sum else total) / n
+    sq = sum(
+        (((x[i:j].double() - mean) ** 2).sum(dim=0) for i, j in blocks),
+        x.new_zeros(x.shape[1]).double(),
+    )
+    var = (all_sum(sq) if all_sum else sq) / (n - 1)
+    return mean, var.sqrt().clamp(min=1e-6)
+
+
+def _fit_linear(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    weight_decay: float,
+    max_iter: int,
+    all_sum=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The L-BFGS fit of :func:`linear_probe_top1` on the raw features ``x`` (any dtype):
+    (w, b, mean, std). Rows are standardised in float64 a block at a time inside each loss
+    evaluation, so the probe holds one block more than the features, not three float64
+    copies of them. With ``all_sum`` (across ranks) the loss and the gradient are sums over
+    every rank's rows and every rank takes the same steps."""
+    if all_sum is None:
+        n = float(len(x))
+        blocks = _blocks(len(x), x.shape[1], PROBE_BLOCK_BYTES, 8)
+        if len(blocks) == 1:  # one block: as it always was, the same numbers
+            xd = x.double()
+            mean, std = xd.mean(dim=0), xd.std(dim=0).clamp(min=1e-6)
+        else:
+            mean, std = _standardizer(x, n)
+    else:
+        n = float(all_sum(torch.tensor([float(len(x))], dtype=torch.float64)))
+        mean, std = _standardizer(x, n, all_sum)
+    blocks = _blocks(len(x), x.shape[1], PROBE_BLOCK_BYTES, 8)
+    whole = (x.double() - mean) / std if len(blocks) == 1 else None
+    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+    )
+    penalty = all_sum is None or distributed.rank() == 0  # once, not once per rank
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        if whole is not None and all_sum is None:  # one process, one block
+            loss = F.cross_entropy(whole @ w + b, labels) + 0.5 * weight_decay * (w * w).sum()
+            loss.backward()
+            return loss
+        total = torch.zeros((), dtype=torch.float64)
+        for i, j in blocks:
+            xb = whole[i:j] if whole is not None else (x[i:j].double() - mean) / std
+            part = F.cross_entropy(xb @ w + b, labels[i:j], reduction="sum") / n
+            if penalty and i == 0:
+                part = part + 0.5 * weight_decay * (w * w).sum()
+            part.backward()
+            total += part.detach()
+        if not blocks and penalty:  # a rank without training rows
+            pen = 0.5 * weight_decay * (w * w).sum()
+            pen.backward()
+            total += pen.detach()
+        if all_sum is not None:
+            if w.grad is None:
+                w.grad, b.grad = torch.zeros_like(w), torch.zeros_like(b)
+            w.grad.copy_(all_sum(w.grad))
+            b.grad.copy_(all_sum(b.grad))
+            total = all_sum(total)
+        return total
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach(), mean, std
+
+
 def linear_probe_top1(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -93,26 +218,16 @@ def linear_probe_top1(
     cross-entropy plus ``weight_decay / 2 * ||W||^2`` (the bias is not penalised). The problem
     is convex and nothing is random, so the result is deterministic."""
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    x = train_feats.double()
-    mean, std = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)
-    x = (x - mean) / std
-    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
-    )
+    w, b, mean, std = _fit_linear(train_feats, train_labels, n_classes, weight_decay, max_iter)
+    return _probe_accuracy(test_feats, test_labels, w, b, mean, std)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, train_labels) + 0.5 * weight_decay * (w * w).sum()
-        loss.backward()
-        return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        logits = ((test_feats.double() - mean) / std) @ w + b
-    return float((logits.argmax(dim=1) == test_labels).double().mean())
+def _probe_accuracy(feats, labels, w, b, mean, std) -> float:
+    correct = 0
+    for i, j in _blocks(len(feats), feats.shape[1], PROBE_BLOCK_BYTES, 8):
+        logits = ((feats[i:j].double() - mean) / std) @ w + b
+        correct += int((logits.argmax(dim=1) == labels[i:j]).sum())
+    return correct / len(feats)
 
 
 def _global_classes(*labels: torch.Tensor) -> int:
@@ -134,29 +249,28 @@ def knn_top1_sharded(
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> float:
-    """:func:`knn_top1` with the bank (normalised training features) sharded over the ranks
-    and the queries on every rank: local top k per query chunk, merged across ranks."""
+    """:func:`knn_top1` with the bank (training features) sharded over the ranks and the
+    queries on every rank: each rank's top k per query, merged across ranks a query chunk at
+    a time."""
     if not distributed.multi_rank():
         return knn_top1(bank, bank_labels, queries, query_labels, k, temperature, chunk)
     n_classes = _global_classes(bank_labels, query_labels)
     n_bank = int(distributed.all_reduce_sum([float(len(bank))])[0])
     k = min(k, n_bank)
     dev = distributed.device()
-    chunk = bounded_chunk(chunk, n_bank)  # the same on every rank
+    if len(bank):
+        local_sim, local_lab = _local_top_k(bank, bank_labels, queries, k, chunk)
+    else:  # an empty shard: candidates that never win
+        local_sim = queries.new_full((len(queries), k), float("-inf"), dtype=torch.float32)
+        local_lab = bank_labels.new_zeros(len(queries), k)
     correct = 0
-    for i in range(0, len(queries), chunk):
-        q = queries[i : i + chunk]
-        sim = q @ bank.T if len(bank) else q.new_zeros(len(q), 0)
-        kl = min(k, sim.shape[1])
-        top_sim, top_idx = sim.topk(kl, dim=1)
-        pad = k - kl  # a short shard: candidates that never win
-        top_sim = torch.cat([top_sim, top_sim.new_full((len(q), pad), float("-inf"))], dim=1)
-        top_lab = torch.cat([bank_labels[top_idx], top_idx.new_zeros(len(q), pad)], dim=1)
-        sims = _gather_columns(top_sim.to(dev)).cpu()
-        labs = _gather_columns(top_lab.to(dev)).cpu()
+    for i in range(0, len(queries), chunk):  # the same chunks on every rank
+        j = i + chunk
+        sims = _gather_columns(local_sim[i:j].to(dev)).cpu()
+        labs = _gather_columns(local_lab[i:j].to(dev)).cpu()
         best_sim, best = sims.topk(k, dim=1)
         correct += _correct_votes(
-            best_sim, labs.gather(1, best), query_labels[i : i + chunk], n_classes, temperature
+            best_sim, labs.gather(1, best), query_labels[i:j], n_classes, temperature
         )
     return correct / len(queries)
 
@@ -194,45 +308,19 @@ def linear_probe_top1_sharded(
             train_feats, train_labels, test_feats, test_labels, weight_decay, max_iter
         )
     n_classes = _global_classes(train_labels, test_labels)
-    x = train_feats.double()
-    n = float(_all_sum(torch.tensor([float(len(x))], dtype=torch.float64)))
-    mean = _all_sum(x.sum(dim=0)) / n
-    var = _all_sum(((x - mean) ** 2).sum(dim=0)) / (n - 1)
-    std = var.sqrt().clamp(min=1e-6)
-    x = (x - mean) / std
-    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
-    )
-    main = distributed.rank() == 0
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, train_labels, reduction="sum") / n
-        if main:  # the penalty once, not once per rank
-            loss = loss + 0.5 * weight_decay * (w * w).sum()
-        loss.backward()
-        w.grad.copy_(_all_sum(w.grad))
-        b.grad.copy_(_all_sum(b.grad))
-        return _all_sum(loss)
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        logits = ((test_feats.double() - mean) / std) @ w + b
-    return float((logits.argmax(dim=1) == test_labels).double().mean())
+    fit = _fit_linear(train_feats, train_labels, n_classes, weight_decay, max_iter, _all_sum)
+    return _probe_accuracy(test_feats, test_labels, *fit)
 
 
 def sharded_scores(cfg: Config, train, val) -> dict:
     """kNN and linear-probe top-1 from embedded sets: ``train`` this rank's shard of the
     training features (``feats["encoder"]``), ``val`` the gathered validation features."""
     e = cfg.eval
-    train_f, val_f = train.feats["encoder"].float(), val.feats["encoder"].float()
+    train_f, val_f = train.feats["encoder"], val.feats["encoder"]
     knn = knn_top1_sharded(
-        F.normalize(train_f, dim=1),
+        train_f,
         train.labels,
-        F.normalize(val_f, dim=1),
+        val_f,
         val.labels,
         e.knn_k,
         e.knn_temperature,

@@ -26,6 +26,7 @@ from dist_contrast.data.decode import decode_or_count
 from dist_contrast.data.evalsets import Unit, unit_samples
 from dist_contrast.data.tario import Faults
 from dist_contrast.errors import DataError
+from dist_contrast.eval.memory import Rows, release_freed_memory
 
 FEATURE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNIT_STRIDE = 1 << 32  # position = unit index * UNIT_STRIDE + index in the unit
@@ -137,10 +138,8 @@ def embed_set(
     store = FEATURE_DTYPES[feature_dtype]
     faults = Faults("[eval] ", data.warn_every_s)
     mine = my_units(units)
-    parts: dict[str, list[torch.Tensor]] = {}
-    texts: list[torch.Tensor] = []
-    order: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
+    parts: dict[str, Rows] = {}
+    texts, order, labels = Rows(), Rows(), Rows()
     captions: list[str | None] = []
     bar = _progress(len(mine), desc)
     autocast = _autocast(precision, device)
@@ -150,7 +149,7 @@ def embed_set(
         x = norm(torch.stack(views).to(device))
         with autocast:
             for name, f in image(x).items():
-                parts.setdefault(name, []).append(f.float().to("cpu", store))
+                parts.setdefault(name, Rows()).append(f.float().to("cpu", store))
             if text is not None and all(c is not None for c in caps):
                 texts.append(text(list(caps)).float().to("cpu", store))
         order.append(torch.tensor(pos, dtype=torch.int64))  # tensors, not lists of ints:
@@ -163,21 +162,13 @@ def embed_set(
     if bar is not None:
         bar.update(len(mine) - done)
         bar.close()
-    feats = {k: _cat(v) for k, v in parts.items()}
-    labels_t = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
-    if text is not None and len(texts) and sum(len(t) for t in texts) == len(labels_t):
-        feats["text"] = _cat(texts)
-    return Embedded(
-        feats,
-        labels_t,
-        captions,
-        torch.cat(order) if order else torch.empty(0, dtype=torch.int64),
-        dict(faults.seen),
-    )
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.empty(0, 0)
+    feats = {k: v.join() for k, v in parts.items()}
+    labels_t = labels.join() if len(labels) else torch.empty(0, dtype=torch.int64)
+    if text is not None and len(texts) and len(texts) == len(labels_t):
+        feats["text"] = texts.join()
+    order_t = order.join() if len(order) else torch.empty(0, dtype=torch.int64)
+    release_freed_memory()
+    return Embedded(feats, labels_t, captions, order_t, dict(faults.seen))
 
 
 def _autocast(precision: str, device: torch.device):

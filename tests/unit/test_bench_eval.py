@@ -32,15 +32,24 @@ def test_quick_bench_writes_three_sections(tmp_path, capsys):
     assert result["command"].startswith("dist-contrast bench eval")
 
     knn = result["knn"]
-    assert [r["N"] for r in knn["rows"]] == [2000, 5000]
+    assert [(r["feature_dtype"], r["N"]) for r in knn["rows"]] == [
+        ("fp32", 2000),
+        ("fp32", 5000),
+        ("fp16", 2000),
+        ("fp16", 5000),
+    ]
     for row in knn["rows"]:
         assert row["queries"] == 500 and 0.0 <= row["top1"] <= 1.0
-        assert row["feature_mb"] == row["N"] * 64 * 4 / 1e6
+        size = 4 if row["feature_dtype"] == "fp32" else 2
+        assert row["feature_mb"] == row["N"] * 64 * size / 1e6
         assert row["peak_rss_mb"] > row["feature_mb"] > 0 and row["wall_seconds"] > 0
         assert set(row["phases"]) == {"embed_queries", "embed_bank", "knn"}
     assert {r["allocator"] for r in knn["rows"]} == {"glibc"}
-    assert knn["summary"]["glibc"]["peak_ratio_raw"] > 0
-    assert "minus_features_flat_within_10pct" in knn["summary"]["glibc"]
+    # fp16 features: the same neighbours up to rounding (the bank is small and well separated)
+    top1 = {(r["feature_dtype"], r["N"]): r["top1"] for r in knn["rows"]}
+    assert abs(top1["fp16", 5000] - top1["fp32", 5000]) <= 0.01
+    assert knn["summary"]["glibc, fp32 features"]["peak_ratio_raw"] > 0
+    assert "minus_features_flat_within_10pct" in knn["summary"]["glibc, fp16 features"]
 
     zs = result["zeroshot"]
     assert zs["shape"] == [50, 64] and zs["templates"] == zs["distinct_templates"] == 8

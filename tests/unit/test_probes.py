@@ -1,0 +1,70 @@
+"""The kNN and linear probes a block of the bank at a time equal the whole-bank computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_contrast.eval import probes
+
+
+def _clusters(n: int, m: int, dim: int, classes: int, seed: int):
+    """``n`` training and ``m`` test rows around the same ``classes`` random centres."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    labels = torch.randint(0, classes, (n + m,), generator=g)
+    x = centres[labels] + 0.8 * torch.randn(n + m, dim, generator=g)
+    return x[:n], labels[:n], x[n:], labels[n:]
+
+
+def naive_knn_top1(bank, bank_labels, queries, labels, k, temperature) -> float:
+    """The whole similarity matrix at once, each query's k best rows voting exp(sim / T)."""
+    sim = F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+    top, idx = sim.topk(k, dim=1)
+    classes = int(max(bank_labels.max(), labels.max())) + 1
+    votes = torch.zeros(len(queries), classes).scatter_add_(
+        1, bank_labels[idx], (top / temperature).exp()
+    )
+    return float((votes.argmax(1) == labels).double().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_knn_in_bank_blocks_equals_the_whole_matrix(monkeypatch, dtype):
+    bank, bank_y, queries, query_y = _clusters(3000, 700, 16, 10, 0)
+    bank = bank.to(dtype)
+    want = naive_knn_top1(bank, bank_y, queries, query_y, 20, 0.07)
+    assert 0.3 < want < 1.0  # neither trivial nor hopeless
+    assert probes.knn_top1(bank, bank_y, queries, query_y, 20, 0.07) == want
+    # 16-d fp32 rows: 450 of them a block -> 7 blocks, merged top k
+    monkeypatch.setattr(probes, "BANK_BLOCK_BYTES", 450 * 16 * 4)
+    assert probes.knn_top1(bank, bank_y, queries, query_y, 20, 0.07, chunk=128) == want
+
+
+def test_knn_with_fewer_rows_in_a_block_than_k(monkeypatch):
+    bank, bank_y, queries, query_y = _clusters(205, 50, 8, 4, 2)
+    want = naive_knn_top1(bank, bank_y, queries, query_y, 20, 0.07)
+    monkeypatch.setattr(probes, "BANK_BLOCK_BYTES", 100 * 8 * 4)  # blocks of 100, 100, 5
+    assert probes.knn_top1(bank, bank_y, queries, query_y, 20, 0.07) == want
+
+
+def test_linear_probe_in_blocks_fits_the_same_model(monkeypatch):
+    x, y, xv, yv = _clusters(1200, 300, 12, 6, 4)
+    w1, b1, mean1, std1 = probes._fit_linear(x, y, 6, 1e-3, 200)
+    whole = probes.linear_probe_top1(x, y, xv, yv)
+    monkeypatch.setattr(probes, "PROBE_BLOCK_BYTES", 100 * 12 * 8)  # 12 blocks of 100 rows
+    w2, b2, mean2, std2 = probes._fit_linear(x, y, 6, 1e-3, 200)
+    torch.testing.assert_close(mean2, mean1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(std2, std1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w2, w1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b2, b1, rtol=0, atol=1e-6)
+    assert probes.linear_probe_top1(x, y, xv, yv) == whole
+    assert 0.5 < whole <= 1.0
+
+
+def test_unit_rows_equals_normalize_bit_for_bit():
+    x = torch.randn(64, 9) * 5
+    x[3] = 0  # a zero row stays zero, as with F.normalize
+    assert torch.equal(probes.unit_rows(x), F.normalize(x, dim=1))
+    assert torch.equal(probes.unit_rows(x.half()), F.normalize(x.half().float(), dim=1))
+    assert x.abs().sum() > 0 and probes.unit_rows(x) is not x  # the input is left alone
