@@ -44,6 +44,23 @@ def config_from_dict(tree: dict):
     return cfg
 
 
+def eight_step_digits_run(run_dir: Path, digits_dir: Path) -> dict[str, object]:
+    """Overrides of an 8-step digits run with a checkpoint at step 4 and no validation, wandb
+    or progress bars: the resume tests' run."""
+    return {
+        "run.dir": str(run_dir),
+        "data.train_shards": f"{digits_dir}/train-*.tar",
+        "data.val_shards": "",
+        "train.batch_size": 32,
+        "train.steps": 8,
+        "train.warmup_steps": 2,
+        "train.log_every": 1,
+        "checkpoint.every": 4,
+        "logging.wandb": "false",
+        "logging.progress": "false",
+    }
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -12,7 +12,7 @@ import torch
 
 from dist_contrast.train import checkpoint
 
-from conftest import run_torchrun
+from conftest import eight_step_digits_run, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +30,7 @@ def test_moco_v2_two_ranks_two_workers_resumes_on_three_ranks_one_worker(digits_
     on 3 ranks x 1 worker: the queue becomes 255 keys (the nearest multiple of 3, said), the
     rest of the epoch is the samples not consumed (counted from the shards), the ZeRO
     partitions are converted, and the run ends at step 8 with a checkpoint of 3 ranks."""
-    base = {
-        "run.dir": str(tmp_path),
-        "data.train_shards": f"{digits_dir}/train-*.tar",
-        "data.val_shards": "",
-        "train.batch_size": 32,
-        "train.steps": 8,
-        "train.warmup_steps": 2,
-        "train.log_every": 1,
-        "checkpoint.every": 4,
-        "logging.wandb": "false",
-        "logging.progress": "false",
-    }
+    base = eight_step_digits_run(tmp_path, digits_dir)
     args = ["train", "--config", "configs/moco_v2_digits.yaml"]
     first = {**base, "train.stop_at": 4, "data.num_workers": 2}
     proc = run_torchrun(2, *args, *[f"{k}={v}" for k, v in first.items()])

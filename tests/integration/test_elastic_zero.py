@@ -233,20 +233,9 @@ def test_cli_run_of_two_ranks_resumes_on_one(digits_dir, tmp_path):
 
     from dist_contrast.train.engine import warmup_cosine
 
-    from conftest import run_cli, run_torchrun
+    from conftest import eight_step_digits_run, run_cli, run_torchrun
 
-    base = {
-        "run.dir": str(tmp_path),
-        "data.train_shards": f"{digits_dir}/train-*.tar",
-        "data.val_shards": "",
-        "train.batch_size": 32,
-        "train.steps": 8,
-        "train.warmup_steps": 2,
-        "train.log_every": 1,
-        "checkpoint.every": 4,
-        "logging.wandb": "false",
-        "logging.progress": "false",
-    }
+    base = eight_step_digits_run(tmp_path, digits_dir)
     args = ["train", "--config", "configs/simclr_digits.yaml"]
     first = [f"{k}={v}" for k, v in {**base, "train.stop_at": 4}.items()]
     proc = run_torchrun(2, *args, *first)
