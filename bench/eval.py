@@ -64,7 +64,8 @@ from dist_contrast_bench.eval_runs import (
 # The runs, summaries and tables
 
 
-def _knn_row(args: argparse.Namespace, data: dict, n: int, allocator: str, dtype: str) -> dict:
+def _knn_row(args: argparse.Namespace, data: dict, n: int, setting: tuple) -> dict:
+    allocator, dtype, bank_mb = setting
     spec = {
         "n": n,
         "queries": args.queries,
@@ -77,6 +78,7 @@ def _knn_row(args: argparse.Namespace, data: dict, n: int, allocator: str, dtype
         "threads": args.threads,
         "knn_chunk": args.knn_chunk,
         "feature_dtype": dtype,
+        "bank_memory_mb": bank_mb,
     }
     row = run_child("knn", spec, args.timeout, allocator)
     ph = row["phases"]
@@ -87,12 +89,17 @@ def _knn_row(args: argparse.Namespace, data: dict, n: int, allocator: str, dtype
     # resident growth the bank's embedding left behind (its features and what else stays)
     row["bank_held_mb"] = None if before is None or after is None else after - before
     print(
-        f"  kNN N={n} ({allocator}, {dtype} features): peak {row['peak_rss_mb']:.0f} MB, "
+        f"  kNN N={n} ({_setting_name(setting)}): peak {row['peak_rss_mb']:.0f} MB, "
         f"{row['wall_seconds']:.1f} s",
         file=sys.stderr,
         flush=True,
     )
     return row
+
+
+def _setting_name(setting: tuple) -> str:
+    allocator, dtype, bank_mb = setting
+    return f"{allocator}, {dtype} features, eval.bank_memory_mb={bank_mb:g}"
 
 
 def _flatness(rows: list[dict]) -> dict:
@@ -112,14 +119,12 @@ def _flatness(rows: list[dict]) -> dict:
 
 
 def _knn(args: argparse.Namespace, data: dict) -> dict:
-    settings = [(a, d) for a in args.allocators for d in args.feature_dtypes]
-    rows = [_knn_row(args, data, n, a, d) for a, d in settings for n in args.sizes]
-    summary = {
-        f"{a}, {d} features": _flatness(
-            [r for r in rows if (r["allocator"], r["feature_dtype"]) == (a, d)]
-        )
-        for a, d in settings
-    }
+    settings = [
+        (a, d, m) for a in args.allocators for d in args.feature_dtypes for m in args.bank_memory
+    ]
+    runs = {s: [_knn_row(args, data, n, s) for n in args.sizes] for s in settings}
+    rows = [r for s in settings for r in runs[s]]
+    summary = {_setting_name(s): _flatness(runs[s]) for s in settings}
     return {"rows": rows, "summary": summary}
 
 
@@ -192,7 +197,8 @@ def _f(v, fmt: str = ".1f") -> str:
 
 
 def _knn_table(knn: dict) -> str:
-    headers = ["allocator", "features", "bank N", "peak RSS MB", "features MB"]
+    headers = ["allocator", "features", "bank_memory_mb", "bank N", "peak RSS MB"]
+    headers += ["features MB", "on disk"]
     headers += ["peak - features MB"]
     headers += ["embed-bank rise MB", "held after embed MB", "kNN rise MB", "kNN chunk"]
     headers += ["embed s", "embed us/sample", "kNN s", "wall s", "top-1"]
@@ -203,9 +209,11 @@ def _knn_table(knn: dict) -> str:
             [
                 r["allocator"],
                 r["feature_dtype"],
+                f"{r['bank_memory_mb']:g}",
                 f"{r['N']:,}",
                 _f(r["peak_rss_mb"]),
                 _f(r["feature_mb"]),
+                "yes" if r["bank_on_disk"] else "no",
                 _f(r["peak_minus_features_mb"]),
                 _f(ph["embed_bank"]["rise_mb"]),
                 _f(r["bank_held_mb"]),
@@ -302,6 +310,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         default="fp32,fp16",
         help="eval.feature_dtype of the kNN runs: each of fp32,fp16,bf16 given",
     )
+    p.add_argument(
+        "--bank-memory-mb",
+        default="1024,0",
+        help="eval.bank_memory_mb of the kNN runs, each given (1024, the default: the bank in "
+        "memory here; 0: on disk, read back a block at a time)",
+    )
     p.add_argument("--zs-classes", type=int, default=1000)
     p.add_argument("--zs-templates", type=int, default=80, help=f"<= {len(CLIP_TEMPLATES)}")
     p.add_argument("--zs-batch-size", type=int, default=512, help="prompts per text batch")
@@ -351,6 +365,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     args.feature_dtypes = list(dict.fromkeys(dtypes))
     if not args.feature_dtypes or set(args.feature_dtypes) - set(FEATURE_DTYPES):
         p.error(f"--feature-dtypes: choose from {','.join(FEATURE_DTYPES)}")
+    try:
+        args.bank_memory = list(dict.fromkeys(float(s) for s in args.bank_memory_mb.split(",")))
+    except ValueError:
+        p.error(f"--bank-memory-mb must be comma-separated numbers, got {args.bank_memory_mb!r}")
+    if not args.bank_memory or min(args.bank_memory) < 0:
+        p.error("--bank-memory-mb: numbers >= 0")
     counts = (args.queries, args.shard_size, args.classes, args.image_size, args.dim)
     counts += (args.zs_classes, args.zs_templates, args.zs_batch_size, args.text_width)
     counts += (args.retrieval_images, args.captions_per_image, args.retrieval_chunk)

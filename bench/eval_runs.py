@@ -126,6 +126,7 @@ QUICK = {
     "retrieval_chunk": 64,
     "allocators": "glibc",
     "feature_dtypes": "fp32,fp16",
+    "bank_memory_mb": "1024,0",
 }
 
 
@@ -272,7 +273,7 @@ def ensure_data(args: argparse.Namespace) -> dict:
 # The measured runs (each in a fresh process)
 
 
-def _embed(spec: dict, folder: str, n: int, encoder, data_cfg, batch_size: int):
+def _embed(spec: dict, folder: str, n: int, encoder, data_cfg, batch_size: int, memory_mb=None):
     from dist_contrast.data.evalsets import open_eval_set
     from dist_contrast.eval.stream import embed_set, towers_fn
 
@@ -284,6 +285,7 @@ def _embed(spec: dict, folder: str, n: int, encoder, data_cfg, batch_size: int):
         batch_size=batch_size,
         max_samples=n,
         feature_dtype=spec["feature_dtype"],
+        memory_mb=memory_mb,
     )
     if len(emb) != n:
         raise RuntimeError(f"{folder}: embedded {len(emb)} samples, expected {n}")
@@ -308,16 +310,20 @@ def child_knn(spec: dict) -> dict:
     with peaks.phase("embed_queries"):
         q, q_labels = _embed(spec, spec["query"], spec["queries"], encoder, data_cfg, ev.batch_size)
     with peaks.phase("embed_bank"):
-        bank, bank_labels = _embed(spec, spec["bank"], n, encoder, data_cfg, ev.batch_size)
+        bank, bank_labels = _embed(
+            spec, spec["bank"], n, encoder, data_cfg, ev.batch_size, spec["bank_memory_mb"]
+        )
     with peaks.phase("knn"):
         top1 = knn_top1_sharded(bank, bank_labels, q, q_labels, ev.knn_k, ev.knn_temperature, chunk)
     block_rows = min(n, max(1, BANK_BLOCK_BYTES // (4 * dim)))
-    itemsize = bank.element_size()
+    itemsize = torch.empty((), dtype=bank.dtype).element_size()
     return {
         "N": n,
         "queries": spec["queries"],
         "dim": dim,
         "feature_dtype": spec["feature_dtype"],
+        "bank_memory_mb": spec["bank_memory_mb"],
+        "bank_on_disk": not isinstance(bank, torch.Tensor),
         "k": ev.knn_k,
         "knn_chunk": bounded_chunk(chunk, block_rows),
         "knn_block_rows": block_rows,

@@ -88,13 +88,15 @@ def distributed_main() -> bool:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.export and args.overrides:
+        raise UserError("eval.key=value overrides go with --run (an export has no run config)")
     if args.export:
         return _cmd_eval_export(args)
     if args.data or args.val_data:
         raise UserError("--data and --val-data go with --export (a run is evaluated on its own)")
     from dist_contrast.eval.run import evaluate_run
 
-    result = _distributed(evaluate_run, args.run)
+    result = _distributed(evaluate_run, args.run, True, args.overrides)
     if not distributed_main():
         return 0
     if not args.brief:
@@ -277,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", help="with --export: shards measured on (default: 20%% of --data)")
     p.add_argument(
         "--brief", action="store_true", help="the summary only (eval.json holds every figure)"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="with --run: eval.key=value settings for this evaluation (eval.batch_size, "
+        "eval.feature_dtype, eval.bank_memory_mb, ...); the rest is the run's",
     )
     p.set_defaults(func=_cmd_eval)
 

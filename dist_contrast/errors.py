@@ -17,5 +17,9 @@ class CheckpointError(UserError):
     """A checkpoint or run directory that cannot be used."""
 
 
+class StorageError(UserError):
+    """A file the job must write that cannot be written: a full disk, a read-only folder."""
+
+
 class DivergedError(UserError):
     """Training stopped: too many steps in a row with a non-finite loss or gradient."""

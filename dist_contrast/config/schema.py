@@ -254,6 +254,12 @@ class EvalConfig:
     max_samples: int = 0
     # Storage of embedded features: fp32, or fp16 / bf16 for large sets (half the memory).
     feature_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # A rank's features of the training set (the kNN bank, the linear probe's data) are kept in
+    # memory up to this many MB per tower; past it they go to an unnamed temporary file in
+    # `spill_dir` (default: the system's temp dir, gone with the process) and are read back a
+    # block at a time, so memory no longer grows with the set. 0: on disk from the first row.
+    bank_memory_mb: float = 1024
+    spill_dir: str = ""
     # Zero-shot on another set than data.val_shards: a CLIP_benchmark webdataset folder
     # (classnames.txt, zeroshot_classification_templates.txt, test/*.tar), a folder of class
     # folders, or labelled shards; its class names and templates win over the lists below.

@@ -65,6 +65,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.linear_max_iter > 0, "eval.linear_max_iter", "must be > 0")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0: no evaluation during training)")
     _check(cfg.eval.max_samples >= 0, "eval.max_samples", "must be >= 0 (0: every sample)")
+    _check(
+        cfg.eval.bank_memory_mb >= 0, "eval.bank_memory_mb", "must be >= 0 (0: features on disk)"
+    )
 
 
 def _validate_patch_size(cfg: Config) -> None:

@@ -12,6 +12,7 @@ image-text methods, zero-shot top-1 and retrieval recall in the joint space
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from dist_contrast.data.sources import build_sources
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.errors import DataError
 from dist_contrast.eval.image_text import method_scores
+from dist_contrast.eval.memory import DiskRows
 from dist_contrast.eval.probes import sharded_scores
 from dist_contrast.eval.stream import Embedded, check_nonempty, embed_set
 from dist_contrast.methods import registry
@@ -94,7 +96,15 @@ def method_figures(
     image = _image_fn(method, image_text)
     try:
         with torch.no_grad():
-            train = embed_set(sets.train, image, cfg.data, desc=desc and f"{desc} train", **kw)
+            train = embed_set(
+                sets.train,
+                image,
+                cfg.data,
+                desc=desc and f"{desc} train",
+                memory_mb=cfg.eval.bank_memory_mb,
+                spill_dir=cfg.eval.spill_dir,
+                **kw,
+            )
             text = _text_fn(cfg, method, device) if image_text else None
             val = embed_set(
                 sets.val.units,
@@ -105,6 +115,7 @@ def method_figures(
                 desc=desc and f"{desc} val",
                 **kw,
             )
+            _say_on_disk(cfg, train)
             check_nonempty(train, "data.train_shards")
             check_nonempty(val, "data.val_shards")
             val = val.gathered()
@@ -129,6 +140,20 @@ def _image_text(cfg, method, sets: Sets, val: Embedded, image, kw, desc) -> dict
     )
     figures["zeroshot_samples"] = len(zs)
     return figures
+
+
+def _say_on_disk(cfg: Config, train: Embedded) -> None:
+    """One line (rank 0) when the training features passed ``eval.bank_memory_mb``."""
+    disk = [v for v in train.feats.values() if isinstance(v, DiskRows)]
+    if disk and distributed.is_main():
+        mb = sum(len(v) * v.row_bytes for v in disk) / 1e6
+        print(
+            f"dist-contrast: eval: training features past eval.bank_memory_mb="
+            f"{cfg.eval.bank_memory_mb:g} MB: {mb:,.1f} MB on rank 0 read from a temporary "
+            f"file in {disk[0].where}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _count(e: Embedded) -> int:

@@ -46,10 +46,13 @@ BANK_BLOCK_BYTES = 8 << 20  # normalised fp32 bank rows scored at a time
 PROBE_BLOCK_BYTES = 32 << 20  # standardised fp64 training rows of the linear probe at a time
 
 
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
+def unit_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.normalize(x.float(), dim=1)``, the same numbers, with one fp32 copy (normalised in
-    place) rather than two."""
-    y = x.float() if x.dtype != torch.float32 else x.clone()
+    place) rather than two; written into ``out`` (fp32, ``x``'s shape) where given."""
+    if out is not None:
+        y = out.copy_(x)
+    else:
+        y = x.float() if x.dtype != torch.float32 else x.clone()
     return y.div_(y.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
@@ -69,12 +72,20 @@ def _local_top_k(
     q_all = unit_rows(queries)
     top_sim = q_all.new_full((len(q_all), k), float("-inf"))
     top_lab = labels.new_zeros(len(q_all), k)
-    blocks = _blocks(len(bank), bank.shape[1] if bank.dim() == 2 else 1, BANK_BLOCK_BYTES, 4)
+    dim = bank.shape[1]
+    blocks = _blocks(len(bank), dim, BANK_BLOCK_BYTES, 4)
+    # one buffer for a block's normalised rows and one for a chunk's similarities, reused:
+    # a fresh 8 MB tensor per chunk left glibc's arenas holding tens of MB more
+    widest = max((b1 - b0 for b0, b1 in blocks), default=0)
+    rows_buf = torch.empty(widest * dim)
+    sim_buf = torch.empty(bounded_chunk(chunk, widest) * widest)
     for b0, b1 in blocks:
-        rows = unit_rows(bank[b0:b1])
+        rows = unit_rows(bank[b0:b1], out=rows_buf[: (b1 - b0) * dim].view(b1 - b0, dim))
         step = bounded_chunk(chunk, b1 - b0)
         for i in range(0, len(q_all), step):
-            sim, idx = (q_all[i : i + step] @ rows.T).topk(min(k, b1 - b0), dim=1)
+            q = q_all[i : i + step]
+            block_sim = torch.mm(q, rows.T, out=sim_buf[: len(q) * len(rows)].view(len(q), -1))
+            sim, idx = block_sim.topk(min(k, b1 - b0), dim=1)
             lab = labels[b0:b1][idx]
             if len(blocks) > 1:  # merged with the earlier blocks' candidates
                 sim = torch.cat([top_sim[i : i + step], sim], dim=1)
@@ -129,12 +140,10 @@ def _standardizer(x: torch.Tensor, n: float, all_sum=None) -> tuple[torch.Tensor
     """Mean and std (n - 1) of the rows of ``x`` in float64, a block of rows at a time (over
     every rank's rows with ``all_sum``); ``n`` the number of rows in all."""
     blocks = _blocks(len(x), x.shape[1], PROBE_BLOCK_BYTES, 8)
-    total = sum((x[i:j].double().sum(dim=0) for i, j in blocks), x.new_zeros(x.shape[1]).double())
+    zero = torch.zeros(x.shape[1], dtype=torch.float64)
+    total = sum((x[i:j].double().sum(dim=0) for i, j in blocks), zero)
     mean = (all_sum(total) if all_sum else total) / n
-    sq = sum(
-        (((x[i:j].double() - mean) ** 2).sum(dim=0) for i, j in blocks),
-        x.new_zeros(x.shape[1]).double(),
-    )
+    sq = sum((((x[i:j].double() - mean) ** 2).sum(dim=0) for i, j in blocks), zero)
     var = (all_sum(sq) if all_sum else sq) / (n - 1)
     return mean, var.sqrt().clamp(min=1e-6)
 
@@ -147,7 +156,8 @@ def _fit_linear(
     max_iter: int,
     all_sum=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The L-BFGS fit of :func:`linear_probe_top1` on the raw features ``x`` (any dtype):
+    """The L-BFGS fit of :func:`linear_probe_top1` on the raw features ``x`` (any dtype, a
+    tensor or :class:`~dist_contrast.eval.memory.DiskRows`: only read by slices of rows):
     (w, b, mean, std). Rows are standardised in float64 a block at a time inside each loss
     evaluation, so the probe holds one block more than the features, not three float64
     copies of them. With ``all_sum`` (across ranks) the loss and the gradient are sums over
@@ -156,7 +166,7 @@ def _fit_linear(
         n = float(len(x))
         blocks = _blocks(len(x), x.shape[1], PROBE_BLOCK_BYTES, 8)
         if len(blocks) == 1:  # one block: as it always was, the same numbers
-            xd = x.double()
+            xd = x[0 : len(x)].double()
             mean, std = xd.mean(dim=0), xd.std(dim=0).clamp(min=1e-6)
         else:
             mean, std = _standardizer(x, n)
@@ -164,7 +174,7 @@ def _fit_linear(
         n = float(all_sum(torch.tensor([float(len(x))], dtype=torch.float64)))
         mean, std = _standardizer(x, n, all_sum)
     blocks = _blocks(len(x), x.shape[1], PROBE_BLOCK_BYTES, 8)
-    whole = (x.double() - mean) / std if len(blocks) == 1 else None
+    whole = (x[0 : len(x)].double() - mean) / std if len(blocks) == 1 else None
     w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(

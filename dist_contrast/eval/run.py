@@ -37,13 +37,15 @@ def starting_point(cfg) -> tuple[nn.Module, str]:
     return method, f"model.init_from {cfg.model.init_from}"
 
 
-def evaluate_run(run_dir: str | Path, progress: bool = True) -> dict:
+def evaluate_run(run_dir: str | Path, progress: bool = True, overrides=()) -> dict:
     """kNN and linear-probe top-1 of the trained and the initial encoder (and zero-shot and
     retrieval for image-text runs), written to ``eval.json`` by rank 0: ``knn_top1``,
     ``linear_top1``, ... and the same with ``_random_init``. Under torchrun every rank embeds
-    its share of the sets (:mod:`dist_contrast.eval.figures`); the figures are the same."""
+    its share of the sets (:mod:`dist_contrast.eval.figures`); the figures are the same.
+    ``overrides``: ``eval.key=value`` settings of this evaluation (batch size, feature
+    storage, ...), over the run's."""
     run_dir = Path(run_dir)
-    cfg, step_dir = load_run(run_dir)
+    cfg, step_dir = load_run(run_dir, overrides)
     sets = run_sets(cfg)
     initial_method, initial = starting_point(cfg)
     trained_m = trained_method(cfg, step_dir)

@@ -26,7 +26,7 @@ from dist_contrast.data.decode import decode_or_count
 from dist_contrast.data.evalsets import Unit, unit_samples
 from dist_contrast.data.tario import Faults
 from dist_contrast.errors import DataError
-from dist_contrast.eval.memory import Rows, release_freed_memory
+from dist_contrast.eval.memory import DiskRows, Rows, release_freed_memory
 
 FEATURE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNIT_STRIDE = 1 << 32  # position = unit index * UNIT_STRIDE + index in the unit
@@ -46,7 +46,7 @@ def towers_fn(towers: dict[str, nn.Module]) -> ImageFn:
 class Embedded:
     """Features of a set (this rank's share, or all of it once :meth:`gathered`)."""
 
-    feats: dict[str, torch.Tensor]
+    feats: dict[str, torch.Tensor | DiskRows]  # DiskRows: past embed_set's memory_mb
     labels: torch.Tensor
     captions: list[str | None]
     order: torch.Tensor
@@ -64,7 +64,8 @@ class Embedded:
         perm = order.argsort()
         labels = distributed.all_gather_no_grad(self.labels.to(dev)).cpu()[perm]
         feats = {
-            k: distributed.all_gather_no_grad(v.to(dev)).cpu()[perm] for k, v in self.feats.items()
+            k: distributed.all_gather_no_grad(v[0 : len(v)].to(dev)).cpu()[perm]
+            for k, v in self.feats.items()
         }
         captions = [c for part in _gather_objects(self.captions) for c in part]
         return Embedded(feats, labels, [captions[i] for i in perm.tolist()], order[perm])
@@ -125,12 +126,17 @@ def embed_set(
     feature_dtype: str = "fp32",
     device: torch.device | str = "cpu",
     desc: str = "",
+    memory_mb: float | None = None,
+    spill_dir: str = "",
 ) -> Embedded:
     """This rank's share of ``units`` through ``image`` (images [B, C, S, S] -> features
     [B, D] by name; :func:`towers_fn`) and, where every sample of a batch has a caption,
     ``text`` (captions -> [B, D]) under the name ``text``. ``max_samples``: at most this many
     samples in all (each rank keeps its first ``ceil(max_samples / W)``). Not gathered: call
-    :meth:`Embedded.gathered` where every rank's rows are needed."""
+    :meth:`Embedded.gathered` where every rank's rows are needed. ``memory_mb``: features
+    kept in memory up to this many MB per tower, the rest in a temporary file in ``spill_dir``
+    (:class:`~dist_contrast.eval.memory.Rows`; features are then
+    :class:`~dist_contrast.eval.memory.DiskRows`, read by slices); None: all in memory."""
     world = distributed.world_size() if distributed.is_dist() else 1
     limit = -(-max_samples // world) if max_samples else 0
     device = torch.device(device)
@@ -149,7 +155,10 @@ def embed_set(
         x = norm(torch.stack(views).to(device))
         with autocast:
             for name, f in image(x).items():
-                parts.setdefault(name, Rows()).append(f.float().to("cpu", store))
+                if name not in parts:
+                    budget = None if memory_mb is None else int(memory_mb * (1 << 20))
+                    parts[name] = Rows(budget, spill_dir)
+                parts[name].append(f.float().to("cpu", store))
             if text is not None and all(c is not None for c in caps):
                 texts.append(text(list(caps)).float().to("cpu", store))
         order.append(torch.tensor(pos, dtype=torch.int64))  # tensors, not lists of ints:

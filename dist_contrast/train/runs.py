@@ -8,11 +8,12 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 from dist_contrast.config import Config, load_config, save_config
-from dist_contrast.config.parse import split_top_level
+from dist_contrast.config.parse import split_override, split_top_level
 from dist_contrast.data.decode import sample_fields
 from dist_contrast.data.shards import REMOTE_PREFIXES, dataset_size
 from dist_contrast.data.sources import Source, first_sample
@@ -117,13 +118,20 @@ def save_run_config(cfg: Config, run_dir: Path) -> None:
     save_config(saved, run_dir / CONFIG_YAML)
 
 
-def load_run(run_dir: Path) -> tuple[Config, Path]:
-    """The resolved config of a run and its latest checkpoint directory."""
+def load_run(run_dir: Path, eval_overrides: Sequence[str] = ()) -> tuple[Config, Path]:
+    """The resolved config of a run and its latest checkpoint directory; ``eval_overrides``
+    (``eval.key=value``) change how it is evaluated, nothing else."""
+    for item in eval_overrides:
+        if not split_override(item)[0].startswith("eval."):
+            raise ConfigError(
+                f"override {item!r}: only eval.* settings change for an evaluation (the rest "
+                "is the run's config.yaml)"
+            )
     if not run_dir.is_dir():
         raise CheckpointError(f"run dir '{run_dir}' does not exist or is not a directory")
     if not (run_dir / CONFIG_YAML).is_file():
         raise CheckpointError(f"'{run_dir}' has no config.yaml: is it a run directory?")
-    cfg = resolve(load_config(run_dir / CONFIG_YAML))  # a config.yaml of an older version
+    cfg = resolve(load_config(run_dir / CONFIG_YAML, eval_overrides))  # also an older version's
     if cfg.data.tokenizer == "bpe" and (run_dir / TOKENIZER_JSON).is_file():
         cfg.data.tokenizer_path = str(run_dir / TOKENIZER_JSON)  # the run's own copy
     step_dir = checkpoint.read_latest(run_dir / "checkpoints")

@@ -12,6 +12,7 @@ import tarfile
 
 import pytest
 from PIL import Image
+from test_cli_errors import _one_clear_line
 from test_wandb import _records
 from wandb.proto import wandb_internal_pb2
 
@@ -53,16 +54,24 @@ def clip_run(tmp_path_factory, digits_dir, digits_tokenizer):
 
 
 def test_two_ranks_give_the_figures_of_one_process(clip_run):
+    """... also with each rank's bank (training features) on disk rather than in memory."""
     one = run_cli("eval", "--run", str(clip_run), "--brief")
     assert one.returncode == 0, one.stderr[-3000:]
     single = json.loads((clip_run / "eval.json").read_text())
-    two = run_torchrun(2, "eval", "--run-dir", str(clip_run), "--brief")
+    on_disk = "eval.bank_memory_mb=0"
+    two = run_torchrun(2, "eval", "--run-dir", str(clip_run), "--brief", on_disk)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "training features past eval.bank_memory_mb=0 MB" in two.stderr  # on disk
     assert two.stdout.count("kNN top-1") == 1  # rank 0 reports
     double = json.loads((clip_run / "eval.json").read_text())
     assert double == single
     assert single["val_samples"] == 360 and single["train_samples"] == 1437
     assert {"zeroshot_top1", "i2t_r10", "t2i_r1", "knn_top1", "linear_top1"} <= set(single)
+    # only the evaluation's own settings change at evaluation time
+    _one_clear_line(
+        run_cli("eval", "--run", str(clip_run), "train.steps=9"),
+        "override 'train.steps=9': only eval.* settings change for an evaluation",
+    )
 
 
 def _clip_benchmark_set(digits_dir, root, templates: list[str]) -> None:

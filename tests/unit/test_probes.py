@@ -1,4 +1,5 @@
-"""The kNN and linear probes a block of the bank at a time equal the whole-bank computation."""
+"""The kNN and linear probes a block of the bank at a time (in memory or read back from disk)
+equal the whole-bank computation."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_contrast.eval import probes
+from dist_contrast.eval.memory import DiskRows, Rows
 
 
 def _clusters(n: int, m: int, dim: int, classes: int, seed: int):
@@ -68,3 +70,36 @@ def test_unit_rows_equals_normalize_bit_for_bit():
     assert torch.equal(probes.unit_rows(x), F.normalize(x, dim=1))
     assert torch.equal(probes.unit_rows(x.half()), F.normalize(x.half().float(), dim=1))
     assert x.abs().sum() > 0 and probes.unit_rows(x) is not x  # the input is left alone
+    buf = torch.empty(64 * 9)
+    into = probes.unit_rows(x.half(), out=buf.view(64, 9))
+    assert torch.equal(into, F.normalize(x.half().float(), dim=1))
+    assert into.data_ptr() == buf.data_ptr()  # written where it was asked
+
+
+def _on_disk(x: torch.Tensor, tmp_path) -> DiskRows:
+    rows = Rows(0, str(tmp_path))
+    rows.append(x)
+    disk = rows.join()
+    assert isinstance(disk, DiskRows)
+    return disk
+
+
+@pytest.mark.parametrize("blocks", [1, 7])
+def test_probes_on_a_bank_on_disk_give_the_same_numbers(monkeypatch, tmp_path, blocks):
+    """The bank read back from its temporary file a block at a time: kNN top-1 equal, the
+    linear probe's fit equal bit for bit, in one block or several."""
+    bank, bank_y, queries, query_y = _clusters(2100, 500, 12, 8, 6)
+    bank = bank.half()
+    disk = _on_disk(bank, tmp_path)
+    if blocks > 1:
+        monkeypatch.setattr(probes, "BANK_BLOCK_BYTES", 300 * 12 * 4)
+        monkeypatch.setattr(probes, "PROBE_BLOCK_BYTES", 300 * 12 * 8)
+    assert probes.knn_top1(disk, bank_y, queries, query_y) == probes.knn_top1(
+        bank, bank_y, queries, query_y
+    )
+    for got, want in zip(
+        probes._fit_linear(disk, bank_y, 8, 1e-3, 50),
+        probes._fit_linear(bank, bank_y, 8, 1e-3, 50),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
