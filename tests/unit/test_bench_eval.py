@@ -32,11 +32,11 @@ def test_quick_bench_writes_three_sections(tmp_path, capsys):
     assert result["command"].startswith("dist-contrast bench eval")
 
     knn = result["knn"]
-    assert [(r["feature_dtype"], r["N"]) for r in knn["rows"]] == [
-        ("fp32", 2000),
-        ("fp32", 5000),
-        ("fp16", 2000),
-        ("fp16", 5000),
+    assert [(r["feature_dtype"], r["bank_memory_mb"], r["N"]) for r in knn["rows"]] == [
+        (dtype, mb, n) for dtype in ("fp32", "fp16") for mb in (1024, 0) for n in (2000, 5000)
+    ]
+    assert [r["bank_on_disk"] for r in knn["rows"]] == [
+        r["bank_memory_mb"] == 0 for r in knn["rows"]
     ]
     for row in knn["rows"]:
         assert row["queries"] == 500 and 0.0 <= row["top1"] <= 1.0
@@ -46,10 +46,19 @@ def test_quick_bench_writes_three_sections(tmp_path, capsys):
         assert set(row["phases"]) == {"embed_queries", "embed_bank", "knn"}
     assert {r["allocator"] for r in knn["rows"]} == {"glibc"}
     # fp16 features: the same neighbours up to rounding (the bank is small and well separated)
-    top1 = {(r["feature_dtype"], r["N"]): r["top1"] for r in knn["rows"]}
+    top1 = {(r["feature_dtype"], r["N"]): r["top1"] for r in knn["rows"] if r["bank_memory_mb"]}
     assert abs(top1["fp16", 5000] - top1["fp32", 5000]) <= 0.01
-    assert knn["summary"]["glibc, fp32 features"]["peak_ratio_raw"] > 0
-    assert "minus_features_flat_within_10pct" in knn["summary"]["glibc, fp16 features"]
+    # the bank read back from disk: the same neighbours exactly
+    by = {(r["feature_dtype"], r["bank_memory_mb"], r["N"]): r for r in knn["rows"]}
+    for (dtype, mb, n), row in by.items():
+        assert row["top1"] == by[dtype, 1024, n]["top1"]
+        held = 0.0 if mb == 0 else row["feature_mb"]
+        assert row["peak_minus_features_mb"] == row["peak_rss_mb"] - held
+    summary = knn["summary"]
+    assert summary["glibc, fp32 features, eval.bank_memory_mb=1024"]["peak_ratio_raw"] > 0
+    assert (
+        "minus_features_flat_within_10pct" in summary["glibc, fp16 features, eval.bank_memory_mb=0"]
+    )
 
     zs = result["zeroshot"]
     assert zs["shape"] == [50, 64] and zs["templates"] == zs["distinct_templates"] == 8
