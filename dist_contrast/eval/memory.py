@@ -54,8 +54,8 @@ class Rows:
     def _new_page(self, x: torch.Tensor) -> None:
         if self.disk is None and self.memory_bytes is not None:
             held = sum(p.nbytes for p in self.pages)
-            page = self.pages[0].nbytes if self.pages else self.PAGE_BYTES
-            if held + page > self.memory_bytes:
+            next_page = self.pages[0].nbytes if self.pages else self.PAGE_BYTES
+            if held + next_page > self.memory_bytes:
                 self.disk = DiskRows.create(x.shape[1:], x.dtype, self.spill_dir)
         if self.disk is not None and self.pages:
             for page in self.pages:  # full pages to the file; the last one is reused
@@ -98,7 +98,8 @@ class Rows:
 class DiskRows:
     """Rows of one shape and dtype in an unnamed temporary file, read back by slices: what the
     probes use of a tensor (``len``, ``shape``, ``dtype``, ``dim()``, ``x[i:j]``), with memory
-    of one slice. Written by :class:`Rows` once its memory budget is passed."""
+    of one slice. Written by :class:`Rows` once its memory budget is passed; the file is closed
+    (and its space freed) when the object is dropped."""
 
     def __init__(self, file, row_shape: torch.Size, dtype: torch.dtype, where: str) -> None:
         self.file, self.where = file, where
@@ -156,9 +157,6 @@ class DiskRows:
                 raise StorageError(f"features on disk in {self.where}: the file ended early")
             done += got
         return out
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def _storage_error(where: str, exc: OSError) -> StorageError:
