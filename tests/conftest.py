@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,18 +71,36 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def run_group(cmd: list[str], cwd: Path | None, timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` in a session of its own; past ``timeout`` every process of it (torchrun's workers
+    too, not only torchrun) is killed before ``TimeoutExpired`` is raised: a hung test leaves
+    nothing running."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd or ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """``dist-contrast ARGS`` as a user runs it, one process."""
-    return subprocess.run(
-        [sys.executable, "-m", "dist_contrast.cli", *args],
-        cwd=cwd or ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_group([sys.executable, "-m", "dist_contrast.cli", *args], cwd, timeout)
 
 
 def run_torchrun(
@@ -99,6 +118,4 @@ def run_torchrun(
         "dist_contrast.cli",
         *args,
     ]
-    return subprocess.run(
-        cmd, cwd=cwd or ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return run_group(cmd, cwd, timeout)

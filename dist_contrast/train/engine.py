@@ -167,6 +167,22 @@ def initial_method(cfg: Config) -> Method:
 Evaluator = Callable[[Method, int], dict[str, float]]
 
 
+def unpartitioned(cfg: Config, module: Method) -> Method:
+    """A copy of a ZeRO-3 ``module`` with whole parameters, for evaluation: ZeRO-3 gathers a
+    module's parameters in its forward, a collective every rank must join, and the ranks embed
+    different numbers of batches (their shares of a set differ), so evaluating the partitioned
+    module stops the job. Gathered once, on every rank, in the same order; the copy takes the
+    parameters' dtype and device and is dropped after the evaluation."""
+    import deepspeed
+
+    params = list(module.parameters())
+    copy = build_method(cfg)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    copy.load_state_dict(state)
+    return copy.to(device=params[0].device, dtype=params[0].dtype)
+
+
 def train(cfg: Config, evaluate: Evaluator | None = None) -> Path:
     """Train ``cfg`` on every rank of the job; return the run directory. ``evaluate(method,
     step)``: the figures every ``eval.every`` steps (given by the CLI: :mod:`dist_contrast.eval`
@@ -354,7 +370,10 @@ class Trainer:
         (the sets are read apart from it) and the modules return to train mode."""
         rng = checkpoint.rng_state()
         try:
-            figures = self.evaluate(self.engine.module, self.step)
+            module = self.engine.module
+            if self.cfg.deepspeed.zero_stage == 3:
+                module = unpartitioned(self.cfg, module)
+            figures = self.evaluate(module, self.step)
         finally:
             checkpoint.set_rng_state(rng)
         self.logger.log_eval({"step": self.step, **{f"eval/{k}": v for k, v in figures.items()}})

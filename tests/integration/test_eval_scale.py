@@ -180,3 +180,32 @@ def test_eval_every_logs_figures_and_leaves_training_alone(tmp_path, digits_dir,
     r_losses, r_evals = _rows(resumed)
     assert r_losses == losses
     assert {s: r_evals[s] for s in (6, 8)} == {s: evals[s] for s in (6, 8)}
+
+
+def test_eval_every_under_zero3_with_uneven_shares_ends_with_the_final_figures(
+    tmp_path, digits_dir, digits_tokenizer
+):
+    """ZeRO-3 partitions the parameters and gathers them in each module's forward: ranks with
+    different numbers of evaluation batches (here 8 and 7: shards of 100 split 737 / 700) used
+    to wait for each other forever. The periodic figures at the last step equal those of
+    `dist-contrast eval` on the consolidated checkpoint of that step."""
+    args = _clip_overrides(
+        tmp_path,
+        digits_dir,
+        digits_tokenizer,
+        "deepspeed.zero_stage=3",
+        "train.steps=2",
+        "eval.every=2",
+        "eval.batch_size=100",
+        "logging.wandb=false",
+    )
+    proc = run_torchrun(2, "train", "--config", "configs/clip_digits.yaml", *args, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "clip_digits"
+    periodic = _rows(run)[1][2]
+    assert periodic["eval/train_samples"] == 1437  # every sample, unevenly shared
+    one = run_cli("eval", "--run", str(run), "--brief", "eval.batch_size=100")
+    assert one.returncode == 0, one.stderr[-3000:]
+    final = json.loads((run / "eval.json").read_text())
+    figures = {k.removeprefix("eval/"): v for k, v in periodic.items() if k.startswith("eval/")}
+    assert figures == {k: final[k] for k in figures}
