@@ -178,8 +178,7 @@ def unpartitioned(cfg: Config, module: Method) -> Method:
     params = list(module.parameters())
     copy = build_method(cfg)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    copy.load_state_dict(state)
+        copy.load_state_dict(module.state_dict())  # copied while whole: no second copy
     return copy.to(device=params[0].device, dtype=params[0].dtype)
 
 
