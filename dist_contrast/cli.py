@@ -23,7 +23,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.check:
         from dist_contrast.train.engine import prepare
 
-        world = prepare(cfg, args.world)
+        world = prepare(cfg, args.world, thorough=True)
         print(f"config ok for {world} rank(s): run dir {cfg.run_dir}")
         return 0
     from dist_contrast.train.engine import train
@@ -60,7 +60,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from dist_contrast.export import ExportOptions, export_run
 
     opts = ExportOptions(
-        torchscript=args.torchscript, onnx=args.onnx, force=args.force, format=args.format
+        torchscript=args.torchscript,
+        onnx=args.onnx,
+        force=args.force,
+        format=args.format,
+        step=args.step,
     )
     out, manifest = export_run(args.run, args.out, opts)
     towers = ", ".join(
@@ -88,6 +92,8 @@ def distributed_main() -> bool:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.export and args.step is not None:
+        raise UserError("--step goes with --run (an export holds one set of weights)")
     if args.export and args.overrides:
         raise UserError("eval.key=value overrides go with --run (an export has no run config)")
     if args.export:
@@ -96,7 +102,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--data and --val-data go with --export (a run is evaluated on its own)")
     from dist_contrast.eval.run import evaluate_run
 
-    result = _distributed(evaluate_run, args.run, True, args.overrides)
+    result = _distributed(evaluate_run, args.run, True, args.overrides, args.step)
     if not distributed_main():
         return 0
     if not args.brief:
@@ -281,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--brief", action="store_true", help="the summary only (eval.json holds every figure)"
     )
     p.add_argument(
+        "--step", type=int, help="with --run: the checkpoint of this step (default: latest)"
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         help="with --run: eval.key=value settings for this evaluation (eval.batch_size, "
@@ -296,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchscript", action="store_true", help="also TOWER/model.pt (traced)")
     p.add_argument("--onnx", action="store_true", help="also TOWER/model.onnx (needs onnx)")
     p.add_argument("--force", action="store_true", help="replace an existing export at --out")
+    p.add_argument("--step", type=int, help="the checkpoint of this step (default: latest)")
     p.add_argument(
         "--format",
         choices=("native", "hf"),

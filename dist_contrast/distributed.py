@@ -216,6 +216,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj`` (picklable plain data), in rank order, on every rank."""
+    if not (is_dist() and world_size() > 1):
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is true on every rank: one decision for all."""
     t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device())

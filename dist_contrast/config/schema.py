@@ -22,6 +22,11 @@ class RunConfig:
     name: str = "default"
     dir: str = "runs"  # runs live in <dir>/<name>/
     seed: int = 0
+    # A run dir that holds an earlier run's work (step directories, metrics rows) is resumed
+    # or refused, never started over. true: start over anyway, deleting its checkpoints,
+    # metrics.jsonl, eval.json and plots (with checkpoint.resume=PATH of an older step of this
+    # run: the step directories after it).
+    overwrite: bool = False
 
 
 @dataclass
@@ -240,7 +245,11 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps; a checkpoint is always written at the last step too
-    resume: str = ""  # "" (fresh run), "latest", or a path to a step directory
+    # "" (a fresh run), "latest" (the step `latest` names, verified against its manifest; a
+    # damaged one is refused), "latest_intact" (the newest step that verifies; damaged newer
+    # ones are set aside as step_N.damaged: what a requeued Slurm job uses), or a path to a
+    # step directory.
+    resume: str = ""
     keep: int = 3  # step directories kept; older ones are removed after `latest` moves
 
 

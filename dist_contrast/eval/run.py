@@ -18,7 +18,8 @@ from dist_contrast.errors import UserError
 from dist_contrast.eval.figures import method_figures, run_sets
 from dist_contrast.export.write import trained_method
 from dist_contrast.methods import build_method, init
-from dist_contrast.train.runs import load_run
+from dist_contrast.train import integrity
+from dist_contrast.train.runs import run_config
 
 
 def starting_point(cfg) -> tuple[nn.Module, str]:
@@ -37,18 +38,22 @@ def starting_point(cfg) -> tuple[nn.Module, str]:
     return method, f"model.init_from {cfg.model.init_from}"
 
 
-def evaluate_run(run_dir: str | Path, progress: bool = True, overrides=()) -> dict:
+def evaluate_run(
+    run_dir: str | Path, progress: bool = True, overrides=(), step: int | None = None
+) -> dict:
     """kNN and linear-probe top-1 of the trained and the initial encoder (and zero-shot and
-    retrieval for image-text runs), written to ``eval.json`` by rank 0: ``knn_top1``,
+    retrieval for image-text runs) of its latest checkpoint (or of ``step``), verified against
+    its manifest and pinned while read, written to ``eval.json`` by rank 0: ``knn_top1``,
     ``linear_top1``, ... and the same with ``_random_init``. Under torchrun every rank embeds
     its share of the sets (:mod:`dist_contrast.eval.figures`); the figures are the same.
     ``overrides``: ``eval.key=value`` settings of this evaluation (batch size, feature
     storage, ...), over the run's."""
     run_dir = Path(run_dir)
-    cfg, step_dir = load_run(run_dir, overrides)
+    cfg = run_config(run_dir, overrides)
     sets = run_sets(cfg)
     initial_method, initial = starting_point(cfg)
-    trained_m = trained_method(cfg, step_dir)
+    with integrity.reading(run_dir / "checkpoints", step) as step_dir:
+        trained_m = trained_method(cfg, step_dir)
     desc = "eval" if progress else ""
     trained = method_figures(cfg, trained_m, sets, desc=desc)
     baseline = method_figures(cfg, initial_method, sets, desc=desc and "eval (initial)")

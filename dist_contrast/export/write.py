@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,8 @@ from dist_contrast.export.layout import (
     tower_kind,
 )
 from dist_contrast.methods import build_method
-from dist_contrast.train import checkpoint
-from dist_contrast.train.runs import load_run
+from dist_contrast.train import checkpoint, integrity
+from dist_contrast.train.runs import run_config
 
 FORMATS = ("native", "hf")
 
@@ -54,6 +55,7 @@ class ExportOptions:
     # "native": this package's layout (load_encoder, load_clip); "hf": a folder transformers
     # loads as it is (CLIPModel, ViTModel, CLIPVisionModel, ResNetModel; export/hf.py)
     format: str = "native"
+    step: int | None = None  # the checkpoint of this step (default: the run's latest)
 
     def check(self) -> None:
         if self.format not in FORMATS:
@@ -226,19 +228,28 @@ def export_run(
     opts = opts or ExportOptions()
     opts.check()
     run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "export"
+    with _checkpoint(run_dir, opts.step) as (cfg, step_dir):
+        _check_out(out, opts.force)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            manifest = _write_all(run_dir, cfg, step_dir, tmp, opts)
+            _move_into_place(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out, manifest
+
+
+@contextlib.contextmanager
+def _checkpoint(run_dir: Path, step: int | None) -> Iterator[tuple[Config, Path]]:
+    """The run's config and its checkpoint (latest, or ``step``), verified and pinned while
+    the export reads it; what cannot be exported is one :class:`ExportError`."""
     try:
-        cfg, step_dir = load_run(run_dir)
+        cfg = run_config(run_dir)
+        with integrity.reading(run_dir / "checkpoints", step) as step_dir:
+            yield cfg, step_dir
     except CheckpointError as exc:
         raise ExportError(f"nothing to export: {exc}") from None
-    out = Path(out) if out is not None else run_dir / "export"
-    _check_out(out, opts.force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        manifest = _write_all(run_dir, cfg, step_dir, tmp, opts)
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out, manifest

@@ -27,7 +27,7 @@ from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import ConfigError, DataError, DivergedError
 from dist_contrast.methods import LossOutput, Method, build_method, init
-from dist_contrast.train import checkpoint, elastic, preempt
+from dist_contrast.train import checkpoint, deepspeed_api, elastic, integrity, preempt
 from dist_contrast.train.accumulate import cached_step, plain_step
 from dist_contrast.train.guard import StepGuard
 from dist_contrast.train.metrics import MetricsLogger, embedding_metrics
@@ -36,6 +36,7 @@ from dist_contrast.train.plots import write_plots
 from dist_contrast.train.runs import (
     check_method_data,
     check_run_dir,
+    clear_for_overwrite,
     lock_run_dir,
     resolve,
     save_run_config,
@@ -117,9 +118,11 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype | None = Non
     return out
 
 
-def prepare(cfg: Config, world: int | None = None) -> int:
+def prepare(cfg: Config, world: int | None = None, thorough: bool = False) -> int:
     """Everything a user can get wrong, checked before any process group starts, for a job of
-    ``world`` ranks (default: the launcher's environment); returns ``world``."""
+    ``world`` ranks (default: the launcher's environment); returns ``world``. ``thorough``
+    (``train --check``): the checkpoint to resume is hashed against its manifest too (the ranks
+    of a run share that work when it starts)."""
     if world is None:
         world = distributed.detect_env().world_size
     if world < 1:
@@ -140,8 +143,11 @@ def prepare(cfg: Config, world: int | None = None) -> int:
     check_method_data(cfg, sources)
     resolve(cfg)
     tokenizer_for(cfg.data)  # a missing or broken tokenizer.json: one line, before any rank
+    deepspeed_api.check_version()
+    deepspeed_api.check_config(deepspeed_config(cfg, world), world)
     check_run_dir(cfg, probe_lock=distributed.detect_env().rank == 0)
-    step_dir = checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
+    root = cfg.run_dir / "checkpoints"
+    step_dir = integrity.resolve_resume(root, cfg.checkpoint.resume, full=thorough)
     if step_dir is not None:
         checkpoint.check_world(step_dir, world)
         fitted = elastic.fit_queue_size(cfg, step_dir, world)
@@ -152,11 +158,20 @@ def prepare(cfg: Config, world: int | None = None) -> int:
     return world
 
 
+def start_over(cfg: Config) -> None:
+    """``run.overwrite=true``: what the earlier run left is deleted (rank 0), and said."""
+    resume_from = integrity.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
+    gone = clear_for_overwrite(cfg, resume_from)
+    if gone:
+        shown = ", ".join(gone[:6]) + (f" and {len(gone) - 6} more" if len(gone) > 6 else "")
+        print(f"dist-contrast: run.overwrite: deleted {shown} of {cfg.run_dir}", file=sys.stderr)
+
+
 def initial_method(cfg: Config) -> Method:
     """The method at the weights training starts from: fresh (the seed's), or loaded from
     ``model.init_from`` when the run does not resume a checkpoint (whose weights win)."""
     method = build_method(cfg)
-    resuming = checkpoint.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
+    resuming = integrity.resolve_resume(cfg.run_dir / "checkpoints", cfg.checkpoint.resume)
     if cfg.model.init_from and resuming is None:
         line = init.apply(method, cfg)
         if distributed.is_main():
@@ -211,6 +226,7 @@ def _train(
 ) -> Path:
     run_dir, main = cfg.run_dir, distributed.is_main()
     if main:
+        start_over(cfg)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_run_config(cfg, run_dir)
     distributed.barrier()
@@ -279,9 +295,10 @@ class Trainer:
         """Continue from ``checkpoint.resume``: on the ranks and workers that wrote it,
         bit-exactly from each rank's own state; on others, each rank's share of the saved
         ranks' states (:mod:`dist_contrast.train.elastic`), said in one line."""
-        step_dir = checkpoint.resolve_resume(self.ckpt_root, self.cfg.checkpoint.resume)
+        step_dir = integrity.choose(self.ckpt_root, self.cfg.checkpoint.resume)
         if step_dir is None:
             return
+        checkpoint.check_world(step_dir, self.world)
         client = checkpoint.load(self.engine, step_dir)
         self.step = int(client["step"])
         if "scheduler" in client:

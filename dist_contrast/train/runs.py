@@ -19,7 +19,7 @@ from dist_contrast.data.shards import REMOTE_PREFIXES, dataset_size
 from dist_contrast.data.sources import Source, first_sample
 from dist_contrast.errors import CheckpointError, ConfigError, DataError
 from dist_contrast.methods import registry
-from dist_contrast.train import checkpoint
+from dist_contrast.train import checkpoint, integrity
 
 LOCK = ".lock"  # in the run directory: held (flock) by rank 0 of the run that owns it
 CONFIG_YAML = "config.yaml"
@@ -38,11 +38,93 @@ def check_run_dir(cfg: Config, probe_lock: bool = True) -> None:
     _check_writable(run_dir)
     if probe_lock and (run_dir / LOCK).exists():
         lock_run_dir(run_dir).close()  # refused if another run holds it
-    if cfg.checkpoint.resume == "" and checkpoint.step_dirs(run_dir / "checkpoints"):
-        raise CheckpointError(
-            f"run dir '{run_dir}' already holds checkpoints: continue it with "
-            f"checkpoint.resume=latest, or start another with run.name=NEW_NAME"
+    if not cfg.run.overwrite:
+        _refuse_start_over(run_dir, cfg.checkpoint.resume)
+
+
+METRICS = "metrics.jsonl"
+# What run.overwrite=true deletes from a run dir before a fresh start (wandb/run_id: the next
+# start opens a new wandb run; the earlier offline runs stay in wandb/)
+OVERWRITTEN = ("checkpoints", METRICS, "eval.json", "plots", "export", "wandb/run_id")
+
+
+def _refuse_start_over(run_dir: Path, resume: str) -> None:
+    """A run dir holding an earlier run's work is resumed, or refused: a fresh start (or a
+    resume from a step other than its newest) would overwrite its checkpoints, prune them or
+    cut its metrics. ``run.overwrite=true`` is the user saying otherwise."""
+    root = run_dir / "checkpoints"
+    steps = checkpoint.step_dirs(root)
+    fix = "start another with run.name=NEW_NAME, or start over with run.overwrite=true"
+    if resume == "":
+        if steps:
+            raise CheckpointError(
+                f"run dir '{run_dir}' already holds checkpoints ({steps[-1].name} the newest): "
+                f"continue it with checkpoint.resume=latest, or {fix}"
+            )
+        if _has_rows(run_dir / METRICS):
+            raise CheckpointError(
+                f"run dir '{run_dir}' holds the metrics of an earlier run (no checkpoint): {fix}"
+            )
+        return
+    if resume in (checkpoint.LATEST, checkpoint.LATEST_INTACT) or not steps:
+        return
+    path = Path(resume)
+    if path.resolve() != steps[-1].resolve():
+        what = (
+            "an older step of this run"
+            if path.resolve().parent == root.resolve()
+            else ("a step of another run")
         )
+        raise CheckpointError(
+            f"checkpoint.resume='{resume}' is {what}, and run dir '{run_dir}' holds checkpoints "
+            f"up to {steps[-1].name}: continuing would overwrite them and cut its metrics; "
+            f"continue from it in a new run dir (run.name=NEW_NAME), or allow it with "
+            "run.overwrite=true"
+        )
+
+
+def _has_rows(path: Path) -> bool:
+    if not path.is_file():  # a FIFO in its place is not read (it would block)
+        return False
+    try:
+        with open(path, "rb") as f:
+            return bool(f.read(4096).strip())
+    except OSError:
+        return False
+
+
+def clear_for_overwrite(cfg: Config, resume_from: Path | None) -> list[str]:
+    """``run.overwrite=true``, on rank 0 before anything is written: a fresh start (or a resume
+    from another run's checkpoint) deletes the earlier run's :data:`OVERWRITTEN`; a resume from
+    an older step of this run deletes the step directories after it (the metrics after it are
+    cut by the resume, as always).
+    Returns what was deleted, for the line the run says."""
+    run_dir, gone = cfg.run_dir, []
+    if not cfg.run.overwrite:
+        return gone
+    root = run_dir / "checkpoints"
+    if resume_from is not None and resume_from.resolve().parent == root.resolve():
+        for step_dir in checkpoint.step_dirs(root):
+            if checkpoint.step_number(step_dir) > _step_of(resume_from):
+                shutil.rmtree(step_dir)
+                shutil.rmtree(checkpoint.universal_dir(step_dir), ignore_errors=True)
+                gone.append(f"checkpoints/{step_dir.name}")
+        return gone
+    for name in OVERWRITTEN:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        gone.append(name)
+    return gone
+
+
+def _step_of(step_dir: Path) -> int:
+    m = checkpoint.STEP_DIR.match(step_dir.name)
+    return int(m.group(1)) if m else -1
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -119,8 +201,17 @@ def save_run_config(cfg: Config, run_dir: Path) -> None:
 
 
 def load_run(run_dir: Path, eval_overrides: Sequence[str] = ()) -> tuple[Config, Path]:
-    """The resolved config of a run and its latest checkpoint directory; ``eval_overrides``
-    (``eval.key=value``) change how it is evaluated, nothing else."""
+    """The resolved config of a run and its latest checkpoint directory, verified against its
+    manifest (``trained_method(*load_run(run))``). ``eval`` and ``export`` read the checkpoint
+    through :func:`dist_contrast.train.integrity.reading` instead, which also pins it."""
+    cfg = run_config(run_dir, eval_overrides)
+    with integrity.reading(run_dir / "checkpoints") as step_dir:
+        return cfg, step_dir
+
+
+def run_config(run_dir: Path, eval_overrides: Sequence[str] = ()) -> Config:
+    """The resolved config of a run; ``eval_overrides`` (``eval.key=value``) change how it is
+    evaluated, nothing else."""
     for item in eval_overrides:
         if not split_override(item)[0].startswith("eval."):
             raise ConfigError(
@@ -134,10 +225,7 @@ def load_run(run_dir: Path, eval_overrides: Sequence[str] = ()) -> tuple[Config,
     cfg = resolve(load_config(run_dir / CONFIG_YAML, eval_overrides))  # also an older version's
     if cfg.data.tokenizer == "bpe" and (run_dir / TOKENIZER_JSON).is_file():
         cfg.data.tokenizer_path = str(run_dir / TOKENIZER_JSON)  # the run's own copy
-    step_dir = checkpoint.read_latest(run_dir / "checkpoints")
-    if step_dir is None:
-        raise CheckpointError(f"run dir '{run_dir}' has no checkpoint yet")
-    return cfg, step_dir
+    return cfg
 
 
 def resolve(cfg: Config) -> Config:
