@@ -23,3 +23,7 @@ class StorageError(UserError):
 
 class DivergedError(UserError):
     """Training stopped: too many steps in a row with a non-finite loss or gradient."""
+
+
+class ResourceError(UserError):
+    """The job needs more memory than the device or machine has."""

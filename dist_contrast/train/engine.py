@@ -25,7 +25,7 @@ from dist_contrast.data.sources import build_sources, check_readers
 from dist_contrast.data.tario import FAULT_REASONS
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.distributed import mix_seed
-from dist_contrast.errors import ConfigError, DataError, DivergedError
+from dist_contrast.errors import ConfigError, DataError, DivergedError, ResourceError
 from dist_contrast.methods import LossOutput, Method, build_method, init
 from dist_contrast.train import checkpoint, deepspeed_api, elastic, integrity, preempt
 from dist_contrast.train.accumulate import cached_step, plain_step
@@ -255,6 +255,29 @@ def _train(
     return run_dir
 
 
+# How an allocation failure reads: CUDA's OutOfMemoryError, the CPU allocator's refusal
+OOM_MARKERS = ("out of memory", "can't allocate memory", "Cannot allocate memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc) for m in OOM_MARKERS)
+
+
+def oom_error(cfg: Config, step: int, exc: BaseException) -> ResourceError:
+    """The one line of a step that needed more memory than there is, with the remedies."""
+    t = cfg.train
+    where = "the GPU" if torch.cuda.is_available() else "this machine"
+    detail = (str(exc).strip().splitlines() or ["out of memory"])[0][:200]
+    return ResourceError(
+        f"out of memory at step {step} on {where} with train.batch_size={t.batch_size} per "
+        f"rank, model.encoder={cfg.model.encoder}, deepspeed.precision="
+        f"{cfg.deepspeed.precision} ({detail}): lower train.batch_size (train.accumulation=K "
+        "keeps the global batch and, in cached mode, every negative), or set "
+        "model.activation_checkpointing=true, loss.memory_efficient=true, "
+        "deepspeed.zero_stage=3"
+    )
+
+
 @dataclass
 class Window:
     """What is summed between two logged steps (the loss over the steps taken only)."""
@@ -414,6 +437,14 @@ class Trainer:
     def optimizer_step(self, batch: dict) -> LossOutput:
         """Forward, backward and DeepSpeed's step over this rank's batch (gradient clipping
         and accumulation included; the guard's pre-hook may turn the update into a no-op)."""
+        try:
+            return self._optimizer_step(batch)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not out_of_memory(exc):
+                raise
+            raise oom_error(self.cfg, self.step + 1, exc) from None
+
+    def _optimizer_step(self, batch: dict) -> LossOutput:
         parts = self.cfg.train.accumulation
         if parts == 1:
             out = self.engine(batch)

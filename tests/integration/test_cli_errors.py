@@ -1,5 +1,7 @@
 """Errors a user can cause: one line on stderr, a non-zero exit, no traceback."""
 
+import shutil
+
 import pytest
 
 from conftest import run_cli
@@ -131,3 +133,32 @@ def test_resume_from_a_path_that_is_no_checkpoint(digits_dir, tmp_path):
         f"checkpoint.resume={tmp_path}/nowhere",
     )
     _one_clear_line(proc, "is not a checkpoint step directory")
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) not found")
+def test_out_of_memory_is_one_line_with_the_remedy(digits_dir, tmp_path):
+    """A batch that does not fit: the process's address space capped at 2.5 GB (prlimit), a
+    step of 700 images of 64 px asks the allocator for more. One line naming the batch and
+    what to change, not the allocator's traceback."""
+    import sys
+
+    from conftest import run_group
+
+    args = [
+        f"run.dir={tmp_path}",
+        f"data.train_shards={digits_dir}/train-*.tar",
+        "data.val_shards=",
+        "data.image_size=64",
+        "data.num_workers=0",
+        "train.steps=2",
+        "train.batch_size=700",
+        "logging.wandb=false",
+        "logging.progress=false",
+    ]
+    cmd = ["prlimit", "--as=2500000000", sys.executable, "-m", "dist_contrast.cli", "train"]
+    proc = run_group([*cmd, "--config", "configs/simclr_digits.yaml", *args], None, 300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "out of memory at step 1 on this machine with train.batch_size=700" in line
+    assert "lower train.batch_size" in line
