@@ -29,7 +29,7 @@ from dist_contrast.data.augment import (
     resize_view,
     sample_crop,
 )
-from dist_contrast.data.decode import Decoded, decode_or_count
+from dist_contrast.data.decode import Decoded, SkipSample, decode_or_count, oriented_size
 from dist_contrast.data.sources import Reader, Source, mix
 from dist_contrast.data.tario import FAULT_REASONS, Faults, shard_opens, tar_samples
 from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
@@ -154,7 +154,7 @@ class ReaderStream(IterableDataset):
     def views(self, dec: Decoded, reader: Reader, epoch: int, pos: int) -> dict[str, Any]:
         a, d = self.augment, self.data
         rng = random.Random(mix_seed(self.seed, epoch, reader.rank, reader.worker, pos, 2))
-        w, h = dec.image.size
+        w, h = oriented_size(dec.image)  # as the views will see it (EXIF orientation)
 
         def crop(scale: tuple[float, float]) -> Crop:
             return sample_crop(rng, w, h, scale, a.rotation_deg, a.translate, a.flip_prob)
@@ -236,17 +236,21 @@ def _take(items: Iterator[dict], n: int) -> Iterator[dict]:
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a batch. In a loader worker, tensors are stacked straight into shared memory (as
     torch's default_collate does): handing the batch to the training process then copies
-    nothing more, where a plain stack is copied once again into shared memory when sent."""
+    nothing more, where a plain stack is copied once again into shared memory when sent.
+
+    A field that only some samples have (a caption: the shard writers leave out an empty one)
+    is a list with None where a sample has none, or, if it is a tensor or a number (token ids
+    of a caption), left out of the batch: a method that needs it skips such samples before
+    (``data.require_caption``)."""
     in_worker = get_worker_info() is not None
     out: dict[str, Any] = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        if isinstance(values[0], torch.Tensor):
-            out[key] = _stack(values, in_worker)
-        elif isinstance(values[0], int):
-            out[key] = torch.tensor(values)
-        else:
+    for key in dict.fromkeys(k for it in items for k in it):  # every key, first seen first
+        values = [it.get(key) for it in items]
+        first = next((v for v in values if v is not None), None)
+        if not isinstance(first, (torch.Tensor, int)):
             out[key] = values
+        elif all(v is not None for v in values):
+            out[key] = _stack(values, in_worker) if torch.is_tensor(first) else torch.tensor(values)
     return out
 
 
@@ -285,7 +289,11 @@ def read_captioned(
         dec = decode_or_count(sample, faults, data.max_image_pixels, require_caption)
         if dec is None:
             continue
-        images.append(resize_view(dec.image, data.image_size, data.channels))
+        try:
+            images.append(resize_view(dec.image, data.image_size, data.channels))
+        except SkipSample as skip:  # pixels that fail to decode past the header
+            faults.add(skip.reason, f"{sample['__url__']}:{sample['__key__']}: {skip}")
+            continue
         labels.append(dec.label)
         captions.append(dec.caption)
     if not images:
