@@ -2,8 +2,9 @@
 
 A shard that cannot be opened is logged and skipped; a shard that ends early (truncated tar) ends
 there, with the samples read so far kept. Each event is counted by reason (:class:`Faults`);
-warnings are rate-limited per reason. Shards are opened with webdataset's ``gopen``, so local
-paths, ``pipe:`` commands and URLs all work.
+warnings are rate-limited per reason. Local shards are opened only if they are regular files
+(checked on the opened descriptor: a FIFO or a device never blocks a reader); ``pipe:``
+commands and URLs are opened with webdataset's ``gopen``.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ import contextlib
 import os
 import re
 import shlex
+import stat
 import sys
 import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 # WebDataset's naming: the key is the path up to the first dot of the file name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+# URLs that are not local paths; everything else is a path on this machine.
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
 
 FAULT_REASONS = (
     "unreadable_shard",
@@ -90,13 +96,56 @@ def open_url(url: str) -> str:
     return "pipe:" + template.format(url=shlex.quote(url), path=shlex.quote(url[5:]))
 
 
+_KINDS = (
+    (stat.S_ISREG, "regular file"),
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def kind_of(mode: int) -> str:
+    """What a ``st_mode`` is: "regular file", "directory", "FIFO", "character device"..."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_PREFIXES)
+
+
+def open_local(path: str) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file, checked on the opened descriptor
+    (opened without blocking, so a FIFO or a device swapped in after the listing never blocks);
+    an :class:`OSError` that says what it is otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file ({kind_of(mode)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A shard's byte stream: a local regular file (:func:`open_local`), or what webdataset's
+    ``gopen`` opens for a remote URL (:func:`open_url`)."""
+    if not is_remote(url):
+        return open_local(url)
+    import webdataset as wds  # here, not at the top: exports load without it (decode.py)
+
+    return wds.gopen(open_url(url))
+
+
 def shard_opens(url: str) -> bool:
     """Whether ``url`` opens as a tar with a first member (read no further)."""
-    import webdataset as wds
-
     stream = None
     try:
-        stream = wds.gopen(open_url(url))
+        stream = open_shard(url)
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             return next(iter(tar), None) is not None
     except Exception:  # noqa: BLE001 (any failure: it does not open)
@@ -110,11 +159,9 @@ def shard_opens(url: str) -> bool:
 def tar_samples(url: str, faults: Faults) -> Iterator[dict]:
     """The samples of one shard, in file order: dicts of extension -> bytes, plus
     ``__key__`` and ``__url__``."""
-    import webdataset as wds  # here, not at the top: exports load without it (decode.py)
-
     stream = None
     try:
-        stream = wds.gopen(open_url(url))
+        stream = open_shard(url)
         tar = tarfile.open(fileobj=stream, mode="r|*")
     except Exception as exc:  # any failure to open is the shard's fault, not the run's
         if stream is not None:

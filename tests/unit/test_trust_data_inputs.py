@@ -1,4 +1,5 @@
-"""Odd inputs the loader must neither die of nor train on as garbage: batches of samples with and
+"""Odd inputs the loader must neither block on nor die of nor train on as garbage: paths that are
+not regular files (a real FIFO, a directory, a character device), batches of samples with and
 without a caption, 16-bit and other PIL modes, EXIF orientation. References are independent:
 numpy on the raw arrays, PIL's own ``ImageOps.exif_transpose``."""
 
@@ -6,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -19,7 +22,9 @@ from dist_contrast.data.decode import decode_sample
 from dist_contrast.data.loader import train_loader
 from dist_contrast.data.pipeline import ReaderStream, collate, read_captioned
 from dist_contrast.data.shards import resolve_shards
-from dist_contrast.data.sources import Reader, Source
+from dist_contrast.data.sources import Reader, Source, first_sample
+from dist_contrast.data.tario import Faults, tar_samples
+from dist_contrast.errors import DataError
 
 
 def _png(im: Image.Image, **save) -> bytes:
@@ -41,6 +46,68 @@ def _shard(path, n: int, caption=lambda i: f"caption {i}", image=None) -> None:
             if caption(i) is not None:
                 sample["txt"] = caption(i)
             w.write(sample)
+
+
+# ---- 1. paths that are not regular files ------------------------------------------------
+
+
+def _odd_paths(tmp_path):
+    """Two real shards, then a FIFO, a directory and a link to a character device that all
+    match ``s-*.tar``; the FIFO sorts first."""
+    _shard(tmp_path / "s-1.tar", 4)
+    _shard(tmp_path / "s-2.tar", 4)
+    os.mkfifo(tmp_path / "s-0.tar")
+    (tmp_path / "s-00.tar").mkdir()
+    (tmp_path / "s-zero.tar").symlink_to("/dev/zero")
+    return tmp_path
+
+
+def test_paths_that_are_not_regular_files_are_skipped_and_named(tmp_path, capfd):
+    d = _odd_paths(tmp_path)
+    urls = resolve_shards([str(d / "s-*.tar"), str(d / "s-00.tar"), "/dev/null"], "data.x")
+    assert urls == [str(d / "s-1.tar"), str(d / "s-2.tar")]
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "skipped" in ln]
+    assert len(lines) == 1, lines
+    assert "data.x: skipped 5 path(s) that are not regular files" in lines[0]
+    for part in ("s-0.tar (FIFO)", "s-00.tar (directory)", "s-zero.tar (character device)"):
+        assert part in lines[0]
+    assert "/dev/null (character device)" in lines[0]
+
+
+def test_nothing_regular_left_is_the_one_line_error(tmp_path):
+    os.mkfifo(tmp_path / "a.tar")
+    (tmp_path / "b.tar").mkdir()
+    with pytest.raises(DataError, match="matched no file"):
+        resolve_shards(str(tmp_path / "*.tar"))
+    with pytest.raises(DataError, match="matched no file"):
+        resolve_shards(str(tmp_path / "b.tar"))
+
+
+def _returns_soon(fn, fifo, timeout=10.0):
+    """``fn()`` in a thread; if it is still blocked after ``timeout`` s, the FIFO is opened for
+    writing (which releases a blocked reader) and the test fails."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        t.join(5)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    return out[0]
+
+
+def test_a_fifo_at_open_time_is_an_unreadable_shard_never_a_block(tmp_path):
+    """A shard swapped for a FIFO after the listing (or a device): counted, never waited on."""
+    fifo = tmp_path / "s.tar"
+    os.mkfifo(fifo)
+    faults = Faults()
+    got = _returns_soon(lambda: list(tar_samples(str(fifo), faults)), fifo)
+    assert got == [] and faults.counts["unreadable_shard"] == 1
+    got = list(tar_samples("/dev/zero", faults))
+    assert got == [] and faults.counts["unreadable_shard"] == 2
+    assert _returns_soon(lambda: first_sample([str(fifo)]), fifo) is None
 
 
 # ---- 2. heterogeneous samples ----------------------------------------------------------
