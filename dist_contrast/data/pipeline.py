@@ -31,7 +31,14 @@ from dist_contrast.data.augment import (
 )
 from dist_contrast.data.decode import Decoded, SkipSample, decode_or_count, oriented_size
 from dist_contrast.data.sources import Reader, Source, mix
-from dist_contrast.data.tario import FAULT_REASONS, Faults, shard_opens, tar_samples
+from dist_contrast.data.tario import (
+    FAULT_REASONS,
+    RETRY,
+    Faults,
+    Retry,
+    shard_opens,
+    tar_samples,
+)
 from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
 from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import DataError
@@ -57,17 +64,20 @@ def _read(
     limit: int = 0,
     what: str = "",
     skip: dict[str, set[int]] | None = None,
+    retry: Retry | None = None,
 ) -> Iterator[dict]:
     """The samples of ``urls`` in turn, each with its ``__index__`` in its shard, those of
-    ``skip`` (shard -> indices) left out. With ``source`` (every shard of the source ``urls``
-    come from): after ``limit`` shards in a row that could not be opened (this reader's whole
-    share of a pass), and if no shard of ``source`` opens either, a :class:`DataError`
-    instead of skipping for ever. A few bad shards among good ones stay skipped and counted."""
+    ``skip`` (shard -> indices) left out; remote shards retried as ``retry`` says (default:
+    :data:`~dist_contrast.data.tario.RETRY`). With ``source`` (every shard of the source
+    ``urls`` come from): after ``limit`` shards in a row that could not be opened (this
+    reader's whole share of a pass), and if no shard of ``source`` opens either, a
+    :class:`DataError` instead of skipping for ever. A few bad shards among good ones stay
+    skipped and counted."""
     failed = 0
     for url in urls:
         before = faults.seen.get("unreadable_shard", 0)
         drop = skip.get(url, ()) if skip else ()
-        for i, sample in enumerate(tar_samples(url, faults)):
+        for i, sample in enumerate(tar_samples(url, faults, retry or RETRY)):
             if i not in drop:
                 sample["__index__"] = i
                 yield sample
@@ -141,7 +151,7 @@ class ReaderStream(IterableDataset):
             else:  # this reader's share of the epoch, every one of them unreadable
                 urls = src.epoch_shards(reader, seed, epoch, i)
                 limit = len(urls)
-            streams.append(_read(urls, faults, src.urls, limit, what, skip))
+            streams.append(_read(urls, faults, src.urls, limit, what, skip, retry_of(d)))
         rng = random.Random(mix_seed(seed, epoch, reader.rank, reader.worker, 1, *salt))
         samples = mix(streams, [s.weight for s in self.sources], rng)
         if d.shuffle_buffer > 1:
@@ -226,6 +236,11 @@ class ReaderStream(IterableDataset):
         yield {**tag, "_end": True, "_raw": pos, "_faults": dict(faults.counts), "_tail": tail}
 
 
+def retry_of(data: DataConfig) -> Retry:
+    """How remote shards are retried under ``data``."""
+    return Retry(data.remote_retries, data.remote_backoff_s)
+
+
 def _take(items: Iterator[dict], n: int) -> Iterator[dict]:
     for i, item in enumerate(items):
         if i >= n:
@@ -285,7 +300,7 @@ def read_captioned(
     faults = Faults("[eval] ", data.warn_every_s)
     norm = Normalize(data.mean, data.std)
     images, labels, captions = [], [], []
-    for sample in _read(urls, faults):
+    for sample in _read(urls, faults, retry=retry_of(data)):
         dec = decode_or_count(sample, faults, data.max_image_pixels, require_caption)
         if dec is None:
             continue

@@ -20,11 +20,13 @@ from dist_contrast.config import AugmentConfig, DataConfig
 from dist_contrast.data.augment import resize_view
 from dist_contrast.data.decode import decode_sample
 from dist_contrast.data.loader import train_loader
-from dist_contrast.data.pipeline import ReaderStream, collate, read_captioned
+from dist_contrast.data.pipeline import ReaderStream, collate, read_captioned, retry_of
 from dist_contrast.data.shards import resolve_shards
 from dist_contrast.data.sources import Reader, Source, first_sample
-from dist_contrast.data.tario import Faults, tar_samples
-from dist_contrast.errors import DataError
+from dist_contrast.data.tario import Faults, Retry, tar_samples
+from dist_contrast.errors import ConfigError, DataError
+
+from conftest import config_from_dict
 
 
 def _png(im: Image.Image, **save) -> bytes:
@@ -273,3 +275,14 @@ def test_evaluation_reads_odd_images_right_too(tmp_path):
     assert torch.allclose(images[:3], torch.full_like(images[:3], round(40000 / 257) / 255))
     ref = ImageOps.exif_transpose(Image.open(io.BytesIO(_oriented_jpeg(6))))
     assert torch.equal((images[3] * 255).round().to(torch.uint8), resize_view(ref, 16, 1))
+
+
+# ---- 3. remote retries: the keys ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value"), [("remote_retries", -1), ("remote_backoff_s", -0.5)])
+def test_remote_retry_keys_are_checked(key, value):
+    with pytest.raises(ConfigError, match=f"data.{key}"):
+        config_from_dict({"data": {key: value}})
+    cfg = config_from_dict({"data": {"remote_retries": 0, "remote_backoff_s": 0.1}})
+    assert retry_of(cfg.data) == Retry(0, 0.1)
