@@ -127,14 +127,15 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_XMP_KEYS = ("xmp", "XML:com.adobe.xmp")
+# where PIL finds an orientation: EXIF blocks and XMP packets in the header (TIFF: its tags)
+_TAG_KEYS = ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp")
 
 
 def orientation(im: Image.Image) -> int:
     """The image's EXIF orientation (1-8; 1: as stored), read from what its header holds: no
     pixel is decoded (a PNG's EXIF after its pixel data is not seen). 1 if it is unreadable."""
-    if im.format == "PNG" and "exif" not in im.info and not any(k in im.info for k in _XMP_KEYS):
-        return 1  # PIL would decode the pixels to look further
+    if not any(k in im.info for k in _TAG_KEYS) and not hasattr(im, "tag_v2"):
+        return 1  # no tag: nothing to parse (and a PNG's getexif would decode the pixels)
     try:
         value = im.getexif().get(ORIENTATION, 1)  # parsed once per image, then cached by PIL
     except Exception:  # a damaged EXIF block: the image as stored

@@ -132,7 +132,7 @@ def test_the_loader_batches_samples_with_and_without_captions(tmp_path):
     """The project's writer leaves out ``txt`` for an empty caption: such samples share batches
     with captioned ones (SimCLR does not need captions)."""
     _shard(tmp_path / "s-0.tar", 16, caption=lambda i: None if i % 3 == 1 else f"c {i}")
-    cfg = DataConfig(train_shards=str(tmp_path / "s-*.tar"), image_size=8, num_workers=0)
+    cfg = DataConfig(train_shards=str(tmp_path / "s-*.tar"), image_size=8, num_workers=1)
     loader = train_loader(cfg, AugmentConfig(), 8, seed=0, rank=0, world=1)
     batches = list(loader.iter_epoch())
     captions = [c for b in batches for c in b["caption"]]
