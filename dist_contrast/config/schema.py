@@ -52,6 +52,12 @@ class DataConfig:
     require_caption: bool = False  # skip (and count) samples without a non-empty caption
     max_image_pixels: int = 64_000_000  # larger images are rejected from their header
     warn_every_s: float = 30.0  # bad-data warnings: at most one line per reason per interval
+    # Remote shards (anything not a local file): a read that fails for a transient reason (a
+    # refused or reset connection, an empty reply, a transfer that breaks off) is retried up to
+    # `remote_retries` times, from where it broke off, the first after `remote_backoff_s`
+    # seconds, each wait twice the last (at most 30 s); then the shard counts as unreadable.
+    remote_retries: int = 5
+    remote_backoff_s: float = 1.0
     # Crops per image: 2 (two views, SimCLR/MoCo/BYOL...) or 1 (image-text methods: view1 only).
     views: int = 2
     # Captions -> token ids in the loader workers (batch key "tokens"): "none", "bytes" (UTF-8

@@ -158,6 +158,8 @@ def _validate_data(d: DataConfig) -> None:
         _check(len(values) in (1, d.channels), f"data.{key}", "needs 1 or `channels` values")
     _check(all(s > 0 for s in d.std), "data.std", "must be > 0")
     _check(d.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
+    _check(d.remote_retries >= 0, "data.remote_retries", "must be >= 0")
+    _check(0 <= d.remote_backoff_s <= 3600, "data.remote_backoff_s", "must be in [0, 3600] seconds")
     _check(d.epoch_samples >= 0, "data.epoch_samples", "must be >= 0")
     _check(
         not d.resampled or d.epoch_samples > 0,

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_contrast.config import AugmentConfig, DataConfig
-from dist_contrast.data.decode import to_mode
+from dist_contrast.data.decode import oriented_size, to_mode
 
 
 @dataclass
@@ -92,8 +92,9 @@ def crop_views(
 ) -> list[torch.Tensor]:
     """Each (crop, size) of one image resampled to size x size: uint8 tensors [C, size, size].
     The image is decoded once for all of them, at the scale :func:`draft_for` picks for the set.
-    Crops are in pixels of ``full_size`` (the image's size before any draft; default
-    ``im.size``), also when ``im`` was decoded at a reduced scale already.
+    Crops are in pixels of ``full_size`` (the image's size before any draft, once its EXIF
+    orientation is applied; default :func:`~dist_contrast.data.decode.oriented_size`), also
+    when ``im`` was decoded at a reduced scale already.
 
     A crop inside the image and at least ``SUBPIXEL_BELOW`` pixels wide and high (the random
     resized crops of photos) is cut at whole pixels, as torchvision's RandomResizedCrop cuts
@@ -101,9 +102,9 @@ def crop_views(
     (within a grey level of Pillow's crop + resize, about half its CPU time). A smaller crop
     is resized by Pillow from its exact sub-pixel box; a rotated crop, or one shifted out of
     the image, is one affine resampling (Pillow), zero outside."""
-    full_w = (full_size or im.size)[0]
+    full_w = (full_size or oriented_size(im))[0]
     draft_for(im, crops)  # no-op when the pixels are decoded already
-    im = to_mode(im, channels)
+    im = to_mode(im, channels)  # oriented
     f = im.size[0] / full_w
     pixels: torch.Tensor | None = None
     out = []
@@ -192,7 +193,7 @@ def _box_inside(
 
 def resize_view(im: Image.Image, size: int, channels: int) -> torch.Tensor:
     """The evaluation view: shorter side to ``size``, centre crop; uint8 [C, size, size]."""
-    w, h = im.size
+    w, h = oriented_size(im)
     side = min(w, h)
     crop = Crop(w / 2, h / 2, side, side)
     return crop_view(im, crop, size, channels)

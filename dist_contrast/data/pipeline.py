@@ -29,9 +29,16 @@ from dist_contrast.data.augment import (
     resize_view,
     sample_crop,
 )
-from dist_contrast.data.decode import Decoded, decode_or_count
+from dist_contrast.data.decode import Decoded, SkipSample, decode_or_count, oriented_size
 from dist_contrast.data.sources import Reader, Source, mix
-from dist_contrast.data.tario import FAULT_REASONS, Faults, shard_opens, tar_samples
+from dist_contrast.data.tario import (
+    FAULT_REASONS,
+    RETRY,
+    Faults,
+    Retry,
+    shard_opens,
+    tar_samples,
+)
 from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
 from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import DataError
@@ -57,17 +64,20 @@ def _read(
     limit: int = 0,
     what: str = "",
     skip: dict[str, set[int]] | None = None,
+    retry: Retry | None = None,
 ) -> Iterator[dict]:
     """The samples of ``urls`` in turn, each with its ``__index__`` in its shard, those of
-    ``skip`` (shard -> indices) left out. With ``source`` (every shard of the source ``urls``
-    come from): after ``limit`` shards in a row that could not be opened (this reader's whole
-    share of a pass), and if no shard of ``source`` opens either, a :class:`DataError`
-    instead of skipping for ever. A few bad shards among good ones stay skipped and counted."""
+    ``skip`` (shard -> indices) left out; remote shards retried as ``retry`` says (default:
+    :data:`~dist_contrast.data.tario.RETRY`). With ``source`` (every shard of the source
+    ``urls`` come from): after ``limit`` shards in a row that could not be opened (this
+    reader's whole share of a pass), and if no shard of ``source`` opens either, a
+    :class:`DataError` instead of skipping for ever. A few bad shards among good ones stay
+    skipped and counted."""
     failed = 0
     for url in urls:
         before = faults.seen.get("unreadable_shard", 0)
         drop = skip.get(url, ()) if skip else ()
-        for i, sample in enumerate(tar_samples(url, faults)):
+        for i, sample in enumerate(tar_samples(url, faults, retry or RETRY)):
             if i not in drop:
                 sample["__index__"] = i
                 yield sample
@@ -141,7 +151,7 @@ class ReaderStream(IterableDataset):
             else:  # this reader's share of the epoch, every one of them unreadable
                 urls = src.epoch_shards(reader, seed, epoch, i)
                 limit = len(urls)
-            streams.append(_read(urls, faults, src.urls, limit, what, skip))
+            streams.append(_read(urls, faults, src.urls, limit, what, skip, retry_of(d)))
         rng = random.Random(mix_seed(seed, epoch, reader.rank, reader.worker, 1, *salt))
         samples = mix(streams, [s.weight for s in self.sources], rng)
         if d.shuffle_buffer > 1:
@@ -154,7 +164,7 @@ class ReaderStream(IterableDataset):
     def views(self, dec: Decoded, reader: Reader, epoch: int, pos: int) -> dict[str, Any]:
         a, d = self.augment, self.data
         rng = random.Random(mix_seed(self.seed, epoch, reader.rank, reader.worker, pos, 2))
-        w, h = dec.image.size
+        w, h = oriented_size(dec.image)  # as the views will see it (EXIF orientation)
 
         def crop(scale: tuple[float, float]) -> Crop:
             return sample_crop(rng, w, h, scale, a.rotation_deg, a.translate, a.flip_prob)
@@ -226,6 +236,11 @@ class ReaderStream(IterableDataset):
         yield {**tag, "_end": True, "_raw": pos, "_faults": dict(faults.counts), "_tail": tail}
 
 
+def retry_of(data: DataConfig) -> Retry:
+    """How remote shards are retried under ``data``."""
+    return Retry(data.remote_retries, data.remote_backoff_s)
+
+
 def _take(items: Iterator[dict], n: int) -> Iterator[dict]:
     for i, item in enumerate(items):
         if i >= n:
@@ -236,17 +251,21 @@ def _take(items: Iterator[dict], n: int) -> Iterator[dict]:
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a batch. In a loader worker, tensors are stacked straight into shared memory (as
     torch's default_collate does): handing the batch to the training process then copies
-    nothing more, where a plain stack is copied once again into shared memory when sent."""
+    nothing more, where a plain stack is copied once again into shared memory when sent.
+
+    A field that only some samples have (a caption: the shard writers leave out an empty one)
+    is a list with None where a sample has none, or, if it is a tensor or a number (token ids
+    of a caption), left out of the batch: a method that needs it skips such samples before
+    (``data.require_caption``)."""
     in_worker = get_worker_info() is not None
     out: dict[str, Any] = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        if isinstance(values[0], torch.Tensor):
-            out[key] = _stack(values, in_worker)
-        elif isinstance(values[0], int):
-            out[key] = torch.tensor(values)
-        else:
+    for key in dict.fromkeys(k for it in items for k in it):  # every key, first seen first
+        values = [it.get(key) for it in items]
+        first = next((v for v in values if v is not None), None)
+        if not isinstance(first, (torch.Tensor, int)):
             out[key] = values
+        elif all(v is not None for v in values):
+            out[key] = _stack(values, in_worker) if torch.is_tensor(first) else torch.tensor(values)
     return out
 
 
@@ -281,11 +300,15 @@ def read_captioned(
     faults = Faults("[eval] ", data.warn_every_s)
     norm = Normalize(data.mean, data.std)
     images, labels, captions = [], [], []
-    for sample in _read(urls, faults):
+    for sample in _read(urls, faults, retry=retry_of(data)):
         dec = decode_or_count(sample, faults, data.max_image_pixels, require_caption)
         if dec is None:
             continue
-        images.append(resize_view(dec.image, data.image_size, data.channels))
+        try:
+            images.append(resize_view(dec.image, data.image_size, data.channels))
+        except SkipSample as skip:  # pixels that fail to decode past the header
+            faults.add(skip.reason, f"{sample['__url__']}:{sample['__key__']}: {skip}")
+            continue
         labels.append(dec.label)
         captions.append(dec.caption)
     if not images:
