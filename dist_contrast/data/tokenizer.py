@@ -19,7 +19,6 @@ end-of-text is kept as the last token, so a model may pool at the eot position (
 from __future__ import annotations
 
 import os
-import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -175,17 +174,21 @@ class BPETokenizer(Tokenizer):
 
 
 def shard_captions(urls: Sequence[str]) -> Iterator[str]:
-    """The ``txt`` of every sample of ``urls``, in order (local or remote shards)."""
-    import webdataset as wds
+    """The ``txt`` of every sample of ``urls``, in order (local or remote shards, read as
+    training reads them: regular files only, remote ones retried)."""
+    from dist_contrast.data.tario import Faults, tar_samples
 
     for url in urls:
+        faults = Faults(muted=True)
         try:
-            for sample in wds.tarfile_samples([{"url": url}]):
+            for sample in tar_samples(url, faults):
                 if "txt" in sample:
                     yield sample["txt"].decode("utf-8")
-        except (OSError, ValueError, tarfile.TarError) as exc:  # UnicodeError is a ValueError
-            reason = exc.args[0] if exc.args else exc  # webdataset appends (stream, url)
-            raise DataError(f"cannot read captions of shard '{url}': {reason}") from None
+        except ValueError as exc:  # UnicodeError is a ValueError
+            raise DataError(f"cannot read captions of shard '{url}': {exc}") from None
+        if faults.last:
+            reason = next(iter(faults.last.values()))
+            raise DataError(f"cannot read captions of shard '{url}': {reason}")
 
 
 def train_bpe_from_shards(

@@ -22,7 +22,7 @@ from torch import nn
 from dist_contrast import distributed
 from dist_contrast.config import DataConfig
 from dist_contrast.data.augment import Normalize, resize_view
-from dist_contrast.data.decode import decode_or_count
+from dist_contrast.data.decode import SkipSample, decode_or_count
 from dist_contrast.data.evalsets import Unit, unit_samples
 from dist_contrast.data.tario import Faults
 from dist_contrast.errors import DataError
@@ -94,7 +94,11 @@ def _samples(units, data: DataConfig, require_caption: bool, limit: int, faults:
             dec = decode_or_count(sample, faults, data.max_image_pixels, require_caption)
             if dec is None:
                 continue
-            view = resize_view(dec.image, data.image_size, data.channels)
+            try:
+                view = resize_view(dec.image, data.image_size, data.channels)
+            except SkipSample as skip:  # pixels that fail to decode past the header
+                faults.add(skip.reason, f"{sample.get('__url__')}:{sample.get('__key__')}: {skip}")
+                continue
             yield index * UNIT_STRIDE + pos, view, dec.label, dec.caption
             pos, n = pos + 1, n + 1
             if limit and n >= limit:
