@@ -42,11 +42,14 @@ def resolve_shards(spec: str | list[str], what: str = "shards") -> list[str]:
                     urls.append(path)
                 else:
                     skipped.append(f"{path} ({kind})")
-    if skipped:
-        _warn_once(what, skipped)
     if not urls:
         shown = spec if isinstance(spec, str) else ",".join(spec)
-        raise DataError(f"{what}: shard pattern '{shown}' matched no file")
+        odd = [s for s in skipped if not s.endswith("(missing)")]
+        found = f" (only {', '.join(odd[:SHOWN])})" if odd else ""
+        what_matched = "no regular file" if odd else "no file"
+        raise DataError(f"{what}: shard pattern '{shown}' matched {what_matched}{found}")
+    if skipped:
+        _warn_once(what, skipped)
     return urls
 
 
