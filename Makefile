@@ -37,8 +37,10 @@ $(VENV)/.setup-done: pyproject.toml
 external-env:
 	@$(PYTHON) -c "import dist_contrast" 2>/dev/null || $(PYTHON) -m pip install -q -e '.[test]'
 
+# --force: this rule runs only while counts.json (written last) is missing, so what it replaces
+# is the rest of an interrupted write
 $(DIGITS)/counts.json: | $(SETUP)
-	$(PYTHON) -m dist_contrast.cli shards digits --out $(DIGITS)
+	$(PYTHON) -m dist_contrast.cli shards digits --out $(DIGITS) --force
 
 # BPE over the digits captions for CLIP (configs/clip_digits.yaml reads it)
 $(DIGITS)/tokenizer.json: $(DIGITS)/counts.json

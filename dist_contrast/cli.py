@@ -129,7 +129,7 @@ def _print_image_text(result: dict) -> None:
 def _cmd_shards(args: argparse.Namespace) -> int:
     from dist_contrast.data.write.digits import write_digits
 
-    counts = write_digits(args.out, args.shard_size, args.val_fraction, args.seed)
+    counts = write_digits(args.out, args.shard_size, args.val_fraction, args.seed, args.force)
     for split, info in counts.items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
     print(f"wrote {args.out}/counts.json")
@@ -146,6 +146,8 @@ def _shard_options(args: argparse.Namespace):
         val_fraction=args.val_fraction,
         seed=args.seed,
         workers=args.workers,
+        max_image_pixels=args.max_image_pixels,
+        force=args.force,
     )
 
 
@@ -156,7 +158,7 @@ def _report_write(result, out: str) -> int:
         total = sum(info["samples"] for info in result.counts.values()) + len(result.skipped)
         print(
             f"dist-contrast: warning: skipped {len(result.skipped)} of {total} file(s) "
-            "(missing or unreadable):",
+            "(missing, unreadable, too large or not UTF-8 named):",
             file=sys.stderr,
         )
         for source, why in result.skipped[:5]:
@@ -238,14 +240,43 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(module.main(list(args.args)) or 0)
 
 
+FORCE_HELP = (
+    "write into a folder that is not empty: the shards of the splits written now replace "
+    "those there (PREFIX-*.tar, val-*.tar, their counts.json entries); other files stay"
+)
+
+
+def _pixel_count(text: str) -> int:
+    """``--max-image-pixels``: a whole number, written as 64000000 or 64e6."""
+    try:
+        value = float(text)
+        if value.is_integer():
+            return int(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"expected a whole number of pixels such as 64e6, got {text!r}"
+    )
+
+
 def _add_writer_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder")
+    from dist_contrast.data.write.inputs import MAX_IMAGE_PIXELS
+
+    p.add_argument("--out", required=True, help="output folder (new or empty, unless --force)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
     p.add_argument(
         "--shard-size", type=int, default=1000, help="max samples per shard (default: 1000)"
     )
     p.add_argument(
         "--max-shard-bytes", type=float, help="max bytes per shard, e.g. 1e9 (default: no limit)"
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=_pixel_count,
+        default=MAX_IMAGE_PIXELS,
+        help="larger images are skipped and reported, read from their header (default: "
+        f"{MAX_IMAGE_PIXELS:,}, as data.max_image_pixels)",
     )
     p.add_argument(
         "--val-fraction", type=float, default=0.0, help="held out as val-*.tar (default: 0)"
@@ -318,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shards", help="write WebDataset shards")
     shard_sub = p.add_subparsers(dest="source", required=True)
     d = shard_sub.add_parser("digits", help="scikit-learn's digits, with a fixed train/val split")
-    d.add_argument("--out", required=True)
+    d.add_argument("--out", required=True, help="output folder (new or empty, unless --force)")
+    d.add_argument("--force", action="store_true", help=FORCE_HELP)
     d.add_argument("--shard-size", type=int, default=200)
     d.add_argument("--val-fraction", type=float, default=0.2)
     d.add_argument("--seed", type=int, default=0)

@@ -14,7 +14,6 @@ described in :mod:`dist_contrast.export.layout`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,15 @@ from dist_contrast.export.layout import (
     TOKENIZER_JSON,
     ExportError,
     check_state,
+    tower_kind,
 )
 from dist_contrast.methods import registry
+from dist_contrast.methods.init import (
+    export_towers,
+    export_weights,
+    read_json_mapping,
+    read_safetensors,
+)
 from dist_contrast.models import towers
 
 
@@ -116,38 +122,35 @@ class LoadedEncoder:
 
 
 def read_manifest(folder: Path) -> dict:
+    """``export.json`` of the export ``folder``, once it is a mapping of this format whose
+    towers each name a weights file; else one :class:`ExportError` naming the file."""
     path = folder / EXPORT_JSON
-    if not path.is_file():
+    if not path.exists():
         raise ExportError(f"'{folder}' is not an export directory (no {EXPORT_JSON})")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ExportError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_mapping(path, ExportError)
+    if manifest.get("format") != FORMAT:
         raise ExportError(f"{path} is not a dist-contrast export manifest")
+    export_towers(manifest, path, ExportError)
+    if "checkpoint" not in manifest:  # evaluation reports it
+        raise ExportError(f"{path} does not name the checkpoint it was exported from")
     return manifest
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A tower's safetensors file; a damaged one is one :class:`ExportError`."""
-    from safetensors.torch import load_file
+    return read_safetensors(path, ExportError, ": export again")
 
-    if not path.is_file():
-        raise ExportError(f"missing weights file {path}: export again")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # SafetensorError for truncated / corrupt files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(
-            f"{path} is truncated or not a safetensors file ({first}): export again"
-        ) from None
+
+def weights_of(folder: Path, manifest: dict, tower: str) -> Path:
+    """The weights file of ``tower``, checked to lie inside the export ``folder``."""
+    return export_weights(folder, manifest["towers"], tower, ExportError)
 
 
 def _export_dir(path: Path) -> tuple[Path, str | None]:
     """An export directory, or one of its tower folders (which then names the tower)."""
     if path.is_file():
         path = path.parent
-    if not (path / EXPORT_JSON).is_file() and (path.parent / EXPORT_JSON).is_file():
+    if not (path / EXPORT_JSON).exists() and (path.parent / EXPORT_JSON).exists():
         return path.parent, path.name
     return path, None
 
@@ -169,6 +172,9 @@ def build_tower(cfg: Config, tower: str, manifest: dict) -> nn.Module:
         tok = tokenizer_for(cfg.data)
         return towers.text_encoder(cfg, tok.vocab_size, tok.eot_id)
     dims = {name: t.get("output_dim") for name, t in manifest["towers"].items()}
+    for name in (IMAGE, TEXT) if TEXT in dims else (IMAGE,):
+        if not isinstance(dims.get(name), int) or dims[name] <= 0:
+            raise ExportError(f"{EXPORT_JSON} gives tower '{name}' no output_dim for the heads")
     return registry.build_heads(cfg, dims[IMAGE], dims.get(TEXT))
 
 
@@ -186,12 +192,13 @@ def load_encoder(
         )
     cfg = _config(folder)
     info = manifest["towers"][tower]
+    weights = weights_of(folder, manifest, tower)
     module = build_tower(cfg, tower, manifest)
-    check_state(module, read_weights(folder / info["weights"]), f"{folder / info['weights']}")
+    check_state(module, read_weights(weights), f"{weights}")
     device = torch.device(device)
     module = module.to(device).eval()
     loaded = LoadedEncoder(module, tower, cfg, info, device=device)
-    if info["kind"] == "image":
+    if info.get("kind", tower_kind(tower)) == "image":
         loaded.preprocess = Preprocess(cfg.data, device)
     elif tower == TEXT:
         loaded.tokenizer = tokenizer_for(cfg.data)

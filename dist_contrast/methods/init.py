@@ -12,11 +12,20 @@ image encoder; its projections and text tower keep their fresh weights. Every to
 with strict key and shape checks (:func:`dist_contrast.models.weights.load_exact`); what the
 shapes cannot show (the activation, the LayerNorm eps, the layout of the ViT, the end-of-text
 id the text tower pools at) is compared with the config first. Each failure is one line.
+
+The folder is untrusted: weights are read from safetensors only, JSON files must be mappings,
+and no file named inside (an export's ``weights``, a sharded index's file names) may lead out
+of the folder. The readers of those files (:func:`read_json_mapping`, :func:`export_towers`,
+:func:`export_weights`, :func:`read_safetensors`) are shared with
+:mod:`dist_contrast.export.load`, which may import this package (not the reverse).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +47,89 @@ class InitError(ConfigError):
     """``model.init_from`` names weights this run cannot start from."""
 
 
+ErrorOf = Callable[[str], Exception]  # a message -> the exception to raise (an error class)
+
+
+def _init_error(message: str) -> InitError:
+    return InitError(f"model.init_from: {message}")
+
+
+def _regular(path: Path, error: ErrorOf) -> None:
+    """An error unless ``path`` is a regular file (a FIFO would block the read forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"missing file {path}") from None
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path} is not a regular file")
+
+
+def read_json_mapping(path: Path, error: ErrorOf) -> dict:
+    """The JSON object in ``path``; ``error`` (one line naming the file) when it is not a
+    regular file, not JSON, or not a mapping."""
+    _regular(path, error)
+    try:
+        value = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise error(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} is not a JSON mapping (it holds a {type(value).__name__})")
+    return value
+
+
+def read_safetensors(path: Path, error: ErrorOf, fix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path``; a missing, truncated or other file is
+    ``error`` naming it (``fix`` is appended). Nothing else is read: no pickle."""
+    from safetensors.torch import load_file
+
+    _regular(path, error)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError, ... for damaged files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise error(f"{path} is truncated or not a safetensors file ({first}){fix}") from None
+
+
+def _plain_name(folder: Path, name: object, where: str, error: ErrorOf) -> Path:
+    """``folder / name`` for a relative path that stays in ``folder`` as written (no ``..``)."""
+    if not isinstance(name, str) or not name:
+        raise error(f"{where} names no file (got {name!r})")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise error(f"{where} names '{name}', outside the folder {folder}")
+    return folder / rel
+
+
+def export_towers(manifest: dict, path: Path, error: ErrorOf) -> dict[str, dict]:
+    """The ``towers`` of an export's manifest (read from ``path``), once each is a mapping
+    that names its weights."""
+    towers = manifest.get("towers")
+    if not isinstance(towers, dict) or not towers:
+        raise error(f"{path} has no 'towers' mapping (not a dist-contrast export manifest)")
+    for name, entry in towers.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("weights"), str):
+            raise error(f"{path}: tower '{name}' names no weights file")
+    return towers
+
+
+def export_weights(folder: Path, towers: dict[str, dict], name: str, error: ErrorOf) -> Path:
+    """The weights file of tower ``name`` (see :func:`export_towers`), inside ``folder``: a
+    relative path without ``..`` that, links resolved, still leads into ``folder``."""
+    where = f"{folder / 'export.json'}: tower '{name}'"
+    path = _plain_name(folder, towers[name]["weights"], where, error)
+    try:
+        real, root = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop
+        raise error(f"{where}: cannot resolve {path}: {exc}") from None
+    if not real.is_relative_to(root):
+        raise error(f"{where}: {path} links to {real}, outside the export folder")
+    return path
+
+
 def parse(spec: str) -> tuple[str, Path]:
     """``hf:DIR`` / ``export:DIR`` -> (kind, folder); a folder that is not there is an error."""
     kind, sep, where = spec.partition(":")
@@ -53,22 +145,35 @@ def parse(spec: str) -> tuple[str, Path]:
 
 
 def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+    """The tensors of a transformers folder: ``model.safetensors`` or the files of its sharded
+    index (plain names inside the folder; links are followed, as a hub cache's point into its
+    blobs)."""
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+    if index.exists():
+        weight_map = read_json_mapping(index, _init_error).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise _init_error(f"{index} has no 'weight_map' mapping")
+        where = f"{index}: weight_map"
+        files = [_plain_name(folder, n, where, _init_error) for n in set(weight_map.values())]
+    elif (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
     else:
         raise InitError(
             f"model.init_from: '{folder}' has no model.safetensors (only safetensors are read; "
             "save with model.save_pretrained(DIR), the default)"
         )
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        tensors.update(load_file(str(folder / name)))
+    for path in sorted(files):
+        tensors.update(read_safetensors(path, _init_error))
     return tensors
+
+
+def _section(config: dict, key: str, path: Path) -> dict:
+    """The sub-config ``key`` of a transformers ``config.json`` (empty when absent)."""
+    value = config.get(key, {})
+    if not isinstance(value, dict):
+        raise _init_error(f"{path}: '{key}' is not a mapping")
+    return value
 
 
 def _expect(what: str, theirs, ours, fix: str) -> None:
@@ -101,10 +206,11 @@ def _check_blocks(module: nn.Module, sub: dict) -> None:
 def _hf_clip(folder: Path, towers: dict, config: dict, cfg: Config, image_text: bool) -> dict:
     tensors = _safetensors(folder)
     vit = towers["image"]
-    _check_vit(vit, config.get("vision_config", {}), "clip", f"'{folder}' (CLIPModel)")
+    path = folder / "config.json"
+    _check_vit(vit, _section(config, "vision_config", path), "clip", f"'{folder}' (CLIPModel)")
     if not image_text:
         return {"image": hf.from_hf(tensors, hf.clip_vision_pairs(vit))}
-    text_cfg = config.get("text_config", {})
+    text_cfg = _section(config, "text_config", path)
     _check_blocks(towers["text"], text_cfg)
     eot = tokenizer_for(cfg.data).eot_id
     _expect(
@@ -140,11 +246,11 @@ def _hf_vision(folder: Path, image: nn.Module, model_type: str, config: dict) ->
 
 def _from_hf(folder: Path, towers: dict, cfg: Config, image_text: bool) -> dict:
     path = folder / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise InitError(
             f"model.init_from: '{folder}' has no config.json (not a transformers folder)"
         )
-    config = json.loads(path.read_text())
+    config = read_json_mapping(path, _init_error)
     model_type = config.get("model_type")
     if model_type == "clip":
         return _hf_clip(folder, towers, config, cfg, image_text)
@@ -155,19 +261,19 @@ def _from_hf(folder: Path, towers: dict, cfg: Config, image_text: bool) -> dict:
 
 
 def _from_export(folder: Path, towers: dict, image_text: bool) -> dict:
-    from safetensors.torch import load_file
-
     path = folder / "export.json"
-    if not path.is_file():
+    if not path.exists():
         raise InitError(
             f"model.init_from: '{folder}' is not a dist-contrast export (no export.json)"
         )
-    manifest = json.loads(path.read_text())
+    entries = export_towers(read_json_mapping(path, _init_error), path, _init_error)
+    if "image" not in entries:
+        raise _init_error(f"{path} has no 'image' tower ({', '.join(entries)})")
     names = ["image", "text", "heads"] if image_text else ["image"]
     return {
-        n: load_file(str(folder / manifest["towers"][n]["weights"]))
+        n: read_safetensors(export_weights(folder, entries, n, _init_error), _init_error)
         for n in names
-        if n in manifest["towers"]
+        if n in entries
     }
 
 

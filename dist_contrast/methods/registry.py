@@ -98,6 +98,24 @@ def check(cfg: Config) -> MethodSpec:
     return entry
 
 
+def check_world(cfg: Config, world: int) -> None:
+    """Refuse a sharded queue (MoCo v2; CLIP with ``method.queues``) that ``world`` ranks
+    cannot share: each rank holds ``method.queue_size / world`` keys. A run resumed on another
+    number of ranks has had its size fitted before (:func:`dist_contrast.train.elastic.
+    fit_queue_size`) and passes."""
+    m = cfg.method
+    queued = m.name == "moco_v2" or (spec(m.name).image_text and m.queues)
+    if not queued or m.queue_size % world == 0:
+        return
+    lower = m.queue_size - m.queue_size % world
+    sizes = f"{lower:,} or {lower + world:,}" if lower else f"{world:,}"
+    raise ConfigError(
+        f"config key 'method.queue_size' is {m.queue_size:,}, not a multiple of the {world} "
+        f"ranks that share the queue (each holds queue_size / ranks keys): set "
+        f"method.queue_size={sizes}"
+    )
+
+
 def check_samples(cfg: Config, fields: Mapping[str, bool], where: str) -> None:
     """Refuse data whose samples lack a field the method needs; ``fields`` says which fields
     a sample of ``where`` carries (see :data:`FIELDS`)."""

@@ -26,7 +26,7 @@ from dist_contrast.data.tario import FAULT_REASONS
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import ConfigError, DataError, DivergedError, ResourceError
-from dist_contrast.methods import LossOutput, Method, build_method, init
+from dist_contrast.methods import LossOutput, Method, build_method, init, registry
 from dist_contrast.train import checkpoint, deepspeed_api, elastic, integrity, preempt
 from dist_contrast.train.accumulate import cached_step, plain_step
 from dist_contrast.train.guard import StepGuard
@@ -155,6 +155,7 @@ def prepare(cfg: Config, world: int | None = None, thorough: bool = False) -> in
             print(f"dist-contrast: {fitted}", file=sys.stderr)
     elif cfg.model.init_from:  # the weights fit the model (keys, shapes, activation, eps)
         init.apply(build_method(cfg), cfg)
+    registry.check_world(cfg, world)  # after fit_queue_size, which fits a resumed run's queue
     return world
 
 

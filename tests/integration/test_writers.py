@@ -163,7 +163,8 @@ def test_caption_folder_and_stale_shards(tmp_path):
     json_before = json.loads((out / "counts.json").read_text())
     # rewriting with bigger shards drops the old shards of that prefix, keeps other entries
     (out / "counts.json").write_text(json.dumps({"other": {"samples": 0, "shards": {}}}))
-    result = write_folder(root, out, ShardOptions(prefix="pics", shard_size=100, progress=False))
+    opts = ShardOptions(prefix="pics", shard_size=100, progress=False, force=True)
+    result = write_folder(root, out, opts)
     assert sorted(os.listdir(out)) == ["counts.json", "pics-000000.tar"]
     counts = json.loads((out / "counts.json").read_text())
     assert counts == {"other": {"samples": 0, "shards": {}}, **result.counts}
@@ -207,7 +208,7 @@ def test_val_split_is_deterministic_and_stratified(class_folder, tmp_path):
     per_class = [sum(src.startswith(c + "/") for src in first) for c in CLASSES]
     assert per_class == [4, 5, 4]  # dog has 9 images: 4.5 rounds up
     with pytest.raises(DataError, match="leaves a split empty"):
-        val_sources(0, fraction=0.01)
+        val_sources(0, fraction=0.01, name="z")
 
 
 def test_a_failed_write_leaves_the_previous_shards(class_folder, tmp_path, monkeypatch):
@@ -225,7 +226,7 @@ def test_a_failed_write_leaves_the_previous_shards(class_folder, tmp_path, monke
 
     monkeypatch.setattr(writers, "write_shard", fail_on_second)
     with pytest.raises(DataError, match="disk full"):
-        write_folder(class_folder, out, ShardOptions(shard_size=3, progress=False))
+        write_folder(class_folder, out, ShardOptions(shard_size=3, progress=False, force=True))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -277,6 +278,7 @@ def test_more_bad_input(tmp_path):
         (dict(val_fraction=1.0), r"validation fraction must be in \[0, 1\)"),
         (dict(shard_size=0), "shard size must be > 0"),
         (dict(workers=0), "workers must be > 0"),
+        (dict(max_image_pixels=0), "max image pixels must be > 0"),
     ]:
         with pytest.raises(DataError, match=match):
             write_folder(tmp_path / "mixed" / "sub", tmp_path / "o", ShardOptions(**bad))

@@ -48,7 +48,11 @@ def _png_bytes(img: np.ndarray) -> bytes:
 
 
 def write_digits(
-    out: str | Path, shard_size: int = 200, val_fraction: float = 0.2, seed: int = 0
+    out: str | Path,
+    shard_size: int = 200,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    force: bool = False,
 ) -> dict:
     """Write scikit-learn's digits (1,797 8x8 images) as WebDataset shards.
 
@@ -56,7 +60,9 @@ def write_digits(
     one of ``DIGIT_TEMPLATES``, drawn per image under ``seed``). The
     train/validation split is stratified and fixed by ``seed``. ``counts.json`` lists every
     shard with its sample count. Shards are written in a temporary folder and moved into
-    ``out`` at the end, ``counts.json`` last, so an interrupted write leaves nothing half-done."""
+    ``out`` at the end, ``counts.json`` last, so an interrupted write leaves nothing half-done.
+    An ``out`` that is not empty is refused unless ``force``: then the train and val shards
+    there are replaced (those of an earlier write that the new one lacks removed)."""
     import webdataset as wds
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -65,7 +71,7 @@ def write_digits(
         raise DataError("shard size must be > 0")
     if not 0 < val_fraction < 1:
         raise DataError("validation fraction must be in (0, 1)")
-    out = check_out_dir(out)
+    out = check_out_dir(out, force)
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     labels = digits.target.astype(int)
@@ -92,5 +98,5 @@ def write_digits(
                             }
                         )
                 counts[split]["shards"][name] = len(chunk)
-        commit_shards(tmp, out, counts)
+        commit_shards(tmp, out, counts, merge=True)
     return counts

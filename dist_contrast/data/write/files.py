@@ -1,6 +1,6 @@
 """What every shard writer shares: checking and staging the output folder, cutting an index
-list into near-equal shards, a shard's size on disk, and moving the finished shards in place
-with ``counts.json`` last."""
+list into near-equal shards, a shard's size on disk, moving the finished shards in place with
+``counts.json`` last, and showing a file name that is not UTF-8."""
 
 from __future__ import annotations
 
@@ -20,11 +20,40 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads an archive to whole records of 10,240 bytes
 
 
-def check_out_dir(out: str | Path) -> Path:
-    """``out`` as a Path; an error if it exists and is not a directory (nothing is created)."""
+STAGING_PREFIX = ".tmp-"  # + the writer's pid: the staging folder inside the output folder
+
+
+def printable(name: str) -> str:
+    """``name`` as it can be printed and written: the bytes of a file name that are not UTF-8
+    (held as surrogates by Python) shown as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _staging(name: str) -> bool:
+    return re.fullmatch(rf"{re.escape(STAGING_PREFIX)}\d+", name) is not None
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    listed = ", ".join(printable(n) for n in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_out_dir(out: str | Path, force: bool = False) -> Path:
+    """``out`` as a Path; an error if it exists and is not a directory, or (unless ``force``)
+    holds anything but the staging folders of writers (nothing is created).
+
+    With ``force`` the write replaces the shards of the splits it writes (see
+    :func:`commit_shards`); other files stay."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"output '{out}' exists and is not a directory")
+    if not force and out.is_dir():
+        held = sorted(n for n in os.listdir(out) if not _staging(n))
+        if held:
+            raise DataError(
+                f"output folder '{out}' is not empty ({_some(held)}): choose another --out, or "
+                "pass --force to replace the shards of the splits written now"
+            )
     return out
 
 
@@ -33,7 +62,7 @@ def staging_dir(out: Path) -> Iterator[Path]:
     """A fresh hidden folder inside ``out`` (created with its parents), removed on exit.
 
     Writers put shards here and move them into ``out`` only when all are complete."""
-    tmp = out / f".tmp-{os.getpid()}"
+    tmp = out / f"{STAGING_PREFIX}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dist_contrast.config import DataConfig
 from dist_contrast.errors import DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CSV_COLUMNS = ("path", "caption")
+# Larger images are skipped (from their header): the loader's default data.max_image_pixels.
+MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
 
 
 @dataclass(frozen=True)
@@ -136,16 +141,41 @@ def list_csv(csv_path: str | Path) -> tuple[list[Candidate], list[tuple[str, str
 # ---- (2) probing one image ----------------------------------------------------------------
 
 
-def probe(c: Candidate) -> tuple[int, str | None] | str:
-    """(size, caption) for a readable image, else the reason it is skipped."""
+def _utf8(name: str) -> bool:
+    """Whether ``name`` is text (a file name in bytes that are not UTF-8 holds surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _pixels(path: str) -> tuple[int, int]:
+    """(width, height) from the image header; PIL's DecompressionBombError past its own limit
+    (twice ``Image.MAX_IMAGE_PIXELS``, which the loader applies too)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+
+
+def probe(c: Candidate, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, str | None] | str:
+    """(size, caption) for a readable image of at most ``max_pixels`` pixels, else the reason
+    it is skipped."""
     from PIL import Image, UnidentifiedImageError
 
     if image_ext(c.path) is None:
         return f"not a {'/'.join(IMAGE_EXTS)} file"
+    if not _utf8(c.source):  # it could not be written in the sample's json
+        return "file or folder name is not UTF-8"
     try:
-        size = os.path.getsize(c.path)
-        with Image.open(c.path):  # reads the header only
-            pass
+        info = os.stat(c.path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever
+            return "not a regular file"
+        size = info.st_size
+        width, height = _pixels(c.path)
         caption = c.caption
         if c.caption_path is not None:
             caption = Path(c.caption_path).read_text(encoding="utf-8")
@@ -153,8 +183,12 @@ def probe(c: Candidate) -> tuple[int, str | None] | str:
         return "no such file"
     except UnidentifiedImageError:
         return "not a readable image"
+    except Image.DecompressionBombError:
+        return f"over PIL's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
     except UnicodeDecodeError:
         return "caption file is not UTF-8"
     except OSError as exc:
         return exc.strerror or str(exc)
+    if width * height > max_pixels:
+        return f"{width}x{height} pixels, over --max-image-pixels {max_pixels:,}"
     return size, (caption.strip() if caption else None)

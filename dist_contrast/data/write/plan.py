@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dist_contrast.data.write.files import balanced_chunks, tar_file_bytes, tar_member_bytes
+from dist_contrast.data.write.inputs import MAX_IMAGE_PIXELS
 from dist_contrast.errors import DataError
 
 VAL_SPLIT = "val"
@@ -23,7 +24,9 @@ VAL_SPLIT = "val"
 
 @dataclass(frozen=True)
 class ShardOptions:
-    """How to cut the samples into shards (the CLI's options)."""
+    """How to cut the samples into shards (the CLI's options); ``max_image_pixels``: larger
+    images are skipped; ``force``: write into a folder that is not empty (replacing the shards
+    of the splits written)."""
 
     prefix: str = "train"
     shard_size: int = 1000
@@ -32,6 +35,8 @@ class ShardOptions:
     seed: int = 0
     workers: int = 1
     progress: bool = True
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    force: bool = False
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.prefix):
@@ -46,6 +51,8 @@ class ShardOptions:
             raise DataError(f"validation fraction must be in [0, 1) (got {self.val_fraction})")
         if self.workers <= 0:
             raise DataError(f"workers must be > 0 (got {self.workers})")
+        if self.max_image_pixels <= 0:
+            raise DataError(f"max image pixels must be > 0 (got {self.max_image_pixels})")
 
 
 @dataclass(frozen=True)

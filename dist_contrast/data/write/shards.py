@@ -1,7 +1,8 @@
 """Shard writers for user data: an image folder or a CSV of ``path,caption`` -> WebDataset shards.
 
 A write runs in four steps. (1) List the candidate images (sorted folder walk, or CSV rows in
-order). (2) Probe each one (size, image header, caption); files that are missing or unreadable
+order). (2) Probe each one (size, image header, caption); files that are missing or
+unreadable, images over ``max_image_pixels`` (decompression bombs) and names that are not UTF-8
 are skipped and reported, never fatal. (3) Number the kept samples 0..N-1 (``json["index"]``,
 the same in train and val, as for digits), split them into train/val, and assign them to shards
 under the count and byte limits. (4) Worker processes write whole shards from that plan into a
@@ -9,7 +10,8 @@ staging folder; the shards are moved in place at the end and ``counts.json`` las
 does not depend on the number of workers and tar headers carry a fixed mtime, so the shards
 are byte-for-byte identical whatever ``workers`` is. Steps (1) and the probe of one image live in
 :mod:`dist_contrast.data.write.inputs`, step (3) in :mod:`dist_contrast.data.write.plan`;
-their names are re-exported here.
+their names are re-exported here. An output folder that is not empty is refused unless
+``ShardOptions.force`` (``--force``).
 
 Each sample holds the image bytes as read (key ``jpg``/``jpeg``/``png``/``webp``, never
 re-encoded), ``cls`` when labelled, ``txt`` when it has a non-empty caption, and ``json``
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from dist_contrast.data.write.files import check_out_dir, commit_shards, staging_dir
+from dist_contrast.data.write.files import check_out_dir, commit_shards, printable, staging_dir
 from dist_contrast.data.write.inputs import (
     CSV_COLUMNS,
     IMAGE_EXTS,
@@ -90,14 +92,15 @@ class WriteResult:
 
 
 def probe_all(
-    candidates: list[Candidate], pmap: Callable
+    candidates: list[Candidate], pmap: Callable, max_pixels: int = ShardOptions.max_image_pixels
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Readable samples numbered 0..N-1 in candidate order, and the skipped (source, reason)."""
+    """Readable samples of at most ``max_pixels`` pixels numbered 0..N-1 in candidate order,
+    and the skipped (source, reason), the source printable (see :func:`printable`)."""
     samples, skipped = [], []
-    results = pmap(probe, candidates, desc="probe", unit="img")
+    results = pmap(partial(probe, max_pixels=max_pixels), candidates, desc="probe", unit="img")
     for c, res in zip(candidates, results, strict=True):
         if isinstance(res, str):
-            skipped.append((c.source, res))
+            skipped.append((printable(c.source), res))
             continue
         size, caption = res
         samples.append(
@@ -175,7 +178,7 @@ def write_samples(
 ) -> WriteResult:
     """Steps (2)-(4) for listed candidates; ``skipped`` are drops found while listing."""
     with parallel_map(opts.workers, opts.progress) as pmap:
-        samples, bad = probe_all(candidates, pmap)
+        samples, bad = probe_all(candidates, pmap, opts.max_image_pixels)
         skipped = skipped + bad
         if not samples:
             src, why = skipped[0]
@@ -207,7 +210,7 @@ def write_folder(
     """Shards of an image folder (class sub-folders, or images with ``x.txt`` captions)."""
     opts = opts or ShardOptions()
     opts.validate()
-    out = check_out_dir(out)
+    out = check_out_dir(out, opts.force)
     return write_samples(list_folder(root), [], out, opts)
 
 
@@ -217,6 +220,6 @@ def write_csv(
     """Shards of the images listed in a CSV with columns ``path,caption``."""
     opts = opts or ShardOptions()
     opts.validate()
-    out = check_out_dir(out)
+    out = check_out_dir(out, opts.force)
     candidates, skipped = list_csv(csv_path)
     return write_samples(candidates, skipped, out, opts)
