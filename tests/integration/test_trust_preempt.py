@@ -119,19 +119,29 @@ def _wait_rows(proc: subprocess.Popen, run_dir: Path, n: int, timeout: float = 2
         time.sleep(0.1)
 
 
-def _wait_stalled(proc: subprocess.Popen, run_dir: Path, flags: list[Path]) -> None:
-    """Until every stalling command sleeps and the run has logged no step for 2 s."""
+def _wait_stalled(proc: subprocess.Popen, run_dir: Path, flags: list[Path], every: int) -> None:
+    """Until every stalling command sleeps and the run has been waiting for data for 2 s: no
+    step logged and no checkpoint written meanwhile, that of the last step written if due
+    (checkpoint.every=``every``), so the rank is not starting up or in the middle of a save."""
+
+    def state() -> tuple:
+        pointer = run_dir / "checkpoints" / "latest"
+        latest = pointer.read_text().strip() if pointer.is_file() else ""
+        return [r["step"] for r in _rows(run_dir)], latest
+
     deadline = time.monotonic() + 240
-    while not all(f.exists() for f in flags):
+    seen, since = state(), time.monotonic()
+    while True:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the data never stalled"
         time.sleep(0.1)
-    seen, since = len(_rows(run_dir)), time.monotonic()
-    while time.monotonic() - since < 2:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        if len(_rows(run_dir)) != seen:
-            seen, since = len(_rows(run_dir)), time.monotonic()
-        time.sleep(0.1)
+        now = state()
+        if now != seen:
+            seen, since = now, time.monotonic()
+        steps, latest = now
+        saved = steps and (steps[-1] % every or latest == checkpoint.step_tag(steps[-1]))
+        if all(f.exists() for f in flags) and saved and time.monotonic() - since >= 2:
+            return
 
 
 def _children(pid: int) -> list[int]:
@@ -227,7 +237,7 @@ def test_stop_during_a_stalled_data_wait_ends_the_run_and_loses_nothing(digits_d
     run, flag = tmp_path / "run", tmp_path / "stalled"
     shards = _stalling(digits_dir / "train-000000.tar", 70, 600, flag)
     with _started(_single(run, shards, **{"checkpoint.every": 2})) as (proc, tag):
-        _wait_stalled(proc, run, [flag])
+        _wait_stalled(proc, run, [flag], every=2)
         before = _listing(run)
         os.kill(proc.pid, signal.SIGTERM)
         err, elapsed = _ended(proc, tag, timeout=60)
@@ -255,7 +265,7 @@ def test_a_batch_within_the_grace_ends_in_the_agreed_stop(digits_dir, tmp_path):
     run, flag = tmp_path / "run", tmp_path / "stalled"
     shards = _stalling(digits_dir / "train-000000.tar", 40, 8, flag, rest=True)
     with _started(_single(run, shards)) as (proc, tag):
-        _wait_stalled(proc, run, [flag])
+        _wait_stalled(proc, run, [flag], every=1000)
         steps, _ = _listing(run)
         os.kill(proc.pid, signal.SIGTERM)
         err, _ = _ended(proc, tag, timeout=60)
@@ -279,7 +289,7 @@ def test_stop_while_one_rank_stalls_and_its_peer_waits_in_a_collective(digits_di
         _stalling(digits_dir / "train-000001.tar", 70, 600, flags[1]),
     ]
     with _started(_local(2, run, f"[{', '.join(urls)}]", **{"checkpoint.every": 2})) as (proc, tag):
-        _wait_stalled(proc, run, flags)
+        _wait_stalled(proc, run, flags, every=2)
         before = _listing(run)
         os.kill(proc.pid, signal.SIGTERM)
         err, elapsed = _ended(proc, tag, timeout=60)
