@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any
@@ -177,8 +177,8 @@ class StopSignals:
 class Fetcher:
     """``next(items)`` in a thread of its own, for a caller that must act on a stop signal
     while it waits: the thread holds the stop signals blocked (what it forks, a loader's
-    workers or a ``pipe:`` shard's command, inherits the block, as with :func:`held`), the
-    caller does not, and waits in steps of :data:`POLL_S` that a handler can run between.
+    workers started lazily, inherits the block, as with :func:`held`), the caller does not,
+    and waits in steps of :data:`POLL_S` that a handler can run between.
 
     :meth:`next` returns the item, re-raises what ``next`` raised, or raises what ``give_up``
     returns (an exception, or None to wait on); a wait given up leaves the thread where it is
@@ -200,7 +200,7 @@ class Fetcher:
                 except BaseException as exc:  # noqa: BLE001 (handed to the caller)
                     self._got.put((False, exc))
 
-    def next(self, give_up: Any = None) -> Any:
+    def next(self, give_up: Callable[[], BaseException | None] | None = None) -> Any:
         self._asked.put(True)
         while True:
             try:
@@ -213,11 +213,6 @@ class Fetcher:
             if ok:
                 return value
             raise value
-
-    @property
-    def thread_id(self) -> int | None:
-        """The thread's id in the system (``/proc/self/task/ID``)."""
-        return self._thread.native_id
 
     def close(self) -> None:
         """Let the thread end once it is back (at once if it is not in a wait)."""

@@ -1,12 +1,12 @@
 """Processes a rank would leave behind: what its data loader started.
 
-A worker that reads a ``pipe:`` or ``http://`` shard runs a command (``sh``, ``curl``) that
-holds the stop signals blocked, as the worker does (``preempt.held``). When the loader kills a
-worker stuck on such a shard, or a stop signal to the whole process group ends the shell but
-not what it started, the command lives on, orphaned, until it ends by itself (minutes, or
-never). So the processes started while the loader may fork (:func:`marked`) carry a token in
-their environment, which their own children inherit, and :func:`end` kills those still running
-once the loader is closed (as Jenkins finds a build's processes). Linux only (``/proc``).
+A worker that reads a ``pipe:`` or ``http://`` shard runs a command (``sh``, ``curl``). When
+the loader kills a worker stuck on such a shard, or a stop signal to the whole process group
+ends the shell but not what it started, the command lives on, orphaned, until it ends by itself
+(minutes, or never). So the processes started while the loader may fork (:func:`marked`) carry
+a token in their environment, which their own children inherit, and :func:`end` kills those
+still running once the loader is closed (as Jenkins finds a build's processes). Linux only
+(``/proc``).
 """
 
 from __future__ import annotations
