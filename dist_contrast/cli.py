@@ -26,6 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         world = prepare(cfg, args.world, thorough=True)
         print(f"config ok for {world} rank(s): run dir {cfg.run_dir}")
         return 0
+    from dist_contrast.train import preempt
     from dist_contrast.train.engine import train
 
     evaluate = None
@@ -33,7 +34,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from dist_contrast.eval.figures import periodic
 
         evaluate = periodic(cfg)
-    run_dir = train(cfg, evaluate)
+    try:
+        run_dir = train(cfg, evaluate)
+    except preempt.Preempted as stopped:  # "preempted at step N; ..." last, and its exit code
+        return preempt.leave(stopped)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run finished: {run_dir}")
     return 0

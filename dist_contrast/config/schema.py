@@ -238,6 +238,10 @@ class TrainConfig:
     # A collective that waits longer than this for a peer (a hung or lost rank) fails the run,
     # so a broken job ends instead of holding its nodes.
     collective_timeout_s: float = 600.0
+    # A stop signal (preemption) while a rank waits for data: the wait lasts at most this much
+    # more, then the rank leaves without a checkpoint (the steps since the last one are lost);
+    # well under Slurm's KillWait (30 s), after which SIGKILL follows.
+    stop_grace_s: float = 10.0
 
 
 @dataclass

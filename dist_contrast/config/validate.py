@@ -40,6 +40,7 @@ def validate(cfg: Config) -> None:
     )
     _check(cfg.train.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
     _check(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0")
+    _check(cfg.train.stop_grace_s >= 0, "train.stop_grace_s", "must be >= 0")
     _check(
         cfg.train.optimizer not in ("lars", "lamb")
         or (cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"),

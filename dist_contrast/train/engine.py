@@ -27,7 +27,7 @@ from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import ConfigError, DataError, DivergedError, ResourceError
 from dist_contrast.methods import LossOutput, Method, build_method, init, registry
-from dist_contrast.train import checkpoint, deepspeed_api, elastic, integrity, preempt
+from dist_contrast.train import checkpoint, deepspeed_api, elastic, integrity, preempt, strays
 from dist_contrast.train.accumulate import cached_step, plain_step
 from dist_contrast.train.guard import StepGuard
 from dist_contrast.train.metrics import MetricsLogger, embedding_metrics
@@ -208,7 +208,7 @@ def train(cfg: Config, evaluate: Evaluator | None = None) -> Path:
     lock = lock_run_dir(cfg.run_dir) if distributed.detect_env().rank == 0 else None
     try:
         # SIGUSR1/SIGTERM: stop at the next step with a checkpoint (preempt.py), from the start.
-        with preempt.StopSignals() as stop:
+        with preempt.StopSignals(cfg.train.stop_grace_s) as stop:
             env = distributed.init(cfg.train.collective_timeout_s)
             try:
                 return _train(cfg, env, stop, evaluate)
@@ -240,17 +240,24 @@ def _train(
     trainer = Trainer(cfg, engine, scheduler, loader, env.rank, env.world_size)
     trainer.stop = stop
     trainer.evaluate = evaluate if cfg.eval.every else None
+    token = strays.new_token()  # carried by what the loader starts (workers, pipe: commands)
     try:
         trainer.resume()
-        with preempt.held():  # workers forked here never act on a stop signal
+        with preempt.held(), strays.marked(token):  # workers forked here ignore stop signals
             loader.start()  # the first batches are made while the logger (wandb) starts
         trainer.logger = MetricsLogger(run_dir, cfg, trainer.step, enabled=main)
         try:
-            trainer.run()
+            with strays.marked(token):
+                trainer.run()
+        except preempt.Preempted as stopped:
+            if not stopped.agreed:  # leaving alone: see below
+                _leave_alone(token)
+            raise
         finally:
             trainer.logger.close()
     finally:
-        loader.close()  # on success, error or stop: no worker outlives the rank
+        loader.close()  # on success, error or stop: no worker outlives the rank,
+        strays.end(token)  # nor anything a worker started (a stalled pipe: shard's command)
     if main and cfg.logging.plots:
         write_plots(run_dir / "metrics.jsonl", run_dir / "plots")
     return run_dir
@@ -277,6 +284,15 @@ def oom_error(cfg: Config, step: int, exc: BaseException) -> ResourceError:
         "model.activation_checkpointing=true, loss.memory_efficient=true, "
         "deepspeed.zero_stage=3"
     )
+
+
+def _leave_alone(token: str) -> None:
+    """A rank that leaves without its peers (it gave up waiting for data) first ends its
+    process group, so that a peer blocked in a collective of the step fails at once instead of
+    after this rank's clean-up, and the commands that read the data it gave up on (a stalled
+    ``pipe:`` shard's), so that its loader's workers end without being waited for."""
+    distributed.shutdown()
+    strays.end(token, children=False)
 
 
 @dataclass
@@ -372,17 +388,31 @@ class Trainer:
         return to_device(self.augment(batch, seed), self.device, self.dtype)
 
     def run(self) -> None:
+        """Train from ``step`` to ``train.stop_at`` or ``train.steps``; on a stop signal, stop
+        at the end of a step with a checkpoint, or sooner without (see :mod:`preempt`)."""
+        with preempt.held():  # workers forked here never act on a stop signal
+            self.loader.start()
+        self.saved: int | None = self.step or None  # the step of the last checkpoint
+        self.fetcher = preempt.Fetcher(iter(self.loader))  # batches, waited for interruptibly
+        try:
+            self.loop()
+        finally:
+            self.fetcher.close()
+
+    def loop(self) -> None:
         cfg = self.cfg
-        batches = iter(self.loader)
         window = Window(self.step)
         end = cfg.train.stop_at or cfg.train.steps
         while self.step < end:
             t0 = time.perf_counter()
-            with preempt.held():  # workers forked here never act on a stop signal
-                batch = next(batches)
+            batch = self.fetcher.next(self.give_up)
             window.data_wait += time.perf_counter() - t0  # the loader kept this rank waiting
-            batch = self.augment_batch(batch)
-            out, taken = self.train_step(batch)
+            try:
+                batch = self.augment_batch(batch)
+                out, taken = self.train_step(batch)
+            except RuntimeError as exc:  # a collective of the step failed
+                self.raise_if_peer_stopped(exc)
+                raise
             self.step += 1  # the batch is consumed, whether the step was taken or skipped
             window.add(float(out.loss.detach()), taken)
             self.logger.advance()
@@ -394,6 +424,7 @@ class Trainer:
             if saved:
                 t_save = time.perf_counter()
                 self.save()
+                self.saved = self.step
                 window.start += time.perf_counter() - t_save  # throughput excludes saving
             if self.evaluate is not None and self.step % cfg.eval.every == 0:
                 t_eval = time.perf_counter()
@@ -403,6 +434,25 @@ class Trainer:
                 if not saved:
                     self.save()
                 raise self.stop.stop(self.step)  # every rank, after the same checkpoint
+
+    def give_up(self) -> preempt.Preempted | None:
+        """While this rank waits for a batch: the stop that cannot wait for it any longer, once
+        the signal is ``train.stop_grace_s`` old. A batch that comes sooner ends the step, and
+        the stop is agreed at its end as usual; a rank that gives up leaves alone, back to its
+        last checkpoint (when it took no step since, nothing is lost)."""
+        stop = self.stop
+        if stop is None or not stop.expired():
+            return None
+        why = f"no batch came within train.stop_grace_s={stop.grace_s:g} s"
+        return stop.alone(self.step, self.saved, why)
+
+    def raise_if_peer_stopped(self, exc: RuntimeError) -> None:
+        """A collective that failed because a peer left, on a rank that received a stop
+        signal: the peer gave up waiting for data (:meth:`give_up`), so does this rank."""
+        said = distributed.peer_gone(exc)
+        if said and self.stop is not None and self.stop.requested:
+            why = f"another rank left during step {self.step + 1} ({said})"
+            raise self.stop.alone(self.step, self.saved, why) from exc
 
     def periodic_eval(self) -> None:
         """The figures of the model now (``eval.every``), logged as ``eval/<name>``. Training

@@ -198,7 +198,8 @@ def test_preempted_job_requeues_and_resumes(slurm, straight, digits_dir, tmp_pat
     assert ("passing the stop on to the ranks" in text) == (how != "steps")
     wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1
-    stopped = int(text.split("SIGUSR1: stopped at step ")[1].split()[0])
+    stopped = int(text.split("preempted at step ")[1].split(";")[0])
+    assert "(SIGUSR1; every rank wrote the checkpoint of step" in text
     assert 3 <= stopped < STEPS
     rows, reference = _rows(run), _rows(straight[0])
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # nothing replayed or lost
@@ -219,7 +220,8 @@ def test_scancel_stops_with_a_checkpoint_and_is_not_undone(slurm, digits_dir, tm
     info = slurm.wait(job_id, timeout=120)
     text = log.read_text()
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", text[-3000:]
-    stopped = int(text.split("SIGTERM: stopped at step ")[1].split()[0])
+    stopped = int(text.split("preempted at step ")[1].split(";")[0])
+    assert "(SIGTERM; every rank wrote the checkpoint of step" in text
     assert "not requeued" in text and "start 2 at" not in text
     time.sleep(8)  # longer than the local cluster's requeue delay: still cancelled
     assert slurm.job(job_id)["JobState"] == "CANCELLED"
