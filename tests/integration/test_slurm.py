@@ -208,6 +208,35 @@ def test_preempted_job_requeues_and_resumes(slurm, straight, digits_dir, tmp_pat
     assert (run / "checkpoints/latest").read_text().strip() == f"step_{STEPS:08d}"
 
 
+def test_a_requeued_job_whose_latest_is_damaged_goes_on_from_the_intact_step(
+    slurm, straight, digits_dir, tmp_path
+):
+    """The node that died left `latest` damaged (bytes flipped in step 12): the requeued job
+    (checkpoint.resume=latest_intact, added by train.sbatch on a restart) sets step 12 aside,
+    says so, goes on from step 8 and ends with the losses of the uninterrupted job."""
+    from hostile import flip
+
+    log = tmp_path / "job.out"
+    extra = {"train.stop_at": 12, "checkpoint.keep": 5}
+    job_id = slurm.submit(log, _overrides(digits_dir, tmp_path, "damaged", **extra))
+    info = slurm.wait(job_id, timeout=300)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    run = tmp_path / "damaged"
+    flip(run / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt")
+    slurm.cmd("scontrol", "requeue", str(job_id))
+    time.sleep(1)
+    info = slurm.wait(job_id, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert "step_00000012 is damaged (mp_rank_00_model_states.pt: content differs" in text
+    assert "newest intact step is step_00000008: continuing from it; set aside as " in text
+    rows, reference = _rows(run), _rows(straight[0])
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in reference[:12]]
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert steps == [*(f"step_{s:08d}" for s in (4, 8, 12)), "step_00000012.damaged"]
+
+
 def test_scancel_stops_with_a_checkpoint_and_is_not_undone(slurm, digits_dir, tmp_path):
     """scancel sends SIGTERM: the ranks stop with a checkpoint as on USR1, but the job stays
     cancelled (the script requeues only a stop the job asked for)."""
