@@ -59,7 +59,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def _engine(config: str, quick: bool, run_dir: Path):
     from dist_contrast.config import load_config
     from dist_contrast.methods import build_method
-    from dist_contrast.train.engine import wrap
+    from dist_contrast.train.setup import wrap
 
     overrides = [
         f"run.dir={run_dir}",

@@ -21,7 +21,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.check:
-        from dist_contrast.train.engine import prepare
+        from dist_contrast.train.setup import prepare
 
         world = prepare(cfg, args.world, thorough=True)
         print(f"config ok for {world} rank(s): run dir {cfg.run_dir}")

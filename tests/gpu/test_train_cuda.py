@@ -21,8 +21,9 @@ from gpu_device import DEVICE, MARKS, cuda_only, one_rank, reuse, to
 from dist_contrast.data.loader import train_loader
 from dist_contrast.methods import METHODS, LossOutput, build_method
 from dist_contrast.methods.simclr import SimCLR
-from dist_contrast.train.engine import Trainer, to_device, wrap
+from dist_contrast.train.engine import Trainer, to_device
 from dist_contrast.train.runs import resolve
+from dist_contrast.train.setup import wrap
 
 from conftest import config_from_dict
 

@@ -17,7 +17,7 @@ from multiproc import run_ranks
 
 def _engine(run_dir):
     from dist_contrast.methods import build_method
-    from dist_contrast.train.engine import wrap
+    from dist_contrast.train.setup import wrap
 
     cfg = config_from_dict(
         {

@@ -96,7 +96,7 @@ def _state(engine, scheduler):
 
 
 def _save(rank, world, run_dir, stage, precision):
-    from dist_contrast.train.engine import wrap
+    from dist_contrast.train.setup import wrap
 
     torch.manual_seed(0)
     engine, _, scheduler = wrap(Tiny(), _cfg(run_dir, stage, precision), world)
@@ -108,7 +108,7 @@ def _save(rank, world, run_dir, stage, precision):
 
 
 def _resume(rank, world, run_dir, stage, precision):
-    from dist_contrast.train.engine import wrap
+    from dist_contrast.train.setup import wrap
 
     torch.manual_seed(1)  # other initial weights: the load must replace them all
     engine, _, scheduler = wrap(Tiny(), _cfg(run_dir, stage, precision), world)
@@ -133,7 +133,7 @@ def saved(request, tmp_path_factory):
 
 
 def _expected_lr(step):
-    from dist_contrast.train.engine import warmup_cosine
+    from dist_contrast.train.setup import warmup_cosine
 
     cfg = _cfg("unused", 2, "fp32")
     return cfg.train.lr * warmup_cosine(cfg.train)(step)
@@ -231,7 +231,7 @@ def test_cli_run_of_two_ranks_resumes_on_one(digits_dir, tmp_path):
     resumed by one process to step 8 with the LR of the uninterrupted schedule."""
     import json
 
-    from dist_contrast.train.engine import warmup_cosine
+    from dist_contrast.train.setup import warmup_cosine
 
     from conftest import eight_step_digits_run, run_cli, run_torchrun
 

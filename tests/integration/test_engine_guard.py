@@ -10,8 +10,9 @@ from dist_contrast.data.loader import train_loader
 from dist_contrast.errors import DivergedError, UserError
 from dist_contrast.methods import LossOutput, build_method
 from dist_contrast.methods.simclr import SimCLR
-from dist_contrast.train.engine import Trainer, wrap
+from dist_contrast.train.engine import Trainer
 from dist_contrast.train.metrics import MetricsLogger
+from dist_contrast.train.setup import wrap
 
 from conftest import config_from_dict
 from multiproc import run_ranks
@@ -134,7 +135,7 @@ def test_fp16_without_cuda_is_refused(digits_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: fp16 is allowed")
     from dist_contrast.errors import ConfigError
-    from dist_contrast.train.engine import prepare
+    from dist_contrast.train.setup import prepare
 
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         prepare(_cfg(digits_dir, tmp_path, 2, "fp16"))

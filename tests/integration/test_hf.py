@@ -167,7 +167,7 @@ def _tiny_clip_config(tok: BPETokenizer) -> transformers.CLIPConfig:
 def test_init_from_hf_clip_then_lit(tmp_path, digits_dir, digits_tokenizer):
     from dist_contrast.config import load_config
     from dist_contrast.eval.run import starting_point
-    from dist_contrast.train.engine import initial_method
+    from dist_contrast.train.setup import initial_method
 
     tok = BPETokenizer.load(digits_tokenizer, 24)
     torch.manual_seed(3)
@@ -257,7 +257,7 @@ def test_init_from_our_export_and_from_a_vit_model(vit_clip, tmp_path, digits_di
     """export:DIR gives an image-text run every tower of the export; hf:DIR of a ViTModel the
     image encoder of a vision run (momentum copies synced to it)."""
     from dist_contrast.config import load_config
-    from dist_contrast.train.engine import initial_method
+    from dist_contrast.train.setup import initial_method
 
     tmp, run = vit_clip
     assert run_cli("export", "--run", str(run), "--out", str(tmp_path / "exp")).returncode == 0

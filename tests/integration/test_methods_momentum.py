@@ -96,7 +96,7 @@ def _zero3_steps(rank, world, steps):
     import deepspeed
 
     from dist_contrast.methods import build_method
-    from dist_contrast.train.engine import deepspeed_config
+    from dist_contrast.train.setup import deepspeed_config
 
     cfg = _cfg(
         method={"name": "moco_v2", "queue_size": 64, "momentum": 0.9},

@@ -93,8 +93,8 @@ def _every_load(rank, world, one_step: str, two_step: str, marker: str) -> dict:
     manifest rewritten to match, as an attacker would), then take every path that reads it.
     Returns, per file, the errors seen (a load that succeeded is a missing refusal)."""
     from dist_contrast.methods import build_method
-    from dist_contrast.train.engine import wrap
     from dist_contrast.train.runs import run_config
+    from dist_contrast.train.setup import wrap
 
     out: dict[str, list[str]] = {}
     for step in (Path(one_step), Path(two_step)):

@@ -4,7 +4,7 @@ import yaml
 from dist_contrast.config import Config, load_config, save_config
 from dist_contrast.config.parse import dotted_keys
 from dist_contrast.errors import ConfigError
-from dist_contrast.train.engine import deepspeed_config
+from dist_contrast.train.setup import deepspeed_config
 
 from conftest import config_from_dict
 

@@ -341,7 +341,7 @@ def test_deepspeed_version_is_the_one_this_adapter_was_checked_with():
     ],
 )
 def test_deepspeed_raw_is_checked_by_deepspeeds_config_model(raw, expected):
-    from dist_contrast.train.engine import deepspeed_config
+    from dist_contrast.train.setup import deepspeed_config
 
     cfg = config_from_dict({"train": {"batch_size": 8}, "deepspeed": {"raw": raw}})
     with pytest.raises(ConfigError, match="deepspeed.raw") as err:
