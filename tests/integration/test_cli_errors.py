@@ -46,6 +46,12 @@ def test_train_bad_input(overrides, expected, digits_dir, tmp_path):
         # a YAML error in an override (used to be a yaml ParserError traceback)
         (["model.width={3"], "override model.width: value '{3' is not valid YAML"),
         (["train.lr=[1e-3"], "override train.lr: value '[1e-3' is not valid YAML"),
+        # DeepSpeed's own config model (used to pass --check, then a traceback on every rank)
+        (
+            ["deepspeed.raw={zero_optimization: {stag: 2}}"],
+            "deepspeed.raw: DeepSpeed refuses the config: DeepSpeedZeroConfig stag: Extra inputs",
+        ),
+        (["deepspeed.raw={train_batch_size: 7}"], "train_batch_size 7 != "),
     ],
 )
 def test_check_refuses_before_any_rank_starts(overrides, expected, digits_dir, tmp_path):

@@ -302,5 +302,8 @@ def test_a_missing_latest_is_refused_and_nothing_is_lost(one, digits_dir, tmp_pa
         args = _args(digits_dir, tmp_path, "run", **extra)
         line = _one_line(run_cli("train", "--config", CONFIG, *args, *check))
         assert "not started over" in line or "already holds checkpoints" in line, line
+    line = _one_line(run_cli("eval", "--run", str(run)))
+    assert "latest is missing but step directories are there" in line
+    assert "choose one with --step N" in line
     assert _listing(run) == before
     assert not (run / "checkpoints" / "latest").exists()
