@@ -193,8 +193,11 @@ CURL_EXIT = {
     56: "failure receiving: connection reset",
 }
 # exit statuses that retrying cannot change: the command (or we) ended the stream on purpose,
-# so the data itself is at fault; a shell's "cannot execute" and "not found"
-_FINAL_STATUS = {0, 23, 141, -13, 126, 127}
+# so the data itself is at fault; a shell's "cannot execute" and "not found"; and a command
+# ended by SIGINT, SIGTERM or SIGKILL (as a signal, or a shell's 128 + n): someone is ending the
+# job (a rank that gives up on a stalled shard kills its commands), reading again would start
+# the command anew and hold the worker, and its rank, past the stop
+_FINAL_STATUS = {0, 23, 141, -13, 126, 127, -2, -9, -15, 130, 137, 143}
 
 
 @dataclass

@@ -51,25 +51,31 @@ def _kill_tagged(tag: str) -> None:
 
 
 @contextlib.contextmanager
-def _torchrun(args: list[str], env: dict[str, str] | None = None):
-    """torchrun with 2 ranks, tagged; yields (process, tag). Whatever happens in the block, no
-    process of the job survives it."""
+def started(cmd: list[str], env: dict[str, str] | None = None, new_session: bool = False):
+    """``cmd`` with its processes tagged (its environment names the tag); yields (process,
+    tag). Whatever happens in the block, no process it started survives it."""
     tag = uuid.uuid4().hex
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.Popen(
-        cmd + args,
+        cmd,
         env={**(env or cli_env()), "DIST_CONTRAST_TEST_TAG": tag},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        start_new_session=new_session,
     )
     try:
         yield proc, tag
     finally:
         _kill_tagged(tag)
         proc.kill()
-        proc.wait()
+        proc.communicate()
+
+
+def _torchrun(args: list[str], env: dict[str, str] | None = None):
+    """torchrun with 2 ranks, tagged (:func:`started`)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return started(cmd + args, env)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

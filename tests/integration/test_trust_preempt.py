@@ -8,7 +8,6 @@ stuck read does), or sleeps a few seconds before the rest."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import os
@@ -18,11 +17,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from test_run_ends import _kill_tagged, _tagged_pids
+from test_run_ends import _finish, started
 
 from dist_contrast.train import checkpoint, preempt
 from dist_contrast.train.preempt import EXIT_PREEMPTED
@@ -63,25 +61,9 @@ def _stalling(shard: Path, samples: int, stall_s: int, flag: Path, rest: bool = 
     return "pipe:" + cmd + (f"; tail -c +{n + 1} {shard}" if rest else "")
 
 
-@contextlib.contextmanager
 def _started(cmd: list[str]):
     """``cmd`` in a session of its own, its processes tagged; none survives the block."""
-    tag = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**cli_env(), "DIST_CONTRAST_TEST_TAG": tag, "PYTHON": sys.executable},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc, tag
-    finally:
-        _kill_tagged(tag)
-        proc.kill()
-        proc.communicate()
+    return started(cmd, {**cli_env(), "PYTHON": sys.executable}, new_session=True)
 
 
 def _local(nproc: int, run_dir: Path, shards: str, **extra) -> list[str]:
@@ -158,14 +140,7 @@ def _torchrun_of(local_sh: int) -> int:
 
 def _ended(proc: subprocess.Popen, tag: str, timeout: float) -> tuple[str, float]:
     """(stderr, seconds until the job ended); fails if it does not end, or leaves processes."""
-    start = time.monotonic()
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the job did not end within {timeout} s; processes {_tagged_pids(tag)}")
-    elapsed = time.monotonic() - start
-    time.sleep(1.0)  # a process already leaving
-    left = _tagged_pids(tag)
+    err, elapsed, left = _finish(proc, tag, timeout)
     assert left == [], f"processes left behind: {left}\n{err[-3000:]}"
     return err, elapsed
 
