@@ -188,6 +188,7 @@ class Fetcher:
         self._items = items
         self._asked: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._got: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        self._busy = False  # an item asked for and not received (a wait given up)
         with held():  # the thread starts with the signals blocked
             self._thread = threading.Thread(target=self._serve, name="batches", daemon=True)
             self._thread.start()
@@ -202,6 +203,7 @@ class Fetcher:
 
     def next(self, give_up: Callable[[], BaseException | None] | None = None) -> Any:
         self._asked.put(True)
+        self._busy = True
         while True:
             try:
                 ok, value = self._got.get(timeout=POLL_S)
@@ -210,10 +212,14 @@ class Fetcher:
                 if exc is not None:
                     raise exc from None
                 continue
+            self._busy = False
             if ok:
                 return value
             raise value
 
     def close(self) -> None:
-        """Let the thread end once it is back (at once if it is not in a wait)."""
+        """Let the thread end once it is back; if it is not in a wait, wait for it to end, so
+        that no thread of the loader's is still running when the process exits."""
         self._asked.put(False)
+        if not self._busy:
+            self._thread.join(timeout=5.0)
