@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import stat
 import types
 import typing
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from dist_contrast.errors import ConfigError
+from dist_contrast.files import NotRegularFile, open_regular
 
 # Values that YAML aliases may add to a document once expanded: ample for the anchors people
 # write (a shared deepspeed block, a step count), while 9 levels of 10 aliases in 524 bytes
@@ -80,23 +79,17 @@ def safe_yaml(text: str | bytes, where: str) -> Any:
 
 
 def _read_config_bytes(path: Path) -> bytes:
-    """The bytes of the config file ``path``, opened without blocking and read only if it is
-    a regular file (a FIFO would wait for a writer forever, a device never ends)."""
+    """The bytes of the config file ``path``, read only if it is a regular file (a FIFO would
+    wait for a writer forever, a device never ends)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open_regular(path) as f:
+            return f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except NotRegularFile:
+        raise ConfigError(f"config file {path} is not a regular file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"config file {path} is not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -29,9 +29,10 @@ from typing import Any
 
 from dist_contrast.data.shards import REMOTE_PREFIXES
 from dist_contrast.data.sources import Reader, Source
-from dist_contrast.data.tario import Faults, open_local, split_name, tar_samples
+from dist_contrast.data.tario import Faults, split_name, tar_samples
 from dist_contrast.distributed import mix_seed
 from dist_contrast.errors import DataError
+from dist_contrast.files import open_regular
 
 Piece = tuple[str, list[int]]  # a shard and the indices of its samples to skip (consumed)
 
@@ -123,7 +124,7 @@ def shard_size(url: str) -> int:
     only, a remote one (or a broken one) read through."""
     if not url.startswith(REMOTE_PREFIXES):
         try:
-            with open_local(url) as f, tarfile.open(fileobj=f) as tar:
+            with open_regular(url) as f, tarfile.open(fileobj=f) as tar:
                 names = [split_name(m.name) for m in tar.getmembers() if m.isfile()]
             keys = [p[0] for p in names if p is not None]
             return sum(1 for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k)

@@ -13,8 +13,9 @@ from pathlib import Path
 import braceexpand
 
 from dist_contrast.config.parse import split_top_level
-from dist_contrast.data.tario import REMOTE_PREFIXES, kind_of
+from dist_contrast.data.tario import REMOTE_PREFIXES
 from dist_contrast.errors import DataError
+from dist_contrast.files import kind_of
 
 __all__ = ["REMOTE_PREFIXES", "dataset_size", "file_kind", "resolve_shards"]
 

@@ -17,13 +17,14 @@ import os
 import random
 import re
 import shlex
-import stat
 import sys
 import tarfile
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+from dist_contrast.files import open_regular
 
 # WebDataset's naming: the key is the path up to the first dot of the file name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -118,46 +119,15 @@ def open_url(url: str) -> str:
     return "pipe:" + template.format(url=shlex.quote(url), path=shlex.quote(url[5:]))
 
 
-_KINDS = (
-    (stat.S_ISREG, "regular file"),
-    (stat.S_ISDIR, "directory"),
-    (stat.S_ISFIFO, "FIFO"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-    (stat.S_ISSOCK, "socket"),
-)
-
-
-def kind_of(mode: int) -> str:
-    """What a ``st_mode`` is: "regular file", "directory", "FIFO", "character device"..."""
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
 def is_remote(url: str) -> bool:
     return url.startswith(REMOTE_PREFIXES)
 
 
-def open_local(path: str) -> IO[bytes]:
-    """``path`` opened for reading if it is a regular file, checked on the opened descriptor
-    (opened without blocking, so a FIFO or a device swapped in after the listing never blocks);
-    an :class:`OSError` that says what it is otherwise."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(f"not a regular file ({kind_of(mode)})")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def open_shard(url: str) -> IO[bytes]:
-    """A shard's byte stream: a local regular file (:func:`open_local`), or what webdataset's
-    ``gopen`` opens for a remote URL (:func:`open_url`)."""
+    """A shard's byte stream: a local regular file (:func:`dist_contrast.files.open_regular`),
+    or what webdataset's ``gopen`` opens for a remote URL (:func:`open_url`)."""
     if not is_remote(url):
-        return open_local(url)
+        return open_regular(url)
     import webdataset as wds  # here, not at the top: exports load without it (decode.py)
 
     return wds.gopen(open_url(url))
@@ -178,7 +148,7 @@ class Retry:
         return min(self.cap_s, self.backoff_s * 2**attempt) * _JITTER.uniform(0.8, 1.2)
 
 
-RETRY, NO_RETRY = Retry(), Retry(0)
+RETRY = Retry()
 _JITTER = random.Random()  # its own generator: the data's randomness is untouched
 
 # curl's exit codes a reader meets (`man curl`), to say what failed

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from dist_contrast.errors import CheckpointError, ConfigError
+from dist_contrast.files import NotRegularFile, open_regular, require_regular
 
 CHECKED = ((0, 19), (0, 19))  # DeepSpeed versions (major, minor) this module was checked with
 
@@ -102,11 +103,15 @@ def _guarded_load(real_load, f: Any, *args: Any, **kwargs: Any) -> Any:
     kwargs["weights_only"] = True
     kwargs.pop("pickle_module", None)
     name = os.fspath(f) if isinstance(f, str | os.PathLike) else getattr(f, "name", repr(f))
-    if isinstance(f, str | os.PathLike):
-        _regular(Path(f))
     try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return real_load(f, *args, **kwargs)
+        opened = _opened(f, mmap=bool(kwargs.get("mmap")))
+    except NotRegularFile:
+        raise CheckpointError(f"{name}: not a regular file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{name}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        with opened as handle, torch.serialization.safe_globals(safe_globals()):
+            return real_load(handle, *args, **kwargs)
     except pickle.UnpicklingError as exc:
         found = _unsupported(str(exc))
         raise UnsafeFileError(
@@ -120,16 +125,16 @@ def _guarded_load(real_load, f: Any, *args: Any, **kwargs: Any) -> Any:
         raise CheckpointError(f"{name}: cannot be read ({first[:200]})") from None
 
 
-def _regular(path: Path) -> None:
-    """Only a regular file is opened: a FIFO would block, a device never end."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
-    import stat
-
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{path}: not a regular file")
+def _opened(f: Any, mmap: bool) -> contextlib.AbstractContextManager:
+    """What ``torch.load`` is given for ``f``: a path opened here as a regular file (a FIFO
+    never blocks it), or for ``mmap`` (which needs the path) checked so and then passed on; a
+    file object as it is."""
+    if not isinstance(f, str | os.PathLike):
+        return contextlib.nullcontext(f)
+    if mmap:
+        require_regular(f)
+        return contextlib.nullcontext(f)
+    return open_regular(f)
 
 
 def _unsupported(message: str) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dist_contrast.errors import CheckpointError
+from dist_contrast.files import NotRegularFile, open_regular
 
 MANIFEST = "manifest.json"
 FORMAT = "dist-contrast-checkpoint-manifest"
@@ -65,18 +66,15 @@ def files_of(folder: Path) -> list[str]:
 
 def hash_file(path: Path) -> tuple[int, str]:
     """(size, SHA-256 hex) of a regular file, read in 8 MB chunks; never follows a link."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
+        f = open_regular(path, follow_links=False)
+    except NotRegularFile:
+        raise CheckpointError(f"{path}: not a regular file") from None
+    with f:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-        return st.st_size, digest.hexdigest()
-    finally:
-        os.close(fd)
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+        return os.fstat(f.fileno()).st_size, digest.hexdigest()
 
 
 def shares(folder: Path, names: list[str], world: int) -> list[list[str]]:
