@@ -6,12 +6,13 @@ and nowhere else. Models never import this module; losses and negatives use the 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -225,19 +226,39 @@ def all_gather_object(obj: object) -> list:
     return out
 
 
-def all_true(flag: bool) -> bool:
-    """True on every rank iff ``flag`` is true on every rank: one decision for all."""
-    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device())
+def all_true(flag: bool | torch.Tensor) -> bool:
+    """True on every rank iff ``flag`` is true on every rank: one decision for all. A tensor
+    flag stays on its device until the all-reduced answer is read: one host read."""
+    t = torch.as_tensor(flag, device=device()).reshape(1).to(torch.int32)
     if is_dist() and world_size() > 1:
-        dist.all_reduce(t)
-    return int(t) == 0
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t)
 
 
 # --------------------------------------------------------------------------------------------
 # all_gather with an exact backward
 
 
+_equal_rows = False  # set by equal_rows(): a process-wide promise (backward may run elsewhere)
+
+
+@contextlib.contextmanager
+def equal_rows() -> Iterator[None]:
+    """Within: every rank gives each gather the same number of rows as this rank (a training
+    step over fixed per-rank batches: the loader drops partial ones), so the gathers do not
+    exchange their sizes first: one collective and one host read fewer per gather. A rank
+    whose rows differ would break the promise for all: the caller checks its batch first."""
+    global _equal_rows
+    before, _equal_rows = _equal_rows, True
+    try:
+        yield
+    finally:
+        _equal_rows = before
+
+
 def _gather_sizes(n: int, dev: torch.device) -> list[int]:
+    if _equal_rows:
+        return [n] * world_size()
     size = torch.tensor([n], dtype=torch.int64, device=dev)
     sizes = [torch.zeros_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)

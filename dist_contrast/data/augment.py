@@ -12,6 +12,7 @@ it is much larger than its output, so large images cost little to crop small.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import warnings
@@ -243,12 +244,24 @@ class DeviceAugment(nn.Module):
         import kornia.augmentation as K
 
         ops: list[nn.Module] = []
+        # Colour jitter in a random order per call, as torchvision's, but the order drawn on the
+        # host (from the call's seed): kornia's own random order is a device tensor it reads
+        # back, and it then reads each factor to skip neutral steps, five host reads per view;
+        # with a fixed order on RGB (gray is jittered as RGB) it selects with torch.where and
+        # reads nothing.
+        self.jitters = nn.ModuleList()
         if aug.jitter_prob > 0 and max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
-            ops.append(
-                K.ColorJitter(
-                    aug.brightness, aug.contrast, aug.saturation, aug.hue, p=aug.jitter_prob
+            for order in itertools.permutations(range(4)):
+                self.jitters.append(
+                    K.ColorJitter(
+                        aug.brightness,
+                        aug.contrast,
+                        aug.saturation,
+                        aug.hue,
+                        p=aug.jitter_prob,
+                        order=order,
+                    )
                 )
-            )
         if aug.grayscale_prob > 0:
             ops.append(K.RandomGrayscale(p=aug.grayscale_prob))
         if aug.blur_prob > 0:
@@ -260,8 +273,14 @@ class DeviceAugment(nn.Module):
         self.noise_std = aug.noise_std
         self.normalize = Normalize(data.mean, data.std)
 
-    def _one(self, x: torch.Tensor) -> torch.Tensor:
+    def _one(self, x: torch.Tensor, draw: random.Random) -> torch.Tensor:
         x = to_float(x)
+        if len(self.jitters):
+            jitter = self.jitters[draw.randrange(len(self.jitters))]
+            if x.shape[1] == 1:  # gray as RGB (saturation and hue leave it gray): no reads
+                x = jitter(x.repeat(1, 3, 1, 1))[:, :1]
+            else:
+                x = jitter(x)
         if len(self.ops):
             x = self.ops(x)
         if self.noise_std > 0:
@@ -274,13 +293,14 @@ class DeviceAugment(nn.Module):
         devices = [batch["view1"].device] if batch["view1"].is_cuda else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
+            draw = random.Random(seed)  # host draws (the jitter orders): no device reads
             for key in self.VIEW_KEYS:
                 if key not in batch:
                     continue
                 x = batch[key]
                 if key == "small_crops":  # [B, n, C, s, s]
                     b, n = x.shape[:2]
-                    out[key] = self._one(x.flatten(0, 1)).view(b, n, *x.shape[2:])
+                    out[key] = self._one(x.flatten(0, 1), draw).view(b, n, *x.shape[2:])
                 else:
-                    out[key] = self._one(x)
+                    out[key] = self._one(x, draw)
         return out

@@ -22,7 +22,8 @@ from dist_contrast.losses.kernels.numerics import upcast
 @dataclass
 class LossOutput:
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    # figures to log: 0-dim tensors stay on the device, read at log steps only
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 class Method(nn.Module, metaclass=abc.ABCMeta):

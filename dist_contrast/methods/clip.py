@@ -180,7 +180,7 @@ class CLIP(Method):
         return emb
 
     def loss(self, emb, batch) -> LossOutput:
-        metrics = {"logit_scale": self.logit_scale()}
+        metrics = {"logit_scale": self.criterion.scale().detach()}  # read at log steps
         if self.queues is None:
             return LossOutput(self.criterion(emb["image"], emb["text"]), metrics)
         q = self.queues

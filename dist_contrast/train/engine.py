@@ -165,17 +165,18 @@ def _leave_alone(token: str) -> None:
 
 @dataclass
 class Window:
-    """What is summed between two logged steps (the loss over the steps taken only)."""
+    """What is summed between two logged steps (the loss over the steps taken only). The sum
+    stays on the device, in float64 (what Python floats summed before), until the log step."""
 
     first_step: int
     start: float = field(default_factory=time.perf_counter)
-    loss_sum: float = 0.0
+    loss_sum: torch.Tensor | float = 0.0
     n: int = 0
     data_wait: float = 0.0
 
-    def add(self, loss: float, taken: bool) -> None:
+    def add(self, loss: torch.Tensor, taken: bool) -> None:
         if taken:
-            self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+            self.loss_sum, self.n = self.loss_sum + loss.detach().double(), self.n + 1
 
 
 class Trainer:
@@ -282,7 +283,7 @@ class Trainer:
                 self.raise_if_peer_stopped(exc)
                 raise
             self.step += 1  # the batch is consumed, whether the step was taken or skipped
-            window.add(float(out.loss.detach()), taken)
+            window.add(out.loss, taken)  # no host read: the guard's decision is the step's one
             self.logger.advance()
             last = self.step == end
             if self.step % cfg.train.log_every == 0 or last:
@@ -339,7 +340,9 @@ class Trainer:
     def train_step(self, batch: dict) -> tuple[LossOutput, bool]:
         """One optimizer step over ``batch``, or none if its loss or gradients are not finite
         on some rank (the same decision on every rank); whether the step was taken."""
-        out = self.optimizer_step(batch)
+        self.check_full(batch)
+        with distributed.equal_rows():  # so the gathers need not exchange sizes
+            out = self.optimizer_step(batch)
         taken = self.guard.end_step(self.engine.was_step_applied())
         if taken:
             self.scheduler.step()
@@ -352,6 +355,17 @@ class Trainer:
                 f"and continue from the last checkpoint with checkpoint.resume=latest"
             )
         return out, taken
+
+    def check_full(self, batch: dict) -> None:
+        """Every per-sample tensor of ``batch`` holds ``train.batch_size`` rows, as the loader
+        makes them on every rank (it drops partial batches): what lets a step's gathers skip
+        exchanging their sizes. A rank that breaks it stops here, before any collective."""
+        rows = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()}
+        if rows != {self.cfg.train.batch_size}:
+            raise RuntimeError(
+                f"a training batch has {sorted(rows)} rows per tensor on rank {self.rank}, "
+                f"not train.batch_size={self.cfg.train.batch_size}"
+            )
 
     def optimizer_step(self, batch: dict) -> LossOutput:
         """Forward, backward and DeepSpeed's step over this rank's batch (gradient clipping

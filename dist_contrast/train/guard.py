@@ -52,7 +52,7 @@ class StepGuard:
 
     def _decide(self) -> bool:
         if self.decision is None:
-            self.decision = distributed.all_true(bool(self.ok))
+            self.decision = distributed.all_true(self.ok)  # the step's one host read
         return self.decision
 
     def _before_update(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
