@@ -19,8 +19,9 @@ and turns wandb, the progress bar, plots and periodic evaluation off.
   (``method.embed``), ``loss`` (``method.loss``: the gathers of negatives included),
   ``backward`` (``engine.backward``: DeepSpeed's gradient reduction included), ``optimizer``
   (``engine.step``: clipping, the guard's all-reduced decision, the update), ``log``
-  (``Trainer.record`` + the logger), ``checkpoint`` (``Trainer.save``: the one at the last step,
-  a real save with its manifest, timed and divided by ``checkpoint.every``), ``other`` (the
+  (``Trainer.record``, which embeds the batch again for the embedding metrics, + the logger;
+  its mean per call divided by ``train.log_every``), ``checkpoint`` (``Trainer.save``: the one
+  at the last step, a real save with its manifest, divided by ``checkpoint.every``), ``other`` (the
   rest of the step's wall time; ``in train_step`` is the part of it inside
   ``Trainer.train_step``: DeepSpeed's forward wrapper, the guard's hooks, the LR schedule).
 - floor: the same method built at the same seed (the same weights), its dtype that of
@@ -34,10 +35,12 @@ and turns wandb, the progress bar, plots and periodic evaluation off.
   no logging or checkpoints.
 
 Figures: the mean of each phase over the ``--steps`` steps after ``--warmup`` (each rank's,
-then the mean over ranks); ``step`` is a whole step's wall time with the checkpoint amortised
+then the mean over ranks); ``step`` is a whole step's wall time, checkpoint and log line amortised
 (the slowest rank's); samples/s = ``train.batch_size`` x ranks / step. Peak memory: each rank's
 peak RSS during each loop (Linux: the peak is reset before each; the engine's loader workers are
-processes of their own, not counted), and ``torch.cuda.max_memory_allocated`` on CUDA. The
+processes of their own, not counted), and ``torch.cuda.max_memory_allocated`` on CUDA. CPU
+ms/step: the same figures of CPU time (``time.process_time``: the rank's process, all its
+threads; not the loader's workers), steadier than wall time on a loaded machine. The
 engine runs first, then the floor, in the same processes. Phases on CUDA are timed with a
 device synchronisation around each (which the engine does not do by itself).
 
@@ -70,10 +73,11 @@ from dist_contrast_bench.common import (
     usable_cores,
     write_json,
 )
-from dist_contrast_bench.train_phases import Phases, peak_memory, reset_peak, summarise
+from dist_contrast_bench.train_phases import CPU, Phases, peak_memory, reset_peak, summarise
 
 ENGINE_PHASES = ("data", "augment", "forward", "loss", "backward", "optimizer", "log", "checkpoint")
 FLOOR_PHASES = ("forward", "loss", "backward", "optimizer")
+TRAIN_STEP = ("forward", "loss", "backward", "optimizer")  # what Trainer.train_step calls
 LABELS = {
     "data": "data wait",
     "augment": "augment (device)",
@@ -81,7 +85,7 @@ LABELS = {
     "loss": "loss (incl. gathers)",
     "backward": "backward (incl. grad reduction)",
     "optimizer": "optimizer step",
-    "log": "log (every log_every steps)",
+    "log": "log (1 line / log_every)",
     "checkpoint": "checkpoint (1 save / every)",
     "other": "other",
     "in_train_step": "  of which in train_step",
@@ -316,16 +320,15 @@ def measure(cfg, args: argparse.Namespace, rank: int, world: int) -> dict:
             path = Path(args.profile, f"floor_rank{rank}.txt")
             stack.enter_context(_profiler(args, floor_phases, path))
         floor_loss, floor_mem = run_floor(cfg, seen.batches, total, floor_phases)
-    every = cfg.checkpoint.every
-    engine = summarise(engine_phases.rows, args.warmup, ENGINE_PHASES, every, ("train_step",))
-    engine["in_train_step"] = engine.pop("train_step") - sum(
-        engine[p] for p in ("forward", "loss", "backward", "optimizer")
-    )
     return {
         "rank": rank,
-        "engine": {**engine, "memory": engine_mem, "loss_step1": float(seen.first_loss)},
+        "engine": {
+            **_figures(engine_phases.rows, args.warmup, ENGINE_PHASES, cfg),
+            "memory": engine_mem,
+            "loss_step1": float(seen.first_loss),
+        },
         "floor": {
-            **summarise(floor_phases.rows, args.warmup, FLOOR_PHASES),
+            **_figures(floor_phases.rows, args.warmup, FLOOR_PHASES, cfg),
             "memory": floor_mem,
             "loss_step1": float(floor_loss),
         },
@@ -333,15 +336,32 @@ def measure(cfg, args: argparse.Namespace, rank: int, world: int) -> dict:
     }
 
 
+def _figures(rows: list[dict], warmup: int, phases: tuple[str, ...], cfg) -> dict:
+    """Wall ms per step by phase, and the same of CPU time under ``cpu``."""
+    amortised = {"checkpoint": cfg.checkpoint.every, "log": cfg.train.log_every}
+    out = {}
+    for key in ("", CPU):
+        figures = summarise(rows, warmup, phases, amortised, ("train_step",), key)
+        train_step = figures.pop("train_step")
+        if "data" in phases:  # the engine: what train_step spends outside the four phases
+            figures["in_train_step"] = train_step - sum(figures[p] for p in TRAIN_STEP)
+        if key:
+            out["cpu"] = figures
+        else:
+            out.update(figures)
+    return out
+
+
 def combine(ranks: list[dict], batch_size: int) -> dict:
-    """Per loop: each phase's mean over ranks, the slowest rank's step, samples/s."""
+    """Per loop: each phase's mean over ranks, the slowest rank's step, samples/s; the same of
+    CPU time (mean over ranks) under ``cpu``."""
     world, out = len(ranks), {}
     for loop in ("engine", "floor"):
         figures = [r[loop] for r in ranks]
-        keys = [k for k, v in figures[0].items() if isinstance(v, float) and k != "loss_step1"]
-        mean = {k: sum(f[k] for f in figures) / world for k in keys}
+        mean = _mean(figures)
         mean["step"] = max(f["step"] for f in figures)
         mean["samples_per_s"] = batch_size * world / (mean["step"] / 1e3)
+        mean["cpu"] = _mean([f["cpu"] for f in figures])
         mean["peak_rss_mib"] = [f["memory"]["peak_rss_mib"] for f in figures]
         if "cuda_max_allocated_mib" in figures[0]["memory"]:
             mean["cuda_max_allocated_mib"] = [
@@ -349,7 +369,13 @@ def combine(ranks: list[dict], batch_size: int) -> dict:
             ]
         out[loop] = mean
     out["ratio"] = out["engine"]["samples_per_s"] / out["floor"]["samples_per_s"]
+    out["cpu_ratio"] = out["floor"]["cpu"]["step"] / out["engine"]["cpu"]["step"]
     return out
+
+
+def _mean(figures: list[dict]) -> dict:
+    keys = [k for k, v in figures[0].items() if isinstance(v, float) and k != "loss_step1"]
+    return {k: sum(f[k] for f in figures) / len(figures) for k in keys}
 
 
 def _ms(value: float | None) -> str:
@@ -363,29 +389,33 @@ def table(result: dict) -> str:
         f"{c['summary']}; {c['world']} rank(s) x {c['batch_size']}; {result['steps']} steps "
         f"after {result['warmup']} warm-up; {result['cpu']}, {result['threads']} thread(s)/rank",
         "",
-        "| phase | engine ms/step | floor ms/step | engine / floor |",
-        "|---|---|---|---|",
+        "| phase | engine ms/step | floor ms/step | engine / floor "
+        "| engine CPU ms/step | floor CPU ms/step |",
+        "|---|---|---|---|---|---|",
     ]
     for key, label in LABELS.items():
         fv = f.get(key)
         ratio = f"{e[key] / fv:.2f}" if fv else ""
-        lines.append(f"| {label} | {_ms(e.get(key))} | {_ms(fv)} | {ratio} |")
+        cpu = f"{_ms(e['cpu'].get(key))} | {_ms(f['cpu'].get(key))}"
+        lines.append(f"| {label} | {_ms(e.get(key))} | {_ms(fv)} | {ratio} | {cpu} |")
     lines.append(
-        f"| **step** | {_ms(e['step'])} | {_ms(f['step'])} | {e['step'] / f['step']:.2f} |"
+        f"| **step** | {_ms(e['step'])} | {_ms(f['step'])} | {e['step'] / f['step']:.2f} "
+        f"| {_ms(e['cpu']['step'])} | {_ms(f['cpu']['step'])} |"
     )
     lines.append(
         f"| **samples/s** | {e['samples_per_s']:.1f} | {f['samples_per_s']:.1f} | "
-        f"**{result['ratio']:.3f}** |"
+        f"**{result['ratio']:.3f}** | floor / engine CPU: **{result['cpu_ratio']:.3f}** | |"
     )
     rss = [" / ".join(f"{x:.0f}" for x in loop["peak_rss_mib"]) for loop in (e, f)]
-    lines.append(f"| peak RSS MiB per rank | {rss[0]} | {rss[1]} | |")
+    lines.append(f"| peak RSS MiB per rank | {rss[0]} | {rss[1]} | | | |")
     if "cuda_max_allocated_mib" in e:
         cuda = [" / ".join(f"{x:.0f}" for x in loop["cuda_max_allocated_mib"]) for loop in (e, f)]
-        lines.append(f"| CUDA max allocated MiB per rank | {cuda[0]} | {cuda[1]} | |")
+        lines.append(f"| CUDA max allocated MiB per rank | {cuda[0]} | {cuda[1]} | | | |")
     verdict = "within" if result["ratio"] >= 0.95 else "NOT within"
     lines += [
         "",
-        f"engine / floor samples/s = {result['ratio']:.3f}: {verdict} 5% of the plain DDP loop; "
+        f"engine / floor samples/s = {result['ratio']:.3f}: {verdict} 5% of the plain DDP loop "
+        f"(CPU time per step of the ranks, floor / engine: {result['cpu_ratio']:.3f}); "
         f"loss at step 1, rank 0: engine {result['loss_step1']['engine'][0]:.6f}, "
         f"floor {result['loss_step1']['floor'][0]:.6f}",
     ]

@@ -22,6 +22,8 @@ import torch
 
 from dist_contrast_bench.common import sync
 
+CPU = "cpu:"  # row keys of CPU seconds (this process, all its threads): "cpu:<phase>", "cpu:wall"
+
 
 class Phases:
     def __init__(self, dev: torch.device) -> None:
@@ -29,27 +31,29 @@ class Phases:
         self.rows: list[dict[str, float]] = []  # per step: phase -> seconds, "wall"
         self.on_step: list[Callable[[], None]] = []  # called at each step start (profiler)
         self._row: dict[str, float] | None = None
-        self._start = 0.0
+        self._start = self._cpu = 0.0
         self._inside = False
 
     def begin_step(self) -> None:
         """Close the step running (if any) and start the next one."""
-        sync(self.dev)
-        now = time.perf_counter()
-        if self._row is not None:
-            self._row["wall"] = now - self._start
-            self.rows.append(self._row)
-        self._row, self._start = {}, now
+        self.end()
+        self._row, self._start, self._cpu = {}, time.perf_counter(), time.process_time()
         for fn in self.on_step:
             fn()
 
     def end(self) -> None:
-        """Close the last step."""
+        """Close the step running (if any)."""
         sync(self.dev)
         if self._row is not None:
             self._row["wall"] = time.perf_counter() - self._start
+            self._row[CPU + "wall"] = time.process_time() - self._cpu
             self.rows.append(self._row)
         self._row = None
+
+    def _add(self, name: str, wall: float, cpu: float) -> None:
+        if self._row is not None:
+            self._row[name] = self._row.get(name, 0.0) + wall
+            self._row[CPU + name] = self._row.get(CPU + name, 0.0) + cpu
 
     def timed(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, its wall time added to phase ``name`` of the running step
@@ -58,13 +62,12 @@ class Phases:
             return fn(*args, **kwargs)
         self._inside = True
         sync(self.dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             sync(self.dev)
-            if self._row is not None:
-                self._row[name] = self._row.get(name, 0.0) + time.perf_counter() - t0
+            self._add(name, time.perf_counter() - t0, time.process_time() - c0)
             self._inside = False
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,13 +82,12 @@ class Phases:
         """``fn`` whose wall time is recorded as ``name`` beside the phases it contains."""
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 sync(self.dev)
-                if self._row is not None:
-                    self._row[name] = self._row.get(name, 0.0) + time.perf_counter() - t0
+                self._add(name, time.perf_counter() - t0, time.process_time() - c0)
 
         return timed
 
@@ -94,30 +96,32 @@ def summarise(
     rows: list[dict[str, float]],
     warmup: int,
     phases: tuple[str, ...],
-    every: int = 0,
+    amortised: dict[str, int] | None = None,
     envelopes: tuple[str, ...] = (),
+    key: str = "",
 ) -> dict[str, Any]:
     """Mean milliseconds per steady step (the steps after ``warmup``) of each phase and
-    envelope, ``other`` (wall time outside the phases) and ``step`` (the whole). ``every`` > 0:
-    the checkpoint phase is amortised, the mean of the saves made (any step) divided by
-    ``every``, in place of the saves the steady steps happened to make."""
+    envelope, ``other`` (the step outside the phases) and ``step`` (the whole), of wall time
+    (``key`` "") or CPU time (``key`` :data:`CPU`). ``amortised`` {phase: every}: a phase that
+    runs once every so many steps (a save, a log line) counts as the mean of the calls made (in
+    any step) divided by ``every``, in place of the calls the steady steps happened to make."""
     steady = rows[warmup:]
     if not steady:
         raise ValueError(f"no steady steps: {len(rows)} steps, {warmup} of them warm-up")
+    amortised = {p: every for p, every in (amortised or {}).items() if p in phases}
 
     def mean_ms(values: list[float]) -> float:
         return 1e3 * statistics.fmean(values)
 
-    names = [p for p in phases if p != "checkpoint"] + list(envelopes)
-    out: dict[str, Any] = {p: mean_ms([r.get(p, 0.0) for r in steady]) for p in names}
-    saves = [r["checkpoint"] for r in rows if r.get("checkpoint")]
-    if "checkpoint" in phases:
-        out["checkpoint"] = 1e3 * statistics.fmean(saves) / every if saves and every else 0.0
-        out["checkpoint_save_ms"] = 1e3 * statistics.fmean(saves) if saves else None
-    walls = [r["wall"] - r.get("checkpoint", 0.0) for r in steady]
-    out["step"] = mean_ms(walls) + out.get("checkpoint", 0.0)
-    named = sum(out[p] for p in phases)
-    out["other"] = out["step"] - named
+    names = [p for p in phases if p not in amortised] + list(envelopes)
+    out: dict[str, Any] = {p: mean_ms([r.get(key + p, 0.0) for r in steady]) for p in names}
+    for p, every in amortised.items():
+        calls = [r[key + p] for r in rows if key + p in r]
+        out[p + "_call_ms"] = mean_ms(calls) if calls else None
+        out[p] = out[p + "_call_ms"] / every if calls and every > 0 else 0.0
+    walls = [r[key + "wall"] - sum(r.get(key + p, 0.0) for p in amortised) for r in steady]
+    out["step"] = mean_ms(walls) + sum(out[p] for p in amortised)
+    out["other"] = out["step"] - sum(out[p] for p in phases)
     out["steps"] = len(steady)
     return out
 

@@ -13,7 +13,9 @@ import torch
 
 from conftest import ROOT
 
-STEPS, WARMUP, EVERY = 2, 1, 5
+CPU = "cpu:"
+
+STEPS, WARMUP, EVERY, LOG_EVERY = 2, 1, 5, 4
 
 
 def _bench():
@@ -36,6 +38,7 @@ def result(digits_dir, tmp_path_factory):
         "text.width=32",
         "text.layers=1",
         f"checkpoint.every={EVERY}",
+        f"train.log_every={LOG_EVERY}",
         f"--steps={STEPS}",
         f"--warmup={WARMUP}",
         "--batches=2",
@@ -64,9 +67,10 @@ def test_structure_and_phases(result, capsys):
         for row in rows[loop]:
             for name in ("forward", "loss", "backward", "optimizer"):
                 assert row[name] > 0, (loop, name, row)
-            assert set(row) <= {*names, "wall", "train_step"}
-            # phases never overlap: their sum is at most the step's wall time
+            assert set(row) <= {k for n in (*names, "wall", "train_step") for k in (n, CPU + n)}
+            # phases never overlap: their sum is at most the step's wall (and CPU) time
             assert sum(row.get(n, 0.0) for n in names) <= row["wall"] + 1e-6
+            assert sum(row.get(CPU + n, 0.0) for n in names) <= row[CPU + "wall"] + 1e-6
     for row in rows["engine"]:
         assert "data" in row and "augment" in row
         inner = sum(row[n] for n in ("forward", "loss", "backward", "optimizer"))
@@ -80,15 +84,18 @@ def test_structure_and_phases(result, capsys):
 
 
 def test_summary_figures(result):
-    """The step is the steady wall time less the save, plus the save over checkpoint.every;
-    samples/s follows from it."""
+    """The step is the steady wall time less the save and the log line, plus the save over
+    checkpoint.every and the log line over train.log_every; samples/s follows from it."""
     rank = result["ranks"][0]
     rows = rank["rows"]["engine"]
-    save = rows[-1]["checkpoint"]
+    save, log = rows[-1]["checkpoint"], rows[-1]["log"]
     engine = result["engine"]
     assert engine["checkpoint"] == pytest.approx(1e3 * save / EVERY)
-    steady = [r["wall"] - r.get("checkpoint", 0.0) for r in rows[WARMUP:]]
-    assert engine["step"] == pytest.approx(1e3 * statistics.fmean(steady) + 1e3 * save / EVERY)
+    assert engine["log"] == pytest.approx(1e3 * log / LOG_EVERY)
+    steady = [r["wall"] - r.get("checkpoint", 0.0) - r.get("log", 0.0) for r in rows[WARMUP:]]
+    amortised = 1e3 * (save / EVERY + log / LOG_EVERY)
+    assert engine["step"] == pytest.approx(1e3 * statistics.fmean(steady) + amortised)
+    assert engine["cpu"]["step"] > 0 and result["cpu_ratio"] > 0
     assert engine["samples_per_s"] == pytest.approx(8 / (engine["step"] / 1e3))
     named = sum(engine[p] for p in _bench().ENGINE_PHASES)
     assert engine["other"] == pytest.approx(engine["step"] - named)
@@ -119,9 +126,9 @@ def test_nested_timers_count_to_the_outer_phase():
     phases.begin_step()
     phases.end()
     first, second = phases.rows
-    assert set(first) == {"forward", "log", "train_step", "wall"}
+    assert set(first) == {k for n in ("forward", "log", "train_step", "wall") for k in (n, CPU + n)}
     assert first["forward"] + first["log"] <= first["train_step"] <= first["wall"]
-    assert set(second) == {"wall"}
+    assert set(second) == {"wall", CPU + "wall"}
 
 
 def test_summarise_amortises_the_saves():
@@ -132,10 +139,13 @@ def test_summarise_amortises_the_saves():
         {"forward": 0.5, "wall": 1.0},
         {"forward": 0.5, "checkpoint": 2.0, "wall": 3.0},
     ]
-    out = summarise(rows, 1, ("forward", "checkpoint"), every=4)
+    out = summarise(rows, 1, ("forward", "checkpoint"), {"checkpoint": 4, "log": 2})
     assert out["forward"] == pytest.approx(500.0)
-    assert out["checkpoint"] == pytest.approx(500.0) and out["checkpoint_save_ms"] == 2000.0
+    assert out["checkpoint"] == pytest.approx(500.0) and out["checkpoint_call_ms"] == 2000.0
+    assert "log" not in out  # not a phase of this loop
     assert out["step"] == pytest.approx(1000.0 + 500.0)
     assert out["other"] == pytest.approx(500.0) and out["steps"] == 2
+    cpu = [{"cpu:forward": 0.25, "cpu:wall": 0.5}] * 2
+    assert summarise(cpu, 0, ("forward",), key="cpu:")["step"] == pytest.approx(500.0)
     with pytest.raises(ValueError, match="no steady steps"):
         summarise(rows, 3, ("forward",))
