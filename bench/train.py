@@ -1,0 +1,515 @@
+"""The training engine's step, by phase, next to a plain PyTorch DDP loop on the same towers and
+batches: what the engine costs over the floor (issue 28).
+
+    dist-contrast bench train CONFIG [KEY=VALUE ...] [--steps 10] [--warmup 3] [--out FILE]
+                                     [--dir DIR] [--batches 8] [--profile DIR]
+    torchrun --nproc_per_node 2 -m dist_contrast.cli bench train CONFIG [KEY=VALUE ...]
+
+One process, or one per rank under torchrun (srun, the deepspeed launcher): the ranks run both
+loops together. ``KEY=VALUE`` are config overrides as for ``dist-contrast train``; the bench sets
+the run folder (a temporary one, under ``--dir`` if given), ``train.steps`` (warm-up + timed),
+and turns wandb, the progress bar, plots and periodic evaluation off.
+
+- engine: the real thing, as ``dist-contrast train`` runs it: ``train_loader`` (its workers),
+  ``build_method``, ``setup.wrap`` (DeepSpeed: ZeRO stage, precision, gradient clipping, the
+  optimizer of ``train.optimizer``), ``Trainer.run`` (device augmentation, the NaN guard, the
+  LR schedule, ``metrics.jsonl`` every ``train.log_every`` steps, a checkpoint at the last
+  step). Timed from outside by wrapping calls of the objects, not by editing them:
+  ``data`` (waiting for the loader), ``augment`` (``Trainer.augment_batch``), ``forward``
+  (``method.embed``), ``loss`` (``method.loss``: the gathers of negatives included),
+  ``backward`` (``engine.backward``: DeepSpeed's gradient reduction included), ``optimizer``
+  (``engine.step``: clipping, the guard's all-reduced decision, the update), ``log``
+  (``Trainer.record``, which embeds the batch again for the embedding metrics, + the logger;
+  its mean per call divided by ``train.log_every``), ``checkpoint`` (``Trainer.save``: the one
+  at the last step, a real save with its manifest, divided by ``checkpoint.every``), ``other`` (the
+  rest of the step's wall time; ``in train_step`` is the part of it inside
+  ``Trainer.train_step``: DeepSpeed's forward wrapper, the guard's hooks, the LR schedule).
+- floor: the same method built at the same seed (the same weights), its dtype that of
+  ``deepspeed.precision`` (bf16: bf16 weights, no fp32 master copy), in
+  ``torch.nn.parallel.DistributedDataParallel``; ``torch.optim.AdamW`` with the engine's
+  parameter groups, lr and betas (gradients clipped to ``train.grad_clip`` as the engine
+  does); the first ``--batches`` batches the engine trained on, already augmented, kept in
+  memory and cycled. Per step: ``forward`` (``ddp(batch, mode="embed")``), ``loss``
+  (``method.loss``, the same function as the engine's), ``backward`` (DDP's all-reduce
+  included), ``optimizer`` (clip, AdamW, zero_grad). No loader, no DeepSpeed, no LR schedule,
+  no logging or checkpoints.
+
+Figures: the mean of each phase over the ``--steps`` steps after ``--warmup`` (each rank's,
+then the mean over ranks); ``step`` is a whole step's wall time, checkpoint and log line amortised
+(the slowest rank's); samples/s = ``train.batch_size`` x ranks / step. Peak memory: each rank's
+peak RSS during each loop (Linux: the peak is reset before each; the engine's loader workers are
+processes of their own, not counted), and ``torch.cuda.max_memory_allocated`` on CUDA. CPU
+ms/step: the same figures of CPU time (``time.process_time``: the rank's process, all its
+threads; not the loader's workers), steadier than wall time on a loaded machine. The
+engine runs first, then the floor, in the same processes. Phases on CUDA are timed with a
+device synchronisation around each (which the engine does not do by itself).
+
+``--profile DIR``: both loops' timed steps under ``torch.profiler``; each rank writes
+``DIR/engine_rank<R>.txt`` and ``floor_rank<R>.txt`` (``key_averages`` sorted by self CPU
+time). Timings of a profiled run are not the figures to report.
+
+Results: a table, and ``--out`` (default bench/results/train.json) from rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_contrast_bench.common import (
+    cpu_model,
+    default_out,
+    package_version,
+    usable_cores,
+    write_json,
+)
+from dist_contrast_bench.train_phases import CPU, Phases, peak_memory, reset_peak, summarise
+
+ENGINE_PHASES = ("data", "augment", "forward", "loss", "backward", "optimizer", "log", "checkpoint")
+FLOOR_PHASES = ("forward", "loss", "backward", "optimizer")
+TRAIN_STEP = ("forward", "loss", "backward", "optimizer")  # what Trainer.train_step calls
+LABELS = {
+    "data": "data wait",
+    "augment": "augment (device)",
+    "forward": "forward (embed)",
+    "loss": "loss (incl. gathers)",
+    "backward": "backward (incl. grad reduction)",
+    "optimizer": "optimizer step",
+    "log": "log (1 line / log_every)",
+    "checkpoint": "checkpoint (1 save / every)",
+    "other": "other",
+    "in_train_step": "  of which in train_step",
+}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dist-contrast bench train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="a run config (YAML), as for dist-contrast train")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--steps", type=int, default=10, help="timed steps, after the warm-up")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--batches", type=int, default=8, help="batches the floor keeps and cycles")
+    p.add_argument("--dir", help="where the run folder goes (default: a temporary folder)")
+    p.add_argument("--profile", metavar="DIR", help="profile the timed steps, tables to DIR")
+    p.add_argument("--out", default=default_out("train.json"))
+    args = p.parse_intermixed_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batches < 1:
+        p.error("--steps and --batches must be at least 1, --warmup at least 0")
+    return args
+
+
+def bench_config(args: argparse.Namespace, run_dir: Path):
+    """The config of ``args`` with the bench's run folder, step count and quiet logging."""
+    from dist_contrast.config import load_config
+
+    fixed = [
+        f"run.dir={run_dir.parent}",
+        f"run.name={run_dir.name}",
+        f"train.steps={args.warmup + args.steps}",
+        "train.stop_at=0",
+        "checkpoint.resume=",
+        "eval.every=0",
+        "logging.wandb=false",
+        "logging.progress=false",
+        "logging.plots=false",
+    ]
+    return load_config(args.config, [*args.overrides, *fixed])
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class Seen:
+    """What the engine's run leaves for the floor: its first batches (augmented) and the loss
+    of its first step."""
+
+    keep: int
+    batches: list[dict] = field(default_factory=list)
+    first_loss: torch.Tensor | None = None
+
+
+def _copy(batch: dict) -> dict:
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def instrument(trainer, method, phases: Phases, seen: Seen) -> None:
+    """Time the trainer's calls by phase (instance attributes over its methods, the engine's
+    and the method's) and keep what ``seen`` asks for."""
+    engine = trainer.engine
+    method.embed = phases.wrap("forward", method.embed)
+    loss = phases.wrap("loss", method.loss)
+
+    def first_loss(emb, batch):
+        out = loss(emb, batch)
+        if seen.first_loss is None:
+            seen.first_loss = out.loss.detach().clone()
+        return out
+
+    method.loss = first_loss
+    augment = phases.wrap("augment", trainer.augment_batch)
+
+    def kept(batch):
+        out = augment(batch)
+        if len(seen.batches) < seen.keep:
+            seen.batches.append(_copy(out))
+        return out
+
+    trainer.augment_batch = kept
+    engine.backward = phases.wrap("backward", engine.backward)
+    engine.step = phases.wrap("optimizer", engine.step)
+    trainer.record = phases.wrap("log", trainer.record)
+    trainer.save = phases.wrap("checkpoint", trainer.save)
+    trainer.train_step = phases.envelope("train_step", trainer.train_step)
+    loop = trainer.loop
+
+    def timed_loop() -> None:  # Trainer.run has made the fetcher: its waits start each step
+        fetch = trainer.fetcher.next
+
+        def next_batch(*args, **kwargs):
+            phases.begin_step()
+            return phases.timed("data", fetch, *args, **kwargs)
+
+        trainer.fetcher.next = next_batch
+        try:
+            loop()
+        finally:
+            phases.end()
+
+    trainer.loop = timed_loop
+
+
+def run_engine(cfg, rank: int, world: int, phases: Phases, seen: Seen) -> dict:
+    """Train ``cfg`` as ``dist-contrast train`` does, timed; this rank's peak memory."""
+    from dist_contrast import distributed
+    from dist_contrast.data.loader import train_loader
+    from dist_contrast.methods import build_method
+    from dist_contrast.train.engine import Trainer
+    from dist_contrast.train.metrics import MetricsLogger
+    from dist_contrast.train.setup import wrap
+
+    if rank == 0:
+        (cfg.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank, and in the floor
+    method = build_method(cfg)
+    engine, _, scheduler = wrap(method, cfg, world)
+    loader = train_loader(cfg.data, cfg.augment, cfg.train.batch_size, cfg.run.seed, rank, world)
+    trainer = Trainer(cfg, engine, scheduler, loader, rank, world)
+    instrument(trainer, method, phases, seen)
+    try:
+        trainer.logger = MetricsLogger(cfg.run_dir, cfg, 0, enabled=rank == 0)
+        trainer.logger.log = phases.wrap("log", trainer.logger.log)
+        reset_ok = reset_peak(phases.dev)
+        try:
+            trainer.run()
+        finally:
+            trainer.logger.close()
+    finally:
+        loader.close()
+    return peak_memory(phases.dev, reset_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# The floor
+
+
+def run_floor(cfg, batches: list[dict], total: int, phases: Phases) -> tuple[torch.Tensor, dict]:
+    """``total`` steps of the plain DDP loop over ``batches``; the loss of its first step and
+    this rank's peak memory."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dist_contrast.methods import build_method
+    from dist_contrast.train.engine import PRECISION
+    from dist_contrast.train.optim import param_groups
+
+    dev = phases.dev
+    torch.manual_seed(cfg.run.seed)
+    method = build_method(cfg).to(dev, PRECISION[cfg.deepspeed.precision])
+    ids = [dev.index] if dev.type == "cuda" else None
+    model = DistributedDataParallel(method, device_ids=ids)
+    groups = param_groups(method, cfg.train.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
+    params = [p for p in method.parameters() if p.requires_grad]
+    clip = cfg.train.grad_clip
+
+    def update() -> None:
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    reset_ok = reset_peak(dev)
+    first = None
+    for i in range(total):
+        phases.begin_step()
+        batch = batches[i % len(batches)]
+        emb = phases.timed("forward", model, batch, mode="embed")
+        out = phases.timed("loss", method.loss, emb, batch)
+        phases.timed("backward", out.loss.backward)
+        phases.timed("optimizer", update)
+        if first is None:
+            first = out.loss.detach().clone()
+    phases.end()
+    return first, peak_memory(dev, reset_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Profiling
+
+
+def _profiler(args: argparse.Namespace, phases: Phases, path: Path):
+    """A started ``torch.profiler.profile`` recording the timed steps of ``phases`` (stepped at
+    each step start), writing its table to ``path`` when done."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU]
+    if phases.dev.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+
+    def ready(prof) -> None:
+        sort = "self_cuda_time_total" if phases.dev.type == "cuda" else "self_cpu_time_total"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(prof.key_averages().table(sort_by=sort, row_limit=50) + "\n")
+
+    # step_num s (s >= 1) is step s of the loop: record steps warmup+1 .. warmup+steps
+    prof = profile(
+        activities=activities,
+        schedule=schedule(wait=args.warmup, warmup=1, active=args.steps, repeat=1),
+        on_trace_ready=ready,
+    )
+    phases.on_step.append(prof.step)
+    return prof
+
+
+# --------------------------------------------------------------------------------------------
+# One rank's figures, the table, main
+
+
+def measure(cfg, args: argparse.Namespace, rank: int, world: int) -> dict:
+    """Both loops on this rank: the figures of each, and their losses at step 1."""
+    from dist_contrast import distributed
+
+    dev = distributed.device()
+    total = args.warmup + args.steps
+    engine_phases, seen = Phases(dev), Seen(args.batches)
+    with ExitStack() as stack:
+        if args.profile:
+            path = Path(args.profile, f"engine_rank{rank}.txt")
+            stack.enter_context(_profiler(args, engine_phases, path))
+        engine_mem = run_engine(cfg, rank, world, engine_phases, seen)
+    gc.collect()
+    floor_phases = Phases(dev)
+    with ExitStack() as stack:
+        if args.profile:
+            path = Path(args.profile, f"floor_rank{rank}.txt")
+            stack.enter_context(_profiler(args, floor_phases, path))
+        floor_loss, floor_mem = run_floor(cfg, seen.batches, total, floor_phases)
+    return {
+        "rank": rank,
+        "engine": {
+            **_figures(engine_phases.rows, args.warmup, ENGINE_PHASES, cfg),
+            "memory": engine_mem,
+            "loss_step1": float(seen.first_loss),
+        },
+        "floor": {
+            **_figures(floor_phases.rows, args.warmup, FLOOR_PHASES, cfg),
+            "memory": floor_mem,
+            "loss_step1": float(floor_loss),
+        },
+        "rows": {"engine": engine_phases.rows, "floor": floor_phases.rows},
+    }
+
+
+def _figures(rows: list[dict], warmup: int, phases: tuple[str, ...], cfg) -> dict:
+    """Wall ms per step by phase, and the same of CPU time under ``cpu``."""
+    amortised = {"checkpoint": cfg.checkpoint.every, "log": cfg.train.log_every}
+    out = {}
+    for key in ("", CPU):
+        figures = summarise(rows, warmup, phases, amortised, ("train_step",), key)
+        train_step = figures.pop("train_step")
+        if "data" in phases:  # the engine: what train_step spends outside the four phases
+            figures["in_train_step"] = train_step - sum(figures[p] for p in TRAIN_STEP)
+        if key:
+            out["cpu"] = figures
+        else:
+            out.update(figures)
+    return out
+
+
+def combine(ranks: list[dict], batch_size: int) -> dict:
+    """Per loop: each phase's mean over ranks, the slowest rank's step, samples/s; the same of
+    CPU time (mean over ranks) under ``cpu``."""
+    world, out = len(ranks), {}
+    for loop in ("engine", "floor"):
+        figures = [r[loop] for r in ranks]
+        mean = _mean(figures)
+        mean["step"] = max(f["step"] for f in figures)
+        mean["samples_per_s"] = batch_size * world / (mean["step"] / 1e3)
+        mean["cpu"] = _mean([f["cpu"] for f in figures])
+        mean["peak_rss_mib"] = [f["memory"]["peak_rss_mib"] for f in figures]
+        if "cuda_max_allocated_mib" in figures[0]["memory"]:
+            mean["cuda_max_allocated_mib"] = [
+                f["memory"]["cuda_max_allocated_mib"] for f in figures
+            ]
+        out[loop] = mean
+    out["ratio"] = out["engine"]["samples_per_s"] / out["floor"]["samples_per_s"]
+    out["cpu_ratio"] = out["floor"]["cpu"]["step"] / out["engine"]["cpu"]["step"]
+    return out
+
+
+def _mean(figures: list[dict]) -> dict:
+    keys = [k for k, v in figures[0].items() if isinstance(v, float) and k != "loss_step1"]
+    return {k: sum(f[k] for f in figures) / len(figures) for k in keys}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table(result: dict) -> str:
+    e, f = result["engine"], result["floor"]
+    c = result["setup"]
+    lines = [
+        f"{c['summary']}; {c['world']} rank(s) x {c['batch_size']}; {result['steps']} steps "
+        f"after {result['warmup']} warm-up; {result['cpu']}, {result['threads']} thread(s)/rank",
+        "",
+        "| phase | engine ms/step | floor ms/step | engine / floor "
+        "| engine CPU ms/step | floor CPU ms/step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in LABELS.items():
+        fv = f.get(key)
+        ratio = f"{e[key] / fv:.2f}" if fv else ""
+        cpu = f"{_ms(e['cpu'].get(key))} | {_ms(f['cpu'].get(key))}"
+        lines.append(f"| {label} | {_ms(e.get(key))} | {_ms(fv)} | {ratio} | {cpu} |")
+    lines.append(
+        f"| **step** | {_ms(e['step'])} | {_ms(f['step'])} | {e['step'] / f['step']:.2f} "
+        f"| {_ms(e['cpu']['step'])} | {_ms(f['cpu']['step'])} |"
+    )
+    lines.append(
+        f"| **samples/s** | {e['samples_per_s']:.1f} | {f['samples_per_s']:.1f} | "
+        f"**{result['ratio']:.3f}** | floor / engine CPU: **{result['cpu_ratio']:.3f}** | |"
+    )
+    rss = [" / ".join(f"{x:.0f}" for x in loop["peak_rss_mib"]) for loop in (e, f)]
+    lines.append(f"| peak RSS MiB per rank | {rss[0]} | {rss[1]} | | | |")
+    if "cuda_max_allocated_mib" in e:
+        cuda = [" / ".join(f"{x:.0f}" for x in loop["cuda_max_allocated_mib"]) for loop in (e, f)]
+        lines.append(f"| CUDA max allocated MiB per rank | {cuda[0]} | {cuda[1]} | | | |")
+    verdict = "within" if result["ratio"] >= 0.95 else "NOT within"
+    lines += [
+        "",
+        f"engine / floor samples/s = {result['ratio']:.3f}: {verdict} 5% of the plain DDP loop "
+        f"(CPU time per step of the ranks, floor / engine: {result['cpu_ratio']:.3f}); "
+        f"loss at step 1, rank 0: engine {result['loss_step1']['engine'][0]:.6f}, "
+        f"floor {result['loss_step1']['floor'][0]:.6f}",
+    ]
+    return "\n".join(lines)
+
+
+def describe(cfg) -> dict:
+    m, t, d = cfg.model, cfg.text, cfg.data
+    image = f"{m.encoder} patch {m.patch_size}" if m.encoder.startswith("vit") else m.encoder
+    text = f", text {t.width} x {t.layers}" if cfg.method.name == "clip" else ""
+    return {
+        "summary": f"{cfg.method.name}: {image} at {d.image_size} px{text}, "
+        f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}",
+        "method": cfg.method.name,
+        "encoder": m.encoder,
+        "patch_size": m.patch_size,
+        "image_size": d.image_size,
+        "text": {"width": t.width, "layers": t.layers, "heads": t.heads},
+        "context_length": d.context_length,
+        "batch_size": cfg.train.batch_size,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "precision": cfg.deepspeed.precision,
+        "checkpoint_every": cfg.checkpoint.every,
+        "log_every": cfg.train.log_every,
+        "num_workers": d.num_workers,
+    }
+
+
+def _shared_dir(parent: str | None) -> Path:
+    """A fresh folder made by rank 0, its path the same on every rank."""
+    import torch.distributed as dist
+
+    from dist_contrast import distributed
+
+    made = [tempfile.mkdtemp(prefix="bench-train-", dir=parent) if distributed.is_main() else ""]
+    if distributed.world_size() > 1:
+        dist.broadcast_object_list(made, src=0)
+    return Path(made[0])
+
+
+def _gather(mine: dict) -> list[dict]:
+    import torch.distributed as dist
+
+    from dist_contrast import distributed
+
+    if distributed.world_size() == 1:
+        return [mine]
+    every: list[Any] = [None] * distributed.world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
+    from dist_contrast import distributed
+    from dist_contrast.train.setup import prepare
+
+    env = distributed.init()
+    tmp = None
+    try:
+        tmp = _shared_dir(args.dir)
+        cfg = bench_config(args, tmp / "run")
+        prepare(cfg, env.world_size)
+        mine = measure(cfg, args, env.rank, env.world_size)
+        ranks = _gather(mine)
+        distributed.barrier()
+    finally:
+        if tmp is not None and distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.shutdown()
+    if env.rank != 0:
+        return 0
+    result = {
+        "setup": {**describe(cfg), "world": env.world_size},
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "profiled": bool(args.profile),
+        **combine(ranks, cfg.train.batch_size),
+        "loss_step1": {
+            loop: [r[loop]["loss_step1"] for r in ranks] for loop in ("engine", "floor")
+        },
+        "ranks": ranks,
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "deepspeed": package_version("deepspeed"),
+        "command": "dist-contrast bench train " + " ".join(argv or sys.argv[1:]),
+    }
+    print(table(result))
+    print(f"wrote {write_json(args.out, result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
