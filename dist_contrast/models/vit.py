@@ -8,13 +8,19 @@ divisible by the patch size get it bicubically interpolated. Pre-norm blocks:
 ``x + Attn(LN(x))`` then ``x + MLP(LN(x))`` (GELU, hidden = 4 x dim); attention goes through
 ``torch.nn.functional.scaled_dot_product_attention``. A final LayerNorm; the representation is
 the class token, ``out_dim`` = embedding dim. Normalisation is LayerNorm throughout:
-``model.norm`` does not apply to ViTs. Weights: truncated normal (std 0.02) for linear layers,
-class token and position embedding, zero biases (as in timm / MoCo v3).
+``model.norm`` does not apply to ViTs.
+
+Weights: truncated normal (std 0.02) for linear layers, class token and position embedding,
+zero biases (as in timm / MoCo v3).
 
 Two layouts (``model.vit_layout``): ``timm`` as above (the patch convolution has a bias; Hugging
 Face's ``ViTModel``), and ``clip``, OpenAI's CLIP image tower (and ``CLIPVisionModel``): a
 patch convolution without bias and a LayerNorm (``ln_pre``) on the token sequence before the
-first block. The MLP's activation (``model.activation``) is ``gelu`` (exact, erf) or
+first block.
+
+The size is a preset (``model.encoder``: :data:`VIT_SIZES`) whose width, depth, heads and MLP
+ratio ``model.vit_width`` / ``vit_depth`` / ``vit_heads`` / ``vit_mlp_ratio`` may override
+(:func:`vit_size`). The MLP's activation (``model.activation``) is ``gelu`` (exact, erf) or
 ``quick_gelu`` (``x * sigmoid(1.702 x)``, OpenAI's CLIP). LayerNorm eps: ``model.norm_eps``
 (1e-6, timm's; OpenAI's CLIP and transformers' defaults use 1e-5).
 """
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_contrast.errors import ConfigError
 from dist_contrast.models.layers import run_blocks
 
 
@@ -44,6 +51,39 @@ VIT_SIZES = {
     "vit_small": ViTSize(384, 12, 6),
     "vit_base": ViTSize(768, 12, 12),
 }
+
+
+VIT_KEYS = {
+    "dim": "vit_width",
+    "depth": "vit_depth",
+    "heads": "vit_heads",
+    "mlp_ratio": "vit_mlp_ratio",
+}
+
+
+def vit_size(
+    preset: str, width: int = 0, depth: int = 0, heads: int = 0, mlp_ratio: int = 0
+) -> ViTSize:
+    """The size of the preset ``preset`` (a key of :data:`VIT_SIZES`) with each of ``width``,
+    ``depth``, ``heads`` and ``mlp_ratio`` that is not 0 in place of the preset's (the keys
+    ``model.vit_width`` ... of a run config). A :class:`ConfigError` names the key to fix."""
+    if preset not in VIT_SIZES:
+        raise ConfigError(f"unknown ViT preset {preset!r}; choose one of {', '.join(VIT_SIZES)}")
+    base = VIT_SIZES[preset]
+    given = {"dim": width, "depth": depth, "heads": heads, "mlp_ratio": mlp_ratio}
+    for field, value in given.items():
+        if value < 0:
+            raise ConfigError(
+                f"config key 'model.{VIT_KEYS[field]}' must be >= 0 (0: {preset}'s), got {value}"
+            )
+    size = ViTSize(**{f: v or getattr(base, f) for f, v in given.items()})
+    if size.dim % size.heads:
+        w = f"{size.dim}" if width else f"{size.dim}, {preset}'s"
+        h = f"{size.heads}" if heads else f"{size.heads}, {preset}'s"
+        raise ConfigError(
+            f"config key 'model.vit_width' ({w}) must be divisible by model.vit_heads ({h})"
+        )
+    return size
 
 
 VIT_LAYOUTS = ("timm", "clip")

@@ -1,6 +1,7 @@
 """Encoders and heads: shapes, parameter counts against published figures and an independent
 arithmetic count, activation checkpointing against the unchecked model, the ViT block against
-torch's own TransformerEncoderLayer, the norm choices and the error messages."""
+torch's own TransformerEncoderLayer, the norm choices and the error messages; the ViT size
+keys."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from dist_contrast.config import ModelConfig, load_config
 from dist_contrast.errors import ConfigError
 from dist_contrast.models import MLPHead, build_encoder, build_head, build_predictor
-from dist_contrast.models.vit import Block
+from dist_contrast.models.vit import Block, ViTSize, vit_size
 
 from multiproc import run_ranks
 
@@ -298,3 +299,44 @@ def test_config_rejects_vit_patch_sizes(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["model.encoder=vit_tiny", *overrides])
     load_config(None, ["model.encoder=resnet18", *overrides])  # ResNets ignore the patch size
+
+
+# --- the ViT's size from the config ---
+
+
+def test_vit_size_keys_override_the_preset():
+    m = _cfg(encoder="vit_tiny", vit_width=96, vit_depth=2, vit_heads=3, vit_mlp_ratio=2)
+    vit = build_encoder(m, 3, 16)
+    block = vit.blocks[0]
+    assert (vit.out_dim, len(vit.blocks), block.attn.heads) == (96, 2, 3)
+    assert block.mlp[0].out_features == 192
+    assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 96)
+    # each key left at 0 keeps the preset's: vit_small is 384 wide, 12 blocks, 6 heads
+    vit = build_encoder(_cfg(encoder="vit_small", vit_depth=1, patch_size=8), 3, 16)
+    assert (vit.out_dim, len(vit.blocks), vit.blocks[0].attn.heads) == (384, 1, 6)
+    assert vit_size("vit_base") == ViTSize(768, 12, 12, 4)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model.vit_width=96", "model.vit_heads=5"], r"'model.vit_heads' \(5\) must divide"),
+        (["model.vit_depth=-1"], r"'model.vit_depth' must be >= 0 \(0: the preset"),
+        (
+            ["model.encoder=resnet18", "model.vit_width=96"],
+            r"'model.vit_width' applies to ViT encoders only \(model.encoder=resnet18\)",
+        ),
+    ],
+)
+def test_config_rejects_bad_vit_sizes(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["model.encoder=vit_nano", *overrides])
+
+
+def test_vit_width_against_the_presets_heads_is_one_clear_error():
+    cfg = load_config(None, ["model.encoder=vit_tiny", "model.vit_width=128"])  # 3 heads
+    with pytest.raises(
+        ConfigError,
+        match=r"'model.vit_width' \(128\) must be divisible by model.vit_heads \(3, vit_tiny's\)",
+    ):
+        build_encoder(cfg.model, 1, 16)
