@@ -10,13 +10,15 @@ divisible by the patch size get it bicubically interpolated. Pre-norm blocks:
 the class token, ``out_dim`` = embedding dim. Normalisation is LayerNorm throughout:
 ``model.norm`` does not apply to ViTs.
 
-Weights: truncated normal (std 0.02) for linear layers, class token and position embedding,
-zero biases (as in timm / MoCo v3).
+Two layouts (``model.vit_layout``), each with the initialisation of its reference:
 
-Two layouts (``model.vit_layout``): ``timm`` as above (the patch convolution has a bias; Hugging
-Face's ``ViTModel``), and ``clip``, OpenAI's CLIP image tower (and ``CLIPVisionModel``): a
-patch convolution without bias and a LayerNorm (``ln_pre``) on the token sequence before the
-first block.
+- ``timm`` as above (the patch convolution has a bias; Hugging Face's ``ViTModel``): truncated
+  normal (std 0.02) for the linear layers, the class token and the position embedding, zero
+  biases (DeiT, Touvron et al. 2021, and timm's ``init_weights_vit_timm``);
+- ``clip``, OpenAI's CLIP image tower (and ``CLIPVisionModel``): a patch convolution without
+  bias and a LayerNorm (``ln_pre``) on the token sequence before the first block; class token
+  and position embedding ``width^-0.5 * randn``, the blocks at PyTorch's defaults (CLIP's
+  ``VisionTransformer`` in ``model.py``, which open_clip follows).
 
 The size is a preset (``model.encoder``: :data:`VIT_SIZES`) whose width, depth, heads and MLP
 ratio ``model.vit_width`` / ``vit_depth`` / ``vit_heads`` / ``vit_mlp_ratio`` may override
@@ -187,12 +189,40 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        """The initialisation of the layout's reference (the patch convolution and the
+        LayerNorms keep PyTorch's defaults in both).
+
+        ``timm``: DeiT (Touvron et al. 2021) / timm's ``VisionTransformer``
+        (``init_weights_vit_timm``): truncated normal std 0.02 for the class token, the
+        position embedding and every linear layer of the blocks, zero biases (timm today
+        starts the class token at std 1e-6; DeiT's 0.02 is kept).
+
+        ``clip``: OpenAI CLIP's ``VisionTransformer`` (``clip/model.py``; open_clip's
+        ``VisionTransformer`` the same): ``class_embedding`` and ``positional_embedding`` are
+        ``width^-0.5 * randn``; ``initialize_parameters`` leaves the image blocks alone, so
+        they keep the defaults of ``nn.MultiheadAttention`` (in-projection Xavier-uniform over
+        the stacked q, k, v matrix, zero in-projection and out-projection biases, the
+        out-projection weight at ``nn.Linear``'s default) and of ``nn.Linear`` for the MLP
+        (weight and bias ``U(+-fan_in^-0.5)``). The projection to the joint space
+        (``proj = width^-0.5 * randn``) is :class:`dist_contrast.models.towers.Tower`'s."""
+        if self.layout == "timm":
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            for m in self.blocks.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+            return
+        scale = self.out_dim**-0.5
+        nn.init.normal_(self.cls_token, std=scale)
+        nn.init.normal_(self.pos_embed, std=scale)
+        for block in self.blocks:
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+            nn.init.xavier_uniform_(block.attn.qkv.weight)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.zeros_(block.attn.proj.bias)
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
         """The position embedding for an ``h`` x ``w`` patch grid: as learnt for the build-time
