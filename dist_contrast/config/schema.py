@@ -120,6 +120,12 @@ class ModelConfig:
     # LayerNorm whatever this says.
     norm: Literal["group", "batch", "sync_batch", "none"] = "group"
     patch_size: int = 4  # ViTs: must divide data.image_size (and augment.small_size)
+    # ViTs: embedding width, blocks, attention heads and MLP hidden / width of the model.encoder
+    # preset (vit_nano: 128, 4, 4, 4); each one not 0 replaces the preset's. Heads divide width.
+    vit_width: int = 0
+    vit_depth: int = 0
+    vit_heads: int = 0
+    vit_mlp_ratio: int = 0
     # ViTs: "timm" (patch conv with bias, no norm before the blocks: transformers' ViTModel) or
     # "clip" (OpenAI's CLIP image tower: patch conv without bias, ln_pre; CLIPVisionModel).
     vit_layout: Literal["timm", "clip"] = "timm"

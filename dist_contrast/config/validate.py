@@ -57,7 +57,7 @@ def validate(cfg: Config) -> None:
     _validate_augment(cfg.augment, cfg.data)
     _check(cfg.model.width > 0, "model.width", "must be > 0")
     _check(cfg.model.proj_dim > 0, "model.proj_dim", "must be > 0")
-    _validate_patch_size(cfg)
+    _validate_vit(cfg)
     _validate_method(cfg.method)
     _validate_image_text(cfg)
     _check(cfg.eval.knn_k > 0, "eval.knn_k", "must be > 0")
@@ -69,6 +69,28 @@ def validate(cfg: Config) -> None:
     _check(
         cfg.eval.bank_memory_mb >= 0, "eval.bank_memory_mb", "must be >= 0 (0: features on disk)"
     )
+
+
+def _validate_vit(cfg: Config) -> None:
+    """The ViT keys; width against heads is checked where the preset is known, when the model
+    is sized (``dist_contrast.models.vit_size``, run by ``train --check`` too)."""
+    m = cfg.model
+    vit = m.encoder.startswith("vit")
+    for key in ("vit_width", "vit_depth", "vit_heads", "vit_mlp_ratio"):
+        value = getattr(m, key)
+        _check(value >= 0, f"model.{key}", "must be >= 0 (0: the preset of model.encoder)")
+        _check(
+            vit or value == 0,
+            f"model.{key}",
+            f"applies to ViT encoders only (model.encoder={m.encoder}); leave it 0",
+        )
+    if m.vit_width and m.vit_heads:
+        _check(
+            m.vit_width % m.vit_heads == 0,
+            "model.vit_heads",
+            f"({m.vit_heads}) must divide model.vit_width ({m.vit_width})",
+        )
+    _validate_patch_size(cfg)
 
 
 def _validate_patch_size(cfg: Config) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dist_contrast.config import Config
+from dist_contrast.config import Config, ModelConfig
 from dist_contrast.export.layout import README_MD
+from dist_contrast.models import vit_size
 
 EVAL_KEYS = (
     ("zeroshot_top1", "zero-shot top-1 (held-out prompt templates)"),
@@ -33,12 +34,22 @@ NATIVE_USE = [
 ]
 
 
+def _encoder(m: ModelConfig) -> str:
+    if not m.encoder.startswith("vit"):
+        return f"`{m.encoder}` (width {m.width}, norm {m.norm})"
+    s = vit_size(m.encoder, m.vit_width, m.vit_depth, m.vit_heads, m.vit_mlp_ratio)
+    return (
+        f"`{m.encoder}` ({m.vit_layout} layout, width {s.dim}, {s.depth} blocks, "
+        f"{s.heads} heads, MLP ratio {s.mlp_ratio}, patch {m.patch_size})"
+    )
+
+
 def _training_rows(manifest: dict, cfg: Config) -> list[tuple[str, str]]:
     t, d, m = cfg.train, cfg.data, cfg.model
     ranks = manifest["world_size"]
     return [
         ("method / loss", f"`{cfg.method.name}` / `{cfg.loss.name}` (T = {cfg.loss.temperature})"),
-        ("encoder", f"`{m.encoder}` (width {m.width}, norm {m.norm})"),
+        ("encoder", _encoder(m)),
         ("input", f"{d.channels} channel(s), {d.image_size} px, mean {d.mean}, std {d.std}"),
         ("steps", f"{manifest['step']} of {t.steps} (checkpoint `{manifest['checkpoint']}`)"),
         ("batch", f"{t.batch_size} per rank x {ranks} rank(s) = {t.batch_size * ranks}"),

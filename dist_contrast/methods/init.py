@@ -10,8 +10,9 @@
 An image-text run started from a vision-only source (LiT from a ViT, Zhai et al. 2022) gets the
 image encoder; its projections and text tower keep their fresh weights. Every tower is loaded
 with strict key and shape checks (:func:`dist_contrast.models.weights.load_exact`); what the
-shapes cannot show (the activation, the LayerNorm eps, the layout of the ViT, the end-of-text
-id the text tower pools at) is compared with the config first. Each failure is one line.
+shapes cannot show (the activation, the LayerNorm eps, the attention heads of a transformers
+source, the layout of the ViT, the end-of-text id the text tower pools at) is compared with the
+config first. Each failure is one line.
 
 The folder is untrusted: weights are read from safetensors only, JSON files must be mappings,
 and no file named inside (an export's ``weights``, a sharded index's file names) may lead out
@@ -188,10 +189,12 @@ def _check_vit(vit: nn.Module, sub: dict, layout: str, where: str) -> None:
             f"model.init_from: {where} holds a ViT in the {layout} layout: set "
             f"model.encoder=vit_* and model.vit_layout={layout}"
         )
-    _check_blocks(vit, sub)
+    _check_blocks(vit, sub, "model.vit_heads")
 
 
-def _check_blocks(module: nn.Module, sub: dict) -> None:
+def _check_blocks(module: nn.Module, sub: dict, heads_key: str) -> None:
+    heads = sub.get("num_attention_heads")  # the shapes do not show it
+    _expect("num_attention_heads", heads, module.blocks[0].attn.heads, f"set {heads_key}={heads}")
     _expect(
         "hidden_act",
         sub.get("hidden_act"),
@@ -210,7 +213,7 @@ def _hf_clip(folder: Path, towers: dict, config: dict, cfg: Config, image_text: 
     if not image_text:
         return {"image": hf.from_hf(tensors, hf.clip_vision_pairs(vit))}
     text_cfg = _section(config, "text_config", path)
-    _check_blocks(towers["text"], text_cfg)
+    _check_blocks(towers["text"], text_cfg, "text.heads")
     eot = tokenizer_for(cfg.data).eot_id
     _expect(
         "end-of-text id", text_cfg.get("eos_token_id"), eot, "use the tokenizer it was trained with"

@@ -3,8 +3,9 @@
 Encoders (``model.encoder``): ``resnet_tiny`` / ``resnet_small`` (small digits/CIFAR ResNets),
 ``resnet18`` / ``resnet50`` (He et al. 2016; ``model.width`` channels in the first stage,
 ``model.stem`` imagenet or small), ``vit_nano`` / ``vit_tiny`` / ``vit_small`` / ``vit_base``
-(Dosovitskiy et al. 2021; ``model.patch_size``, ``model.vit_layout`` timm or clip; LayerNorm,
-so ``model.norm`` and ``model.width`` do not apply).
+(Dosovitskiy et al. 2021; ``model.patch_size``, ``model.vit_layout`` timm or clip, the preset's
+size overridden by ``model.vit_width`` / ``vit_depth`` / ``vit_heads`` / ``vit_mlp_ratio``;
+LayerNorm, so ``model.norm`` and ``model.width`` do not apply).
 Every encoder maps images to a ``(batch, out_dim)`` representation and exposes ``out_dim``.
 """
 
@@ -19,7 +20,7 @@ from dist_contrast.models.heads import MLPHead
 from dist_contrast.models.layers import check_norm
 from dist_contrast.models.resnet import BasicBlock, Bottleneck, ResNet, SmallResNet
 from dist_contrast.models.text import TextTransformer
-from dist_contrast.models.vit import VIT_SIZES, VisionTransformer
+from dist_contrast.models.vit import VIT_SIZES, VisionTransformer, vit_size
 
 # ``model`` below is the ``model`` section of a run config (any object with its fields): models
 # import nothing of the package outside models/ and errors.
@@ -51,7 +52,7 @@ def _vit(name: str) -> Builder:
             in_channels,
             image_size,
             m.patch_size,
-            VIT_SIZES[name],
+            vit_size(name, m.vit_width, m.vit_depth, m.vit_heads, m.vit_mlp_ratio),
             m.activation_checkpointing,
             m.vit_layout,
             m.activation,
@@ -129,4 +130,5 @@ __all__ = [
     "build_head",
     "build_predictor",
     "build_text_encoder",
+    "vit_size",
 ]

@@ -5,9 +5,9 @@ Conventions (CLIP's text transformer, smaller): token embedding + learnable posi
 of :mod:`dist_contrast.models.vit`), a final LayerNorm, and the representation is the feature
 at the end-of-text token (the first ``eot_id`` of each row; the tokenizers of
 :mod:`dist_contrast.data.tokenizer` always keep one). With the causal mask the padding after
-end-of-text never reaches that feature, so no padding mask is needed. Weights: normal std 0.02
-for the token embedding, 0.01 for the position embedding (CLIP), truncated normal 0.02 for the
-linear layers, zero biases. The MLP activation is ``gelu`` or ``quick_gelu`` (``model.activation``).
+end-of-text never reaches that feature, so no padding mask is needed. Weights: CLIP's
+``initialize_parameters`` (:meth:`TextTransformer._init_weights`). The MLP activation is ``gelu``
+or ``quick_gelu`` (``model.activation``).
 This is the layout of OpenAI's CLIP text tower and of Hugging Face's ``CLIPTextModel``.
 """
 
@@ -48,12 +48,34 @@ class TextTransformer(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps)
         self.out_dim, self.act = width, act
         self.checkpointing = checkpointing
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """OpenAI CLIP's ``CLIP.initialize_parameters`` (``clip/model.py``; open_clip's
+        ``TextTransformer.init_parameters`` the same), for ``width`` w and ``layers`` L: token
+        embedding normal std 0.02, position embedding std 0.01; in each block the attention
+        in-projection (q, k, v stacked) std ``w^-0.5``, the out-projection std
+        ``w^-0.5 (2L)^-0.5``, the MLP's first layer (``c_fc``) std ``(2w)^-0.5`` and its second
+        (``c_proj``) std ``w^-0.5 (2L)^-0.5``; the attention biases zero (those of
+        ``nn.MultiheadAttention``), the MLP biases at ``nn.Linear``'s default, LayerNorms at
+        theirs. The text projection (``w^-0.5``) is
+        :class:`dist_contrast.models.towers.Tower`'s."""
+        width, layers = self.out_dim, len(self.blocks)
+        attn_std = width**-0.5
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        fc_std = (2 * width) ** -0.5
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            fc, c_proj = block.mlp[0], block.mlp[2]
+            fc.reset_parameters()
+            c_proj.reset_parameters()
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.normal_(block.attn.proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.proj.bias)
+            nn.init.normal_(fc.weight, std=fc_std)
+            nn.init.normal_(c_proj.weight, std=proj_std)
 
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """The position of the first end-of-text token of each row; a row without one (cut

@@ -42,7 +42,9 @@ def text_encoder(cfg: RunSpec, vocab_size: int, eot_id: int) -> TextTransformer:
 
 
 class Tower(nn.Module):
-    """An encoder followed by a linear projection to the joint embedding space."""
+    """An encoder followed by a linear projection to the joint embedding space, initialised
+    normal with std ``out_dim^-0.5``: CLIP's ``proj`` (image) and ``text_projection`` (OpenAI
+    CLIP's ``model.py``, open_clip's)."""
 
     def __init__(self, encoder: nn.Module, dim: int) -> None:
         super().__init__()

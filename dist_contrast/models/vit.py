@@ -8,13 +8,21 @@ divisible by the patch size get it bicubically interpolated. Pre-norm blocks:
 ``x + Attn(LN(x))`` then ``x + MLP(LN(x))`` (GELU, hidden = 4 x dim); attention goes through
 ``torch.nn.functional.scaled_dot_product_attention``. A final LayerNorm; the representation is
 the class token, ``out_dim`` = embedding dim. Normalisation is LayerNorm throughout:
-``model.norm`` does not apply to ViTs. Weights: truncated normal (std 0.02) for linear layers,
-class token and position embedding, zero biases (as in timm / MoCo v3).
+``model.norm`` does not apply to ViTs.
 
-Two layouts (``model.vit_layout``): ``timm`` as above (the patch convolution has a bias; Hugging
-Face's ``ViTModel``), and ``clip``, OpenAI's CLIP image tower (and ``CLIPVisionModel``): a
-patch convolution without bias and a LayerNorm (``ln_pre``) on the token sequence before the
-first block. The MLP's activation (``model.activation``) is ``gelu`` (exact, erf) or
+Two layouts (``model.vit_layout``), each with the initialisation of its reference:
+
+- ``timm`` as above (the patch convolution has a bias; Hugging Face's ``ViTModel``): truncated
+  normal (std 0.02) for the linear layers, the class token and the position embedding, zero
+  biases (DeiT, Touvron et al. 2021, and timm's ``init_weights_vit_timm``);
+- ``clip``, OpenAI's CLIP image tower (and ``CLIPVisionModel``): a patch convolution without
+  bias and a LayerNorm (``ln_pre``) on the token sequence before the first block; class token
+  and position embedding ``width^-0.5 * randn``, the blocks at PyTorch's defaults (CLIP's
+  ``VisionTransformer`` in ``model.py``, which open_clip follows).
+
+The size is a preset (``model.encoder``: :data:`VIT_SIZES`) whose width, depth, heads and MLP
+ratio ``model.vit_width`` / ``vit_depth`` / ``vit_heads`` / ``vit_mlp_ratio`` may override
+(:func:`vit_size`). The MLP's activation (``model.activation``) is ``gelu`` (exact, erf) or
 ``quick_gelu`` (``x * sigmoid(1.702 x)``, OpenAI's CLIP). LayerNorm eps: ``model.norm_eps``
 (1e-6, timm's; OpenAI's CLIP and transformers' defaults use 1e-5).
 """
@@ -27,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_contrast.errors import ConfigError
 from dist_contrast.models.layers import run_blocks
 
 
@@ -44,6 +53,39 @@ VIT_SIZES = {
     "vit_small": ViTSize(384, 12, 6),
     "vit_base": ViTSize(768, 12, 12),
 }
+
+
+VIT_KEYS = {
+    "dim": "vit_width",
+    "depth": "vit_depth",
+    "heads": "vit_heads",
+    "mlp_ratio": "vit_mlp_ratio",
+}
+
+
+def vit_size(
+    preset: str, width: int = 0, depth: int = 0, heads: int = 0, mlp_ratio: int = 0
+) -> ViTSize:
+    """The size of the preset ``preset`` (a key of :data:`VIT_SIZES`) with each of ``width``,
+    ``depth``, ``heads`` and ``mlp_ratio`` that is not 0 in place of the preset's (the keys
+    ``model.vit_width`` ... of a run config). A :class:`ConfigError` names the key to fix."""
+    if preset not in VIT_SIZES:
+        raise ConfigError(f"unknown ViT preset {preset!r}; choose one of {', '.join(VIT_SIZES)}")
+    base = VIT_SIZES[preset]
+    given = {"dim": width, "depth": depth, "heads": heads, "mlp_ratio": mlp_ratio}
+    for field, value in given.items():
+        if value < 0:
+            raise ConfigError(
+                f"config key 'model.{VIT_KEYS[field]}' must be >= 0 (0: {preset}'s), got {value}"
+            )
+    size = ViTSize(**{f: v or getattr(base, f) for f, v in given.items()})
+    if size.dim % size.heads:
+        w = f"{size.dim}" if width else f"{size.dim}, {preset}'s"
+        h = f"{size.heads}" if heads else f"{size.heads}, {preset}'s"
+        raise ConfigError(
+            f"config key 'model.vit_width' ({w}) must be divisible by model.vit_heads ({h})"
+        )
+    return size
 
 
 VIT_LAYOUTS = ("timm", "clip")
@@ -147,12 +189,40 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        """The initialisation of the layout's reference (the patch convolution and the
+        LayerNorms keep PyTorch's defaults in both).
+
+        ``timm``: DeiT (Touvron et al. 2021) / timm's ``VisionTransformer``
+        (``init_weights_vit_timm``): truncated normal std 0.02 for the class token, the
+        position embedding and every linear layer of the blocks, zero biases (timm today
+        starts the class token at std 1e-6; DeiT's 0.02 is kept).
+
+        ``clip``: OpenAI CLIP's ``VisionTransformer`` (``clip/model.py``; open_clip's
+        ``VisionTransformer`` the same): ``class_embedding`` and ``positional_embedding`` are
+        ``width^-0.5 * randn``; ``initialize_parameters`` leaves the image blocks alone, so
+        they keep the defaults of ``nn.MultiheadAttention`` (in-projection Xavier-uniform over
+        the stacked q, k, v matrix, zero in-projection and out-projection biases, the
+        out-projection weight at ``nn.Linear``'s default) and of ``nn.Linear`` for the MLP
+        (weight and bias ``U(+-fan_in^-0.5)``). The projection to the joint space
+        (``proj = width^-0.5 * randn``) is :class:`dist_contrast.models.towers.Tower`'s."""
+        if self.layout == "timm":
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            for m in self.blocks.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+            return
+        scale = self.out_dim**-0.5
+        nn.init.normal_(self.cls_token, std=scale)
+        nn.init.normal_(self.pos_embed, std=scale)
+        for block in self.blocks:
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+            nn.init.xavier_uniform_(block.attn.qkv.weight)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.zeros_(block.attn.proj.bias)
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
         """The position embedding for an ``h`` x ``w`` patch grid: as learnt for the build-time

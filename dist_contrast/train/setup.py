@@ -18,6 +18,7 @@ from dist_contrast.data.sources import build_sources, check_readers
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.errors import ConfigError, DataError
 from dist_contrast.methods import Method, build_method, init, registry
+from dist_contrast.models import vit_size
 from dist_contrast.train import checkpoint, deepspeed_api, elastic, integrity
 from dist_contrast.train.optim import build_optimizer
 from dist_contrast.train.runs import check_method_data, check_run_dir, clear_for_overwrite, resolve
@@ -105,6 +106,9 @@ def prepare(cfg: Config, world: int | None = None, thorough: bool = False) -> in
         except DataError as exc:
             raise DataError(f"{exc} (data.val_shards='' trains without them)") from None
     check_method_data(cfg, sources)
+    m = cfg.model
+    if m.encoder.startswith("vit"):  # the ViT keys against the preset (width vs heads)
+        vit_size(m.encoder, m.vit_width, m.vit_depth, m.vit_heads, m.vit_mlp_ratio)
     resolve(cfg)
     tokenizer_for(cfg.data)  # a missing or broken tokenizer.json: one line, before any rank
     deepspeed_api.check_version()

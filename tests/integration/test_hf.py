@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
 QUIET = ["logging.wandb=false", "logging.progress=false", "logging.plots=false"]
+VIT_SIZE = ["model.vit_width=96", "model.vit_depth=2", "model.vit_heads=3", "model.vit_mlp_ratio=2"]
 CAPTIONS = ["a drawing of the number seven", "an image of a three", "handwriting of a one " * 9]
 BLOCK_DIST_CONTRAST = """
 import runpy, sys
@@ -48,7 +49,9 @@ def _train(tmp, config: str, *overrides: str, name: str) -> None:
 @pytest.fixture(scope="module")
 def vit_clip(tmp_path_factory, digits_dir, digits_tokenizer):
     """A 4-step ViT CLIP run trained from its own folder with relative data and tokenizer
-    paths (as a user's), evaluated, and exported with --format hf."""
+    paths (as a user's), evaluated, and exported with --format hf. The ViT is vit_nano resized
+    by the config (96 wide, 2 blocks of 3 heads, MLP ratio 2): the export reads the size off
+    the model."""
     tmp = tmp_path_factory.mktemp("vit_clip")
     (tmp / "digits").symlink_to(digits_dir)
     (tmp / "tok").mkdir()
@@ -64,6 +67,7 @@ def vit_clip(tmp_path_factory, digits_dir, digits_tokenizer):
         "train.warmup_steps=0",
         "method.queue_size=64",
         "deepspeed.zero_stage=0",
+        *VIT_SIZE,
         name="vit",
     )
     run = tmp / "runs" / "vit"
@@ -76,6 +80,9 @@ def vit_clip(tmp_path_factory, digits_dir, digits_tokenizer):
 def test_clip_export_loads_in_transformers_with_equal_features(vit_clip, digits_tokenizer):
     tmp, run = vit_clip
     model = transformers.CLIPModel.from_pretrained(tmp / "hf").eval()
+    vision = model.config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (96, 2, 3)
+    assert vision.intermediate_size == 192
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp / "hf")
     ours_tok = BPETokenizer.load(digits_tokenizer, 24)
     ids = hf_tok(CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
@@ -228,6 +235,29 @@ def test_init_from_refuses_a_mismatch_in_one_line(tmp_path, digits_dir, digits_t
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "hidden_act is 'quick_gelu'" in last and "model.activation=quick_gelu" in last, last
+
+
+def test_init_from_refuses_other_attention_heads(tmp_path, digits_dir, digits_tokenizer):
+    """The heads do not show in the shapes: a CLIPModel of 4 heads into a ViT (or text tower)
+    of 2 is refused, naming the key to set."""
+    from dist_contrast.config import load_config
+    from dist_contrast.errors import UserError
+    from dist_contrast.train.setup import initial_method
+
+    tok = BPETokenizer.load(digits_tokenizer, 24)
+    transformers.CLIPModel(_tiny_clip_config(tok)).save_pretrained(tmp_path / "hf_init")
+    base = [
+        f"model.init_from=hf:{tmp_path / 'hf_init'}",
+        "model.activation=quick_gelu",
+        "model.norm_eps=1e-5",
+        f"data.train_shards={digits_dir}/train-*.tar",
+        f"data.tokenizer_path={digits_tokenizer}",
+        f"run.dir={tmp_path}",
+    ]
+    for key in ("model.vit_heads", "text.heads"):
+        cfg = load_config(ROOT / "configs/clip_vit_digits.yaml", [*base, f"{key}=2"])
+        with pytest.raises(UserError, match=rf"num_attention_heads is 4, .* set {key}=4"):
+            initial_method(cfg)
 
 
 def test_vit_simclr_exports_as_vit_model_and_groupnorm_resnet_is_refused(tmp_path, digits_dir):
