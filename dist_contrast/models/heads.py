@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_contrast.models.layers import BatchNorm1d
+
 
 class MLPHead(nn.Module):
     """``layers`` linear layers with ReLU between them: Linear -> [BN] -> ReLU -> ... -> Linear.
@@ -24,7 +26,7 @@ class MLPHead(nn.Module):
         for _ in range(layers - 1):
             mods.append(nn.Linear(dim, hidden_dim, bias=not norm))
             if norm:
-                mods.append(nn.BatchNorm1d(hidden_dim))
+                mods.append(BatchNorm1d(hidden_dim))
             mods.append(nn.ReLU(inplace=True))
             dim = hidden_dim
         mods.append(nn.Linear(dim, out_dim))

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,6 +30,39 @@ def check_norm(kind: str) -> None:
         )
 
 
+class _Fp32Statistics:
+    """Batch norm that runs with bf16/fp16 weights and fp32 running statistics.
+
+    DeepSpeed 0.19 in bf16/fp16 casts a module's parameters and leaves its buffers as they are
+    (``data_types.buffer_dtype`` unset), so the affine weights become bf16 while the running
+    mean and variance stay fp32; torch's CPU batch norm refuses that mix ("expected scalar type
+    BFloat16 but found Float"). Here the weights are then upcast to the statistics' dtype for
+    the call (a differentiable cast: their gradients come back in bf16): the mixed form torch
+    supports, normalising in fp32 and returning the input's dtype. The statistics stay fp32,
+    as under autocast. Same dtypes: the plain forward, unchanged (and traced as such)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats, w, b = self.running_mean, self.weight, self.bias
+        if stats is None or w is None or w.dtype == stats.dtype:
+            return super().forward(x)
+        self._check_input_dim(x)
+        factor = 0.0
+        if self.training:  # running statistics are tracked (stats is not None)
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum
+            factor = 1.0 / float(self.num_batches_tracked) if momentum is None else momentum
+        w, b = w.to(stats.dtype), b.to(stats.dtype)
+        return F.batch_norm(x, stats, self.running_var, w, b, self.training, factor, self.eps)
+
+
+class BatchNorm1d(_Fp32Statistics, nn.BatchNorm1d):
+    """:class:`torch.nn.BatchNorm1d` that also runs with bf16 weights and fp32 statistics."""
+
+
+class BatchNorm2d(_Fp32Statistics, nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` that also runs with bf16 weights and fp32 statistics."""
+
+
 def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
     """A 2-d normalisation layer over ``channels``.
 
@@ -37,7 +71,7 @@ def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
     ``gcd(groups, channels)`` groups, independent of the batch. ``none``: identity."""
     check_norm(kind)
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return BatchNorm2d(channels)
     if kind == "sync_batch":
         return nn.SyncBatchNorm(channels)
     if kind == "group":

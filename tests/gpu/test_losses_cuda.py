@@ -104,15 +104,19 @@ def tiled_inputs(size: str, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def tiled_loss(name: str, memory_efficient: bool, tile: int, inputs: dict, autocast=False):
+def tiled_loss(
+    name: str, memory_efficient: bool, tile: int, inputs: dict, autocast=False, inside=False
+):
     """Loss and gradients (batch tensors, then shared ones) of test_tiled's case ``name``
-    (the forward under bf16 autocast if ``autocast``)."""
+    (the forward under bf16 autocast if ``autocast``, the backward too if ``inside``)."""
     fn, batch_names, shared_names = tiled_cases._loss_cases(tile)[name]
     batch = [inputs[k].detach().clone() for k in batch_names]
     shared = [inputs[k].detach().clone().requires_grad_(True) for k in shared_names]
     leaves = [t.requires_grad_(True) for t in batch if t.is_floating_point()]
     with torch.autocast(batch[0].device.type, dtype=torch.bfloat16, enabled=autocast):
         loss = fn(memory_efficient, *batch, *shared, gather="all")
+        if inside:
+            return loss.detach(), list(torch.autograd.grad(loss, leaves + shared))
     return loss.detach(), list(torch.autograd.grad(loss, leaves + shared))
 
 
@@ -139,6 +143,21 @@ def test_tiled_bf16_inputs(name):
     assert got.dtype == torch.float32
     close(got, want, BF16_SAME, name)
     assert all(torch.isfinite(g).all() for g in got_grads)
+
+
+@pytest.mark.parametrize("name", TILED)
+def test_tiled_backward_under_bf16_autocast(name):
+    """backward() called inside bf16 autocast on the device (it failed with a dtype mismatch:
+    autograd runs a backward in the autocast state of its caller): the CPU full loss of the
+    same rounded values in fp32, gradients too (they are rounded back to bf16)."""
+    low = to(tiled_inputs("large", seed=2), DEVICE, torch.bfloat16)
+    got, got_grads = tiled_loss(name, True, 512, low, autocast=True, inside=True)
+    want, want_grads = tiled_loss(name, False, 512, to(low, "cpu", torch.float32))
+    close(got, want, BF16_SAME, name)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert g.dtype == torch.bfloat16, (name, i)
+        close(g, w, BF16_SAME_GRAD, f"{name} grad {i}")
+    assert any(w.abs().sum() > 0 for w in want_grads)
 
 
 @cuda_only

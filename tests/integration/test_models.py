@@ -14,7 +14,7 @@ from torch import nn
 
 from dist_contrast.config import ModelConfig, load_config
 from dist_contrast.errors import ConfigError
-from dist_contrast.models import MLPHead, build_encoder, build_head, build_predictor
+from dist_contrast.models import MLPHead, build_encoder, build_head, build_predictor, layers
 from dist_contrast.models.text import TextTransformer
 from dist_contrast.models.towers import Tower
 from dist_contrast.models.vit import Block, ViTSize, vit_size
@@ -432,3 +432,55 @@ def test_vit_width_against_the_presets_heads_is_one_clear_error():
         match=r"'model.vit_width' \(128\) must be divisible by model.vit_heads \(3, vit_tiny's\)",
     ):
         build_encoder(cfg.model, 1, 16)
+
+
+def _params_to(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """What DeepSpeed 0.19 does in bf16/fp16: parameters cast, buffers left as they are."""
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    return module
+
+
+@pytest.mark.parametrize("encoder", ["resnet_tiny", "head"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_with_bf16_weights_and_fp32_statistics(encoder, momentum):
+    """A bf16 model whose BN statistics stayed fp32 (DeepSpeed's cast) runs: before, torch's
+    CPU batch norm raised "expected scalar type BFloat16 but found Float". Reference: torch's
+    own BN in fp32 on the same bf16-rounded weights and input. Statistics stay fp32 and equal
+    the reference's to 1% (they average bf16 activations); outputs within bf16 rounding of
+    values up to ~4 (an ulp is 2^-6 there) plus the conv/linear's bf16 arithmetic; gradients
+    reach the bf16 weights; in fp32 the forward is torch's, bit for bit."""
+    torch.manual_seed(0)
+    cfg = _cfg(encoder=encoder if encoder != "head" else "resnet_tiny", width=8, norm="batch")
+    if encoder == "head":
+        model, x = build_head(12, _cfg(proj_hidden_dim=16, proj_norm=True), 6), torch.randn(8, 12)
+    else:
+        model, x = build_encoder(cfg, 1, 16), torch.randn(4, 1, 16, 16)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns
+    for m in bns:
+        m.momentum = momentum
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16())  # the reference starts from the same rounded weights
+    ref = copy.deepcopy(model)
+    _params_to(model, torch.bfloat16)
+    x = x.bfloat16()
+    for train in (True, True, False):  # two updates of the statistics, then evaluation
+        model.train(train), ref.train(train)
+        got, want = model(x), ref(x.float())
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
+    for m, r in zip(bns, [m for m in ref.modules() if isinstance(m, type(bns[0]))], strict=True):
+        assert m.running_mean.dtype == torch.float32 and int(m.num_batches_tracked) == 2
+        torch.testing.assert_close(m.running_mean, r.running_mean, rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(m.running_var, r.running_var, rtol=1e-2, atol=1e-3)
+    model.train()
+    model(x).float().square().sum().backward()
+    assert all(m.weight.grad.dtype == torch.bfloat16 for m in bns)
+    assert any(m.weight.grad.abs().sum() > 0 for m in bns)
+    plain = copy.deepcopy(ref)  # fp32: the plain forward, as torch's
+    torch_bn = {layers.BatchNorm1d: nn.BatchNorm1d, layers.BatchNorm2d: nn.BatchNorm2d}
+    for m in plain.modules():
+        m.__class__ = torch_bn.get(type(m), type(m))
+    assert torch.equal(plain(x.float()), ref(x.float()))

@@ -284,6 +284,88 @@ def test_memory_efficient_equals_full(name, tile):
     assert any(g.abs().sum() > 0 for g in full[1])
 
 
+# --------------------------------------------------------------------------------------------
+# bf16: the tiled path under CPU autocast, backward included
+
+# Against fp64 on the same bf16-rounded inputs. The kernels compute in fp32 whatever the
+# autocast (relative error ~1e-7) and the gradient of a bf16 leaf is that fp32 value rounded
+# once to bf16: within half a bf16 ulp, 2^-8 of its magnitude (measured: 3.8e-3 < 3.9e-3);
+# atol covers the fp32 error of entries near 0. The full path, with backward() called inside
+# autocast too, runs the backward of its matmuls in bf16 (autocast applies to whatever runs
+# under it): its gradients are off by up to 2^-6 of the largest entry (measured: 6.8e-3).
+BF16_EXACT = {"rtol": 2**-8, "atol": 1e-5}  # atol times the largest |gradient|
+BF16_FULL_UNDER_AUTOCAST = 2**-6  # times the largest |gradient|
+
+
+def _bf16_case(name, memory_efficient, low=True):
+    """Loss and gradients of case ``name`` on bf16-rounded inputs (48 rows, 32 dims, a queue
+    of 40, tile 7): ``low``: bf16 leaves, forward and backward() inside CPU bf16 autocast, as
+    a loop that calls backward inside ``with torch.autocast`` does; else fp64, no autocast."""
+    g = torch.Generator().manual_seed(5)
+    n, d = 48, 32
+    inputs = {
+        "q": torch.randn(n, d, generator=g),
+        "k": torch.randn(n, d, generator=g),
+        "queue": torch.randn(40, d, generator=g),
+        "views": torch.randn(n, 2, d, generator=g),
+        "scale": torch.tensor(2.0),
+        "labels": torch.randint(0, 5, (n,), generator=g),
+    }
+    dtype = torch.bfloat16 if low else F64
+    fn, batch_names, shared_names = _loss_cases(7)[name]
+
+    def leaf(t):
+        return t.bfloat16().to(dtype).requires_grad_(True) if t.is_floating_point() else t
+
+    batch = [leaf(inputs[k]) for k in batch_names]
+    shared = [leaf(inputs[k]) for k in shared_names]
+    leaves = [t for t in batch + shared if t.is_floating_point()]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        loss = fn(memory_efficient, *batch, *shared, gather="all")
+        grads = torch.autograd.grad(loss, leaves)
+    return loss.detach(), list(grads)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiled_backward_under_cpu_bf16_autocast(name):
+    """The tiled backward under autocast used to fail ("mat1 and mat2 must have the same
+    dtype": bf16 block matmuls against fp32 accumulators); now it is fp32 as the forward."""
+    want, want_grads = _bf16_case(name, False, low=False)
+    got, got_grads = _bf16_case(name, True)
+    full, full_grads = _bf16_case(name, False)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert full.item() == pytest.approx(want.item(), rel=1e-5)
+    for i, (g, f, w) in enumerate(zip(got_grads, full_grads, want_grads, strict=True)):
+        assert g.dtype == torch.bfloat16 and f.dtype == torch.bfloat16
+        top = float(w.abs().max())
+        assert top > 0, (name, i)
+        rtol, atol = BF16_EXACT["rtol"], BF16_EXACT["atol"] * top
+        assert torch.allclose(g.double(), w, rtol=rtol, atol=atol), (name, i, (g - w).abs().max())
+        err = float((g.double() - f.double()).abs().max())
+        assert err <= BF16_FULL_UNDER_AUTOCAST * top, (name, i, err / top)
+
+
+@pytest.mark.parametrize("tile", [None, 7])
+def test_dlse_backward_under_cpu_bf16_autocast(tile):
+    """The local log-sum-exp of the sharded queue (fused, tile=None, and tiled): backward()
+    inside autocast keeps its matmul in fp32 (the fused one ran it in bf16 before)."""
+    from dist_contrast.losses.kernels.dlse import local_logsumexp
+    from dist_contrast.losses.kernels.numerics import fp32_region
+
+    g = torch.Generator().manual_seed(6)
+    x, keys = torch.randn(48, 32, generator=g).bfloat16(), torch.randn(40, 32, generator=g)
+    ref = x.double().requires_grad_(True)
+    (want,) = torch.autograd.grad(local_logsumexp(ref, keys.double(), 0.2).sum(), ref)
+    low = x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fp32_region():  # as its callers (queue, bank) run it: inputs upcast, autocast off
+            lse = local_logsumexp(low.float(), keys, 0.2, tile)
+        (got,) = torch.autograd.grad(lse.sum(), low)
+    assert lse.dtype == torch.float32 and got.dtype == torch.bfloat16
+    rtol, atol = BF16_EXACT["rtol"], BF16_EXACT["atol"] * float(want.abs().max())
+    assert torch.allclose(got.double(), want, rtol=rtol, atol=atol), (got - want).abs().max()
+
+
 def test_modules_route_through_the_tiled_path(monkeypatch):
     calls = []
     real = T.tiled_cross_entropy

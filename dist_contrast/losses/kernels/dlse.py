@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from dist_contrast import distributed
 from dist_contrast.distributed import multi_rank
+from dist_contrast.losses.kernels.numerics import fp32_region
 from dist_contrast.losses.kernels.tiled import tiled_logsumexp
 
 # --------------------------------------------------------------------------------------------
@@ -59,8 +60,9 @@ class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         log_p, keys = ctx.saved_tensors
-        p = log_p.exp().mul_(grad[:, None])
-        return (p @ keys) * ctx.scale, None, None
+        with fp32_region():  # a backward() called inside autocast would run this matmul in bf16
+            p = log_p.exp().mul_(grad[:, None])
+            return (p @ keys) * ctx.scale, None, None
 
 
 class _TiledLogSumExp:

@@ -102,32 +102,42 @@ class TiledCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        anchors, columns, scale, lse, targets, exclude = ctx.saved_tensors
-        need_a, need_c, need_s = ctx.needs_input_grad[:3]
-        grad_a = torch.zeros_like(anchors) if need_a or need_s else None
-        grad_c = torch.zeros_like(columns) if need_c else None
-        if grad_a is None and grad_c is None:
-            return None, None, None, None, None, None
-        for rows in _blocks(anchors.shape[0], ctx.tile):
-            a, shift, g = anchors[rows] * scale, lse[rows, None], grad[rows, None]
-            ex = None if exclude is None else exclude[rows]
-            for cols in _blocks(columns.shape[0], ctx.tile):
-                c = columns[cols]
-                p = (a @ c.T).sub_(shift).exp_()  # the softmax of this block
-                _fill_excluded(p, ex, cols.start, 0.0)
-                if targets is not None:  # minus the one-hot of the target
-                    hit, idx = _in_block(targets[rows], cols.start, p.shape[1])
-                    p.scatter_add_(1, idx, -hit.to(p.dtype))
-                p.mul_(g)  # d loss / d (scale * logits)
-                if grad_a is not None:
-                    grad_a[rows].addmm_(p, c)  # still to be multiplied by the scale
-                if need_c:
-                    grad_c[cols].addmm_(p.T, a)
-                del p
-        grad_s = (grad_a * anchors).sum().reshape(scale.shape) if need_s else None
-        if need_a:
-            grad_a.mul_(scale)
-        return grad_a if need_a else None, grad_c, grad_s, None, None, None
+        # Autograd runs a backward in the autocast state of the thread that called backward():
+        # a loop that calls it inside ``with torch.autocast(...)`` (CPU or CUDA) would get the
+        # block matmuls in bf16 against the fp32 accumulators ("mat1 and mat2 must have the
+        # same dtype"), so autocast is off here as in the forward.
+        with fp32_region():
+            return _tiled_backward(ctx, grad)
+
+
+def _tiled_backward(ctx, grad: torch.Tensor) -> tuple:
+    """:meth:`TiledCrossEntropy.backward`, in the dtype of the saved inputs."""
+    anchors, columns, scale, lse, targets, exclude = ctx.saved_tensors
+    need_a, need_c, need_s = ctx.needs_input_grad[:3]
+    grad_a = torch.zeros_like(anchors) if need_a or need_s else None
+    grad_c = torch.zeros_like(columns) if need_c else None
+    if grad_a is None and grad_c is None:
+        return None, None, None, None, None, None
+    for rows in _blocks(anchors.shape[0], ctx.tile):
+        a, shift, g = anchors[rows] * scale, lse[rows, None], grad[rows, None]
+        ex = None if exclude is None else exclude[rows]
+        for cols in _blocks(columns.shape[0], ctx.tile):
+            c = columns[cols]
+            p = (a @ c.T).sub_(shift).exp_()  # the softmax of this block
+            _fill_excluded(p, ex, cols.start, 0.0)
+            if targets is not None:  # minus the one-hot of the target
+                hit, idx = _in_block(targets[rows], cols.start, p.shape[1])
+                p.scatter_add_(1, idx, -hit.to(p.dtype))
+            p.mul_(g)  # d loss / d (scale * logits)
+            if grad_a is not None:
+                grad_a[rows].addmm_(p, c)  # still to be multiplied by the scale
+            if need_c:
+                grad_c[cols].addmm_(p.T, a)
+            del p
+    grad_s = (grad_a * anchors).sum().reshape(scale.shape) if need_s else None
+    if need_a:
+        grad_a.mul_(scale)
+    return grad_a if need_a else None, grad_c, grad_s, None, None, None
 
 
 def _check_inputs(anchors: torch.Tensor, columns: torch.Tensor) -> None:
