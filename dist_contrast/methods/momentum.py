@@ -36,57 +36,27 @@ def scheduled_momentum(
     return base if schedule == "constant" else momentum_at(step - 1, total, base, final)
 
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-_MASTER, _MASTER_PART = "_dc_ema_fp32", "_dc_ema_fp32_partition"
-
-
-def _master(holder: object, attr: str, t: torch.Tensor) -> torch.Tensor | None:
-    """The fp32 copy of a bf16/fp16 target tensor ``t``, kept on ``holder`` (the parameter)
-    between steps; None for fp32/fp64 targets.
-
-    In bf16 a momentum update ``t + (1 - m)(o - t)`` is rounded to 8 significant bits: with
-    m = 0.99 every move smaller than ~0.4 |t| is lost or doubled, so the target drifts from
-    the true average (10-20% of its norm after 200 steps in a simulation). The EMA therefore
-    runs on this fp32 copy and the target gets its rounding. An entry whose target value was
-    changed since (a checkpoint or ``sync_targets`` loaded into it) starts again from it,
-    without a host sync. Not saved: a resumed run starts it from the saved bf16 target."""
-    if t.dtype not in LOW_PRECISION:
-        return None
-    m = getattr(holder, attr, None)
-    if m is None or m.shape != t.shape or m.device != t.device:
-        m = t.float()
-        setattr(holder, attr, m)
-    else:
-        torch.where(m.to(t.dtype) == t, m, t.float(), out=m)
-    return m
-
-
-def _ema(t: torch.Tensor, o: torch.Tensor, momentum: float, master: torch.Tensor | None) -> None:
+def _ema(t: torch.Tensor, o: torch.Tensor, momentum: float) -> None:
     if t.shape != o.shape:
         raise ValueError(f"momentum twin has another shape: {tuple(t.shape)} vs {tuple(o.shape)}")
-    if master is None:
-        t.mul_(momentum).add_(o.to(t.dtype), alpha=1.0 - momentum)
-        return
-    master.mul_(momentum).add_(o.to(master.dtype), alpha=1.0 - momentum)
-    t.copy_(master)
+    t.mul_(momentum).add_(o.to(t.dtype), alpha=1.0 - momentum)
 
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """One EMA step of ``target`` towards ``online`` (same architecture), in fp32 also for
-    bf16/fp16 parameters (:func:`_master`); buffers (batch-norm statistics) are copied."""
+    """One EMA step of ``target`` towards ``online`` (same architecture); buffers (batch-norm
+    statistics) are copied."""
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     for t, o in zip(target.parameters(), online.parameters(), strict=True):
         if not hasattr(t, "ds_tensor"):  # ZeRO 0-2: whole parameters
-            _ema(t.data, o.data, momentum, _master(t, _MASTER, t.data))
+            _ema(t.data, o.data, momentum)
             continue
-        part = _master(t, _MASTER_PART, t.ds_tensor)
-        _ema(t.ds_tensor, o.ds_tensor, momentum, part)  # ZeRO-3: this rank's partition
+        _ema(t.ds_tensor, o.ds_tensor, momentum)  # ZeRO-3: this rank's partition
         # Small parameters stay whole on every rank as well (ZeRO-3 "persistence"):
         # the whole copy is what the forward pass reads, so it is updated too.
         if t.data.numel() == t.ds_numel and o.data.numel() == o.ds_numel:
-            _ema(t.data, o.data, momentum, _master(t, _MASTER, t.data))
+            _ema(t.data, o.data, momentum)
     for bt, bo in zip(target.buffers(), online.buffers(), strict=True):
         bt.copy_(bo)
 
