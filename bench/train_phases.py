@@ -62,13 +62,20 @@ class Phases:
             return fn(*args, **kwargs)
         self._inside = True
         sync(self.dev)
+        try:
+            return self._measured(name, fn, *args, **kwargs)
+        finally:
+            self._inside = False
+
+    def _measured(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``; its wall and CPU time (to the device's end) added to
+        ``name``."""
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             sync(self.dev)
             self._add(name, time.perf_counter() - t0, time.process_time() - c0)
-            self._inside = False
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` timed as phase ``name`` at every call."""
@@ -82,12 +89,7 @@ class Phases:
         """``fn`` whose wall time is recorded as ``name`` beside the phases it contains."""
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync(self.dev)
-                self._add(name, time.perf_counter() - t0, time.process_time() - c0)
+            return self._measured(name, fn, *args, **kwargs)
 
         return timed
 
