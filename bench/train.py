@@ -19,11 +19,12 @@ and turns wandb, the progress bar, plots and periodic evaluation off.
   (``method.embed``), ``loss`` (``method.loss``: the gathers of negatives included),
   ``backward`` (``engine.backward``: DeepSpeed's gradient reduction included), ``optimizer``
   (``engine.step``: clipping, the guard's all-reduced decision, the update), ``log``
-  (``Trainer.record``, which embeds the batch again for the embedding metrics, + the logger;
-  its mean per call divided by ``train.log_every``), ``checkpoint`` (``Trainer.save``: the one
-  at the last step, a real save with its manifest, divided by ``checkpoint.every``), ``other`` (the
-  rest of the step's wall time; ``in train_step`` is the part of it inside
-  ``Trainer.train_step``: DeepSpeed's forward wrapper, the guard's hooks, the LR schedule).
+  (``Trainer.record``: the all-reduced means and the embedding metrics of the step's own
+  embeddings, + the logger; its mean per call divided by ``train.log_every``), ``checkpoint``
+  (``Trainer.save``: the one at the last step, a real save with its manifest, divided by
+  ``checkpoint.every``), ``other`` (the rest of the step's wall time; ``in train_step`` is
+  the part of it inside ``Trainer.train_step``: DeepSpeed's forward wrapper, the guard's
+  hooks, the LR schedule).
 - floor: the same method built at the same seed (the same weights), its dtype that of
   ``deepspeed.precision`` (bf16: bf16 weights, no fp32 master copy), in
   ``torch.nn.parallel.DistributedDataParallel``; ``torch.optim.AdamW`` with the engine's

@@ -3,8 +3,8 @@ from outside the code it times (wrapped calls), and each rank's peak memory.
 
 A step runs from one call of its start (:meth:`Phases.begin_step`) to the next (or
 :meth:`Phases.end`). A timed call made inside another timed call counts to the outer one only
-(the embedding forward of a log step counts to ``log``), so the phases of a step never overlap
-and their sum is at most the step's wall time; the rest is ``other``. ``envelope`` timers
+(a forward run by a timed save or log call counts to that call), so the phases of a step never
+overlap and their sum is at most the step's wall time; the rest is ``other``. ``envelope`` timers
 (:meth:`Phases.envelope`) stand beside the phases: they measure a call that contains phases
 (the engine's ``train_step``) without taking their time from them.
 """

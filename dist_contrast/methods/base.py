@@ -24,6 +24,9 @@ class LossOutput:
     loss: torch.Tensor
     # figures to log: 0-dim tensors stay on the device, read at log steps only
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    # the embeddings the loss was computed from, detached (set by Method.forward): the log
+    # step's alignment and uniformity read them instead of embedding the batch again
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Method(nn.Module, metaclass=abc.ABCMeta):
@@ -74,11 +77,11 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         param_grads: list[torch.Tensor] | None = None,
     ):
         if mode == "train":
-            return self.loss(self.embed(batch), batch)
+            return _with_embeddings(self.loss(emb := self.embed(batch), batch), emb)
         if mode == "embed":
             return self.embed(batch)
         if mode == "loss":
-            return self.loss(cache, batch)
+            return _with_embeddings(self.loss(cache, batch), cache)
         if mode == "surrogate":
             # sum <embedding, cached dL/dembedding> (+ <loss param, its cached gradient>): its
             # gradient is the chain rule's contribution of this micro-batch.
@@ -119,6 +122,12 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
             agreed(states, key)
         self.load_extra_state(states[0])
         return []
+
+
+def _with_embeddings(out: LossOutput, emb: dict[str, torch.Tensor]) -> LossOutput:
+    if isinstance(out, LossOutput) and not out.embeddings:
+        out.embeddings = {k: v.detach() for k, v in emb.items()}
+    return out
 
 
 def _check_states(states: list[dict]) -> None:

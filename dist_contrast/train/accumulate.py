@@ -47,14 +47,15 @@ def _set_rng_state(state: tuple) -> None:
 
 
 def plain_step(engine, batch: dict[str, Any], parts: int) -> LossOutput:
-    """A micro-batches, each with its own loss; the mean loss is reported."""
+    """A micro-batches, each with its own loss; the mean loss is reported, with the metrics
+    and embeddings of the last micro-batch."""
     losses = []
     for micro in split_batch(batch, parts):
         out = engine(micro)
         engine.backward(out.loss)
         engine.step()
         losses.append(out.loss.detach())
-    return LossOutput(torch.stack(losses).mean(), out.metrics)
+    return LossOutput(torch.stack(losses).mean(), out.metrics, out.embeddings)
 
 
 def cached_step(engine, batch: dict[str, Any], parts: int) -> LossOutput:
@@ -92,4 +93,4 @@ def cached_step(engine, batch: dict[str, Any], parts: int) -> LossOutput:
         engine.step()
         start += n
     _set_rng_state(after)
-    return LossOutput(out.loss.detach(), out.metrics)
+    return LossOutput(out.loss.detach(), out.metrics, out.embeddings)

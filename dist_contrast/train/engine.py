@@ -287,7 +287,7 @@ class Trainer:
             self.logger.advance()
             last = self.step == end
             if self.step % cfg.train.log_every == 0 or last:
-                self.logger.log(self.record(window, out, batch))
+                self.logger.log(self.record(window, out))
                 window = Window(self.step)
             saved = self.step % cfg.checkpoint.every == 0 or last
             if saved:
@@ -388,7 +388,7 @@ class Trainer:
             return cached_step(self.engine, batch, parts)
         return plain_step(self.engine, batch, parts)
 
-    def record(self, window: Window, out: LossOutput, batch: dict) -> dict:
+    def record(self, window: Window, out: LossOutput) -> dict:
         """One line of metrics.jsonl: means over the steps since the last one, all ranks."""
         elapsed = time.perf_counter() - window.start
         samples = self.cfg.train.batch_size * self.world * (self.step - window.first_step)
@@ -405,21 +405,16 @@ class Trainer:
             "skipped_steps": self.guard.skipped_steps,
             "bad_steps_in_a_row": self.guard.bad_in_a_row,
             **self.skipped(),
-            **self.embedding_metrics(batch),
+            **self.embedding_metrics(out),
             **{k: distributed.all_reduce_mean(v) for k, v in out.metrics.items()},
         }
 
-    def embedding_metrics(self, batch: dict) -> dict[str, float]:
-        """Alignment and uniformity (Wang & Isola 2020) of the first two embeddings the method
-        gives for ``batch`` (two views, or image and text), the model in eval mode; {} if the
-        method gives one embedding per sample. Means over ranks."""
-        self.engine.eval()
-        try:
-            with torch.no_grad():
-                emb = self.engine(batch, mode="embed")
-        finally:
-            self.engine.train()
-        values = embedding_metrics(list(emb.values()))
+    def embedding_metrics(self, out: LossOutput) -> dict[str, float]:
+        """Alignment and uniformity (Wang & Isola 2020) of the first two embeddings the step's
+        loss was computed from (two views, or image and text; train mode, as the loss saw them;
+        the last micro-batch's under plain accumulation): no second forward; {} if the method
+        gives one embedding per sample. Means over ranks."""
+        values = embedding_metrics(list(out.embeddings.values()))
         return {k: distributed.all_reduce_mean(v) for k, v in values.items()}
 
     @property

@@ -5,8 +5,14 @@ What it watches, without touching the method or the accumulation code:
 
 - every ``LossOutput`` the method returns (a forward hook on the module): the loss must be finite;
 - every gradient autograd computes for a parameter (tensor hooks), before DeepSpeed reduces or
-  partitions it, in every micro-batch: it must be finite. Under fp16 the gradients are left to
-  DeepSpeed's loss scaler, whose overflow check skips the step and lowers the scale.
+  partitions it, in every micro-batch: its sum (accumulated in float32) must be finite. A NaN or
+  an inf anywhere in a gradient makes its sum non-finite; so does a finite gradient whose sum
+  overflows float32 (|sum| > 3.4e38), which is as good a reason to skip. One reduction per
+  gradient, kept on the device and checked once per step: a tenth of the cost of
+  ``isfinite(grad).all()`` (five full-size kernels per gradient; 33 ms against 3 ms per step for
+  the 8.5M parameters of the compute-bound CLIP of issue 28, one CPU thread). Under fp16 the
+  gradients are left to DeepSpeed's loss scaler, whose overflow check skips the step and lowers
+  the scale.
 
 The decision is taken inside DeepSpeed's step, in a step pre-hook of the torch optimizer (the
 point every ZeRO stage and precision goes through, after clipping and reduction, right before
@@ -30,6 +36,7 @@ from dist_contrast.methods.base import LossOutput
 class StepGuard:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, check_grads: bool):
         self.ok = torch.ones((), dtype=torch.bool, device=distributed.device())
+        self.grad_sums: list[torch.Tensor] = []  # one per gradient computed since the last step
         self.decision: bool | None = None  # taken in the optimizer's pre-hook, once per step
         self.skipped_steps = 0  # steps not taken, whatever the reason (fp16 overflow too)
         self.bad_in_a_row = 0  # consecutive steps with a non-finite loss or gradient
@@ -48,10 +55,13 @@ class StepGuard:
             self._flag(torch.isfinite(output.loss.detach()).all())
 
     def _watch_grad(self, grad: torch.Tensor) -> None:
-        self._flag(torch.isfinite(grad.detach()).all())
+        self.grad_sums.append(grad.detach().sum(dtype=torch.float32))
 
     def _decide(self) -> bool:
         if self.decision is None:
+            if self.grad_sums:
+                self._flag(torch.isfinite(torch.stack(self.grad_sums)).all())
+                self.grad_sums = []
             self.decision = distributed.all_true(self.ok)  # the step's one host read
         return self.decision
 
@@ -70,6 +80,7 @@ class StepGuard:
         self.skipped_steps += int(not taken)
         self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
         self.ok = torch.ones_like(self.ok)
+        self.grad_sums = []
         self.decision = None
         return taken
 

@@ -18,10 +18,24 @@ from conftest import config_from_dict
 from multiproc import run_ranks
 
 
+class InfGradient(torch.autograd.Function):
+    """0 in the forward, inf as the gradient of its input in the backward: a finite loss whose
+    gradient is not (as a norm's backward at 0 or an overflowing activation make one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
 class PoisonedSimCLR(SimCLR):
     """SimCLR whose loss (``where="loss"``) or one of whose embeddings (``"embeddings"``: a
     NaN in one row of z1, before the loss gathers it) is NaN at the given calls (0-based) of
-    ``loss``."""
+    ``loss``; or (``"grad"``) whose loss stays finite while the gradient of one parameter of
+    the projector is inf."""
 
     def __init__(self, base: SimCLR, bad_calls: set[int], where: str = "loss") -> None:
         super().__init__(base.encoder, base.projector, base.criterion)
@@ -36,6 +50,9 @@ class PoisonedSimCLR(SimCLR):
         out = super().loss(emb, batch)
         if bad and self.where == "loss":
             return LossOutput(out.loss * float("nan"), out.metrics)
+        if bad and self.where == "grad":
+            weight = next(self.projector.parameters())
+            return LossOutput(out.loss + InfGradient.apply(weight.sum()), out.metrics)
         return out
 
 
@@ -88,13 +105,23 @@ def _skip_one(rank, world, digits, run_dir, stage, precision, where):
     return trace, taken, lr_steps, skipped, _weights(b, stage)
 
 
-@pytest.mark.parametrize("where", ["loss", "embeddings"])
-@pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "bf16")])
+@pytest.mark.parametrize(
+    "stage,precision,where",
+    [
+        (2, "fp32", "loss"),
+        (2, "fp32", "embeddings"),
+        (3, "bf16", "loss"),
+        (3, "bf16", "embeddings"),
+        (0, "fp32", "grad"),
+        (3, "bf16", "grad"),
+    ],
+)
 def test_nan_on_one_rank_skips_the_step_on_every_rank(
     digits_dir, tmp_path, stage, precision, where
 ):
-    """A NaN loss, or a NaN embedding that the loss gathers (issue 16: it used to raise on
-    rank 1 alone), at step 3 of rank 1: both ranks skip that step and go on."""
+    """A NaN loss, a NaN embedding that the loss gathers (issue 16: it used to raise on
+    rank 1 alone), or an inf gradient under a finite loss, at step 3 of rank 1: both ranks skip
+    that step and go on."""
     args = (str(digits_dir), tmp_path, stage, precision, where)
     results = run_ranks(_skip_one, 2, *args, timeout=300)
     for trace, taken, lr_steps, skipped, straight in results:

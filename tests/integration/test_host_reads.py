@@ -86,13 +86,21 @@ def _count(rank: int, world: int, tree: dict) -> dict:
 
     trainer.augment_batch = counted_augment
     trainer.record, trainer.save = _paused(mode, trainer.record), _paused(mode, trainer.save)
+    embedded, embed = [], trainer.engine.module.embed
+
+    def recorded_embed(batch):  # every forward of the towers, with what it gave
+        out = embed(batch)
+        embedded.append({k: v.detach().clone() for k, v in out.items()})
+        return out
+
+    trainer.engine.module.embed = recorded_embed
     try:
         with mode:
             trainer.run()
     finally:
         trainer.logger.close()
         loader.close()
-    return dict(mode.where)
+    return dict(mode.where), embedded
 
 
 CASES = {
@@ -121,8 +129,30 @@ def test_a_training_step_reads_the_device_at_most_once(name, digits_dir, tmp_pat
     for overrides in (short, CASES[name]):
         for section, values in overrides.items():
             tree.setdefault(section, {}).update(values)
-    for rank, where in enumerate(run_ranks(_count, 2, tree, timeout=300)):
+    results = run_ranks(_count, 2, tree, timeout=300)
+    for rank, (where, _) in enumerate(results):
         ours = {w: n for (kind, w), n in where.items() if kind == "ours"}
         assert sum(ours.values()) <= steps, f"rank {rank}: host reads in {steps} steps: {ours}"
         # and the counter sees them: the guard's decision, read once on every step
         assert sum(ours.values()) == steps, ours
+    _check_log_steps_embed_once(results, steps, tmp_path / "run" / tree["run"]["name"])
+
+
+def _check_log_steps_embed_once(results, steps: int, run_dir) -> None:
+    """One forward of the towers per step, log steps included (the log line's alignment and
+    uniformity come from the step's own embeddings: it used to embed the batch again, 2.9% of
+    a step at log_every=10), and the logged figures are those embeddings' (mean over ranks)."""
+    import json
+
+    from dist_contrast.train.metrics import embedding_metrics
+
+    for _, embedded in results:
+        assert len(embedded) == steps
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in lines if "alignment" in x]
+    assert [x["step"] for x in logged] == [3, 6]
+    for line in logged:
+        per_rank = [embedding_metrics(list(e[line["step"] - 1].values())) for _, e in results]
+        for key in ("alignment", "uniformity"):
+            want = sum(m[key] for m in per_rank) / len(per_rank)
+            assert line[key] == pytest.approx(want, rel=1e-6, abs=1e-9), (line["step"], key)
