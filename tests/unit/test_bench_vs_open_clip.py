@@ -1,0 +1,152 @@
+"""``dist-contrast bench vs_open_clip``'s pure parts in this environment (open_clip is not
+importable here): the open_clip model config written from ours has our parameter count, the
+log readers and the steady samples/s. Under the ``open_clip`` marker, in open_clip's own
+environment (``make open-clip-env``): the model config builds a model of that count, its
+HFTokenizer gives our ids, and torchvision imports there only thanks to the fix."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CONFIG = str(ROOT / "configs" / "clip_vit_digits.yaml")
+# the environment `make open-clip-env` finished (it writes .setup-done last), or one named
+OPEN_CLIP_PYTHON = Path(
+    os.environ.get("OPEN_CLIP_PYTHON", ROOT / ".venv-open-clip" / "bin" / "python")
+)
+OPEN_CLIP_READY = OPEN_CLIP_PYTHON.exists() and (
+    "OPEN_CLIP_PYTHON" in os.environ or (OPEN_CLIP_PYTHON.parents[1] / ".setup-done").exists()
+)
+needs_open_clip = pytest.mark.skipif(
+    not OPEN_CLIP_READY,
+    reason=f"no open_clip environment at {OPEN_CLIP_PYTHON} (make open-clip-env)",
+)
+
+
+def _bench():
+    from dist_contrast_bench import vs_open_clip
+
+    return vs_open_clip
+
+
+def _cfg(size: str, digits_dir, digits_tokenizer):
+    from dist_contrast.config import load_config
+
+    args = argparse.Namespace(size=size, overrides=[], steps=0)
+    overrides = _bench().bench_overrides(args, f"{digits_dir}/train-*.tar", str(digits_tokenizer))
+    return load_config(CONFIG, overrides)
+
+
+def _model_config(cfg, digits_tokenizer, tok_dir: str = "unused"):
+    from dist_contrast.data.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.load(digits_tokenizer, cfg.data.context_length)
+    return _bench().open_clip_model_config(cfg, tok.vocab_size, tok.eot_id, tok.pad_id, tok_dir)
+
+
+@pytest.mark.parametrize("size", ["small", "compute"])
+def test_model_config_has_our_parameter_count(size, digits_dir, digits_tokenizer):
+    bench = _bench()
+    cfg = _cfg(size, digits_dir, digits_tokenizer)
+    config = _model_config(cfg, digits_tokenizer)
+    assert config["text_cfg"]["pool_type"] == "eos"
+    assert bench.open_clip_parameters(config) == bench.our_parameters(cfg)
+
+
+def test_compute_size_is_the_issues(digits_dir, digits_tokenizer):
+    config = _model_config(_cfg("compute", digits_dir, digits_tokenizer), digits_tokenizer)
+    v, t = config["vision_cfg"], config["text_cfg"]
+    assert (v["width"], v["layers"], v["patch_size"], v["image_size"]) == (192, 12, 8, 64)
+    assert (t["width"], t["layers"]) == (256, 4)
+
+
+def test_refuses_a_config_open_clip_cannot_mirror(digits_dir):
+    from dist_contrast.config import load_config
+    from dist_contrast.errors import ConfigError
+
+    cfg = load_config(str(ROOT / "configs" / "simclr_digits.yaml"))
+    with pytest.raises(ConfigError, match="bench vs_open_clip needs method.name"):
+        _bench().check_comparable(cfg)
+
+
+def test_steady_leaves_out_the_first_windows():
+    # windows end at steps 1, 11, 21 (s/step 5.0, 0.5, 0.25): skip 5 keeps the last two
+    steady = _bench().steady([(1, 5.0), (11, 0.5), (21, 0.25)], skip=5, global_batch=10)
+    assert steady == pytest.approx(10 * 20 / (10 * 0.5 + 10 * 0.25))
+
+
+def test_reads_open_clip_log_lines():
+    log = (
+        "2026-12-06,15:00:00 | INFO | Train Epoch: 0 [  256/25600 (1%)] Data (t): 0.100 "
+        "Batch (t): 2.000, 128.000/s, 64.0000/s/gpu LR: 0.000067 Logit Scale: 20.000 "
+        "Contrastive_loss: 5.5450 (5.5450) Loss: 5.5450 (5.5450)\n"
+        "2026-12-06,15:00:09 | INFO | Train Epoch: 0 [ 2816/25600 (11%)] Data (t): 0.001 "
+        "Batch (t): 0.500, 512.000/s, 256.000/s/gpu LR: 0.000733 Logit Scale: 20.100 "
+        "Contrastive_loss: 4.1234 (4.8342) Loss: 4.1234 (4.8342)\n"
+    )
+    windows, loss = _bench().open_clip_windows(log, global_batch=256)
+    assert windows == [(1, 2.0), (11, 0.5)]
+    assert loss == pytest.approx(4.1234)
+
+
+def test_reads_our_metrics(tmp_path):
+    rows = [
+        {"step": 10, "loss": 5.0, "samples_per_sec": 100.0},
+        {"step": 20, "loss": 4.0, "samples_per_sec": 200.0},
+        {"event": "eval"},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    windows, loss = _bench().our_windows(path, global_batch=100)
+    assert windows == [(10, 1.0), (20, 0.5)] and loss == 4.0
+
+
+@pytest.mark.open_clip
+@needs_open_clip
+def test_open_clip_builds_the_same_model_and_tokens(digits_dir, digits_tokenizer, tmp_path):
+    from dist_contrast.data.tokenizer import BPETokenizer
+    from dist_contrast.export.hf import write_tokenizer
+
+    bench = _bench()
+    cfg = _cfg("small", digits_dir, digits_tokenizer)
+    tok = BPETokenizer.load(digits_tokenizer, cfg.data.context_length)
+    write_tokenizer(tok, tmp_path)
+    path = tmp_path / f"{bench.MODEL_NAME}.json"
+    path.write_text(json.dumps(_model_config(cfg, digits_tokenizer, str(tmp_path))))
+    captions = bench.first_captions(sorted(str(p) for p in digits_dir.glob("train-*.tar")))
+    theirs = bench.probe(str(OPEN_CLIP_PYTHON), path, captions)
+    assert theirs["parameters"] == bench.our_parameters(cfg)
+    assert len(captions) == bench.CHECKED_CAPTIONS
+    assert theirs["tokens"] == tok.encode(captions).tolist()
+
+
+@pytest.mark.open_clip
+@needs_open_clip
+def test_torchvision_imports_there_only_with_the_fix():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run(
+        [str(OPEN_CLIP_PYTHON), "-c", "import torchvision.transforms"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    unhook = (
+        "import sys, _dc_open_clip_fix as f\n"
+        "sys.meta_path[:] = [h for h in sys.meta_path if not isinstance(h, f._BeforeTorchvision)]\n"
+        "import torchvision\n"
+    )
+    broken = subprocess.run(
+        [str(OPEN_CLIP_PYTHON), "-c", unhook], env=env, capture_output=True, text=True, timeout=300
+    )
+    if broken.returncode == 0:
+        pytest.skip("torchvision's operators load here (a CUDA torch): the fix is not needed")
+    assert "torchvision::nms" in broken.stderr
