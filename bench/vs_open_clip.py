@@ -39,7 +39,14 @@ wall time (start-up included), peak RSS of each rank process (VmHWM, polled ever
 loader workers are processes of their own, not counted) and the final loss (ours: mean over the
 last log window and the ranks; open_clip: the last logged step's, rank 0: it logs no mean).
 ``--load K`` runs K busy processes (a pure-Python loop each) beside every run and ends them.
-Zero-shot accuracy is not measured here (yet).
+
+One evaluator for both (``--no-eval``: none): after each run, our ``dist-contrast eval``
+figures (zero-shot top-1 on ``--val-data`` with the config's held-out prompt templates, kNN
+and linear-probe top-1, retrieval) of our method loaded with that run's final weights: ours
+from its last checkpoint, open_clip's from its ``epoch_1.pt`` mapped key by key into our
+layout (:func:`from_open_clip`). Before the runs, open_clip's freshly built model, mapped the
+same way, gives its own image and text features to within float rounding in our model: the
+check that the two architectures are one.
 
 Results: a markdown table, and ``--out`` (default bench/results/vs_open_clip.json).
 """
@@ -107,6 +114,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--load", type=int, default=0, help="busy processes beside each run")
     p.add_argument("--nproc", type=int, default=2, help="ranks of each run")
     p.add_argument("--data", default="data/digits/train-*.tar", help="training shards (glob)")
+    p.add_argument(
+        "--val-data",
+        default="data/digits/val-*.tar",
+        help="validation shards (glob) of the shared evaluator: zero-shot, kNN, linear probe",
+    )
+    p.add_argument("--no-eval", action="store_true", help="no zero-shot evaluation")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the config's)")
     p.add_argument("--open-clip-python", default=f"{OPEN_CLIP_VENV}/bin/python")
     p.add_argument("--dir", help="where runs go (default: a temporary folder, removed)")
@@ -249,6 +262,94 @@ def first_captions(paths: list[str], n: int = CHECKED_CAPTIONS) -> list[str]:
 def shard_pattern(paths: list[str]) -> str:
     """The shards as open_clip's ``--train-data`` takes them (``::``-separated)."""
     return "::".join(str(Path(p).resolve()) for p in paths)
+
+
+# open_clip's names -> ours, per block (its nn.MultiheadAttention stacks q, k, v as ours does)
+BLOCK_KEYS = {
+    "ln_1": "norm1",
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj": "attn.proj",
+    "ln_2": "norm2",
+    "mlp.c_fc": "mlp.0",
+    "mlp.c_proj": "mlp.2",
+}
+# whole names (reshaped: open_clip's embeddings have no batch dimension, its projections are
+# stored as (in, out) matrices: ours are nn.Linear weights, (out, in))
+FLAT_KEYS = {
+    "visual.class_embedding": ("image.encoder.cls_token", "embed"),
+    "visual.positional_embedding": ("image.encoder.pos_embed", "embed"),
+    "visual.conv1.weight": ("image.encoder.patch_embed.weight", None),
+    "visual.proj": ("image.proj.weight", "transpose"),
+    "positional_embedding": ("text.encoder.pos_embed", "embed"),
+    "token_embedding.weight": ("text.encoder.token_embed.weight", None),
+    "text_projection": ("text.proj.weight", "transpose"),
+    "logit_scale": ("criterion.logit_scale", "vector"),
+}
+PREFIXES = {
+    "visual.ln_pre.": "image.encoder.norm_pre.",
+    "visual.ln_post.": "image.encoder.norm.",
+    "ln_final.": "text.encoder.norm.",
+}
+BLOCKS = {
+    "visual.transformer.resblocks.": "image.encoder.blocks.",
+    "transformer.resblocks.": "text.encoder.blocks.",
+}
+
+
+def from_open_clip(state: dict) -> dict:
+    """open_clip CLIP's state dict (``module.`` of DDP stripped) as our CLIP method's; a key
+    it does not know raises ``KeyError`` (loading checks the rest key by key)."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key in FLAT_KEYS:
+            name, how = FLAT_KEYS[key]
+            if how == "embed":
+                value = (
+                    value.reshape(1, -1, value.shape[-1])
+                    if value.dim() == 2
+                    else value.reshape(1, 1, -1)
+                )
+            elif how == "transpose":
+                value = value.t()
+            elif how == "vector":
+                value = value.reshape(1)
+            out[name] = value.contiguous()
+            continue
+        for theirs, ours in PREFIXES.items():
+            if key.startswith(theirs):
+                out[ours + key.removeprefix(theirs)] = value
+                break
+        else:
+            for theirs, ours in BLOCKS.items():
+                if key.startswith(theirs):
+                    index, rest = key.removeprefix(theirs).split(".", 1)
+                    for a, b in BLOCK_KEYS.items():
+                        if rest.startswith(a):
+                            out[f"{ours}{index}.{b}{rest.removeprefix(a)}"] = value
+                            break
+                    else:
+                        raise KeyError(key)
+                    break
+            else:
+                raise KeyError(key)
+    return out
+
+
+def open_clip_method(cfg, checkpoint: Path):
+    """Our CLIP method of ``cfg`` with the weights of an open_clip_train checkpoint (read with
+    ``weights_only``), checked key by key."""
+    import torch
+
+    from dist_contrast.export.layout import check_state
+    from dist_contrast.methods import build_method
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    method = build_method(cfg)
+    check_state(method, from_open_clip(state), f"open_clip checkpoint {checkpoint}")
+    return method.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,24 +548,36 @@ def open_clip_args(args, cfg, shards: str, logs: Path, name: str) -> list[str]:
 
 PROBE = r"""
 import json, sys
+import torch
 import open_clip
-spec = json.load(open(sys.argv[1]))
 open_clip.add_model_config(sys.argv[1])
-model = open_clip.create_model(sys.argv[2])
+torch.manual_seed(0)
+model = open_clip.create_model(sys.argv[2]).eval()
 tok = open_clip.get_tokenizer(sys.argv[2])
+captions = json.loads(sys.argv[3])
+tokens = tok(captions)
+if len(sys.argv) > 4:  # weights and features for our side to compare
+    size = model.visual.image_size
+    images = torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = {"image": model.encode_image(images), "text": model.encode_text(tokens[:4])}
+    torch.save({"state_dict": model.state_dict(), "images": images, "tokens": tokens[:4],
+                "features": feats}, sys.argv[4])
 print(json.dumps({
     "parameters": sum(p.numel() for p in model.parameters()),
-    "tokens": tok(json.loads(sys.argv[3])).tolist(),
+    "tokens": tokens.tolist(),
     "version": open_clip.__version__,
 }))
 """
 
 
-def probe(python: str, model_json: Path, captions: list[str]) -> dict:
+def probe(python: str, model_json: Path, captions: list[str], save: Path | None = None) -> dict:
     """Build the model config's model and tokenizer in the open_clip environment: its parameter
-    count and the ids of ``captions``."""
+    count and the ids of ``captions``; with ``save``, its weights, random images, the first
+    captions' ids and the features of both there (:func:`same_features`)."""
+    extra = [str(save)] if save else []
     out = subprocess.run(
-        [python, "-c", PROBE, str(model_json), MODEL_NAME, json.dumps(captions)],
+        [python, "-c", PROBE, str(model_json), MODEL_NAME, json.dumps(captions), *extra],
         env=_env(),
         capture_output=True,
         text=True,
@@ -476,6 +589,45 @@ def probe(python: str, model_json: Path, captions: list[str]) -> dict:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"open_clip in {python} failed ({last}): make open-clip-env")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def same_features(cfg, saved: Path) -> float:
+    """The largest difference between open_clip's features and ours with its weights (loaded
+    key by key), on the images and token ids :func:`probe` saved."""
+    import torch
+
+    ref = torch.load(saved, map_location="cpu", weights_only=True)
+    method = open_clip_method(cfg, saved)
+    with torch.no_grad():
+        image = method.image(ref["images"])
+        text = method.text(ref["tokens"])
+    return max(
+        (image - ref["features"]["image"]).abs().max().item(),
+        (text - ref["features"]["text"]).abs().max().item(),
+    )
+
+
+def evaluate(cfg, method) -> dict:
+    """Our evaluator (``dist-contrast eval``'s figures of a method) on ``method``: zero-shot
+    top-1 on the validation shards, kNN and linear-probe top-1, retrieval recalls."""
+    from dist_contrast.eval.figures import method_figures, run_sets
+
+    figures = method_figures(cfg, method, run_sets(cfg))
+    return {k: v for k, v in figures.items() if isinstance(v, float)}
+
+
+def our_method(cfg, run_dir: Path):
+    """Our method at the last checkpoint of ``run_dir`` (verified against its manifest)."""
+    from dist_contrast.export.write import trained_method
+    from dist_contrast.train import integrity
+
+    with integrity.reading(run_dir / "checkpoints", None) as step_dir:
+        return trained_method(cfg, step_dir)
+
+
+def last_open_clip_checkpoint(run_logs: Path) -> Path | None:
+    found = sorted(run_logs.glob("checkpoints/epoch_*.pt"), key=lambda p: int(p.stem[6:]))
+    return found[-1] if found else None
 
 
 class Load:
@@ -537,19 +689,22 @@ def _prepare(args, work: Path):
     model_json.write_text(json.dumps(model_cfg, indent=1) + "\n")
     ours = our_parameters(cfg)
     captions = first_captions(paths)
-    theirs = probe(args.open_clip_python, model_json, captions)
+    theirs = probe(args.open_clip_python, model_json, captions, work / "reference.pt")
     ids = tok.encode(captions).tolist()
+    diff = same_features(cfg, work / "reference.pt")
     checks = {
         "parameters_ours": ours,
         "parameters_open_clip": theirs["parameters"],
         "parameters_equal": ours == theirs["parameters"],
         "token_ids_equal": ids == theirs["tokens"],
+        "features_max_abs_diff": diff,
         "open_clip_version": theirs["version"],
     }
     print(
         f"parameters: ours {ours:,}, open_clip {theirs['parameters']:,}"
         f" ({'equal' if checks['parameters_equal'] else 'DIFFERENT'}); token ids of "
-        f"{len(captions)} captions {'equal' if checks['token_ids_equal'] else 'DIFFERENT'}",
+        f"{len(captions)} captions {'equal' if checks['token_ids_equal'] else 'DIFFERENT'}; "
+        f"open_clip's weights in our model: features within {diff:.1e} of open_clip's",
         flush=True,
     )
     return cfg, overrides, model_json, shard_pattern(paths), checks
@@ -563,15 +718,18 @@ def table(result: dict) -> str:
         f"load {s['load']}, {s['cpu']}; parameters {s['checks']['parameters_ours']:,} / "
         f"{s['checks']['parameters_open_clip']:,}",
         "",
-        "| system | pair | samples/s (steady) | wall s | peak RSS / rank (MiB) | final loss |",
-        "|---|---|---|---|---|---|",
+        "| system | pair | samples/s (steady) | wall s | peak RSS / rank (MiB) | final loss "
+        "| zero-shot (our evaluator) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sps = "failed" if r["rc"] else (f"{r['samples_per_s']:.1f}" if r["samples_per_s"] else "-")
         rss = " / ".join(f"{x:.0f}" for x in r["peak_rss_mib"]) or "-"
         loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
+        zs = r.get("eval", {}).get("zeroshot_top1")
+        zs = "-" if zs is None else f"{100 * zs:.1f}%"
         lines.append(
-            f"| {r['system']} | {r['pair']} | {sps} | {r['wall_s']:.0f} | {rss} | {loss} |"
+            f"| {r['system']} | {r['pair']} | {sps} | {r['wall_s']:.0f} | {rss} | {loss} | {zs} |"
         )
     ratios = [f"{x:.2f}" for x in result["ratios"]]
     lines += ["", f"ours / open_clip samples/s by pair: {', '.join(ratios) or '-'}"]
@@ -593,6 +751,11 @@ def main(argv: list[str]) -> int:
         t = cfg.train
         global_batch = t.batch_size * args.nproc
         skip = args.skip or t.steps // 5
+        eval_cfg = None
+        if not args.no_eval:
+            from dist_contrast.config import load_config
+
+            eval_cfg = load_config(args.config, [*overrides, f"data.val_shards={args.val_data}"])
         runs = []
         for pair in range(1, args.pairs + 1):
             with Load(args.load):
@@ -605,6 +768,8 @@ def main(argv: list[str]) -> int:
                     our_windows(metrics, global_batch) if metrics.exists() else ([], None)
                 )
                 runs.append(_figures(run, windows, loss, skip, global_batch))
+                if eval_cfg is not None and run.rc == 0:
+                    runs[-1]["eval"] = evaluate(eval_cfg, our_method(eval_cfg, run_dir))
                 _report(runs[-1], log)
                 run = Run("open_clip_train", pair)
                 log = work / f"open_clip-{pair}.log"
@@ -614,6 +779,9 @@ def main(argv: list[str]) -> int:
                 run_polled(cmd, _env(), log, run)
                 windows, loss = open_clip_windows(log.read_text(errors="replace"), global_batch)
                 runs.append(_figures(run, windows, loss, skip, global_batch))
+                checkpoint = last_open_clip_checkpoint(work / "open_clip" / f"run-{pair}")
+                if eval_cfg is not None and run.rc == 0 and checkpoint:
+                    runs[-1]["eval"] = evaluate(eval_cfg, open_clip_method(eval_cfg, checkpoint))
                 _report(runs[-1], log)
         ratios = [
             a["samples_per_s"] / b["samples_per_s"]
@@ -652,8 +820,10 @@ def _report(fig: dict, log: Path) -> None:
         print(f"{fig['system']} pair {fig['pair']} failed (exit {fig['rc']}):", *tail, sep="\n")
     else:
         sps = fig["samples_per_s"]
+        zs = fig.get("eval", {}).get("zeroshot_top1")
         print(
             f"{fig['system']} pair {fig['pair']}: {sps and round(sps, 1)} samples/s, "
-            f"{fig['wall_s']:.0f} s, loss {fig['final_loss']}",
+            f"{fig['wall_s']:.0f} s, loss {fig['final_loss']}"
+            + ("" if zs is None else f", zero-shot {100 * zs:.1f}%"),
             flush=True,
         )

@@ -108,6 +108,36 @@ def test_reads_our_metrics(tmp_path):
     assert windows == [(10, 1.0), (20, 0.5)] and loss == 4.0
 
 
+def test_maps_open_clip_names_and_shapes():
+    import torch
+
+    state = {
+        "module.visual.class_embedding": torch.zeros(8),
+        "module.visual.positional_embedding": torch.zeros(5, 8),
+        "module.visual.proj": torch.zeros(8, 4),
+        "module.logit_scale": torch.tensor(2.0),
+        "module.visual.ln_pre.weight": torch.zeros(8),
+        "module.transformer.resblocks.1.attn.in_proj_weight": torch.zeros(24, 8),
+        "module.transformer.resblocks.1.attn.out_proj.bias": torch.zeros(8),
+        "module.visual.transformer.resblocks.0.mlp.c_proj.weight": torch.zeros(8, 32),
+        "module.ln_final.bias": torch.zeros(8),
+    }
+    shapes = {k: tuple(v.shape) for k, v in _bench().from_open_clip(state).items()}
+    assert shapes == {
+        "image.encoder.cls_token": (1, 1, 8),
+        "image.encoder.pos_embed": (1, 5, 8),
+        "image.proj.weight": (4, 8),
+        "criterion.logit_scale": (1,),
+        "image.encoder.norm_pre.weight": (8,),
+        "text.encoder.blocks.1.attn.qkv.weight": (24, 8),
+        "text.encoder.blocks.1.attn.proj.bias": (8,),
+        "image.encoder.blocks.0.mlp.2.weight": (8, 32),
+        "text.encoder.norm.bias": (8,),
+    }
+    with pytest.raises(KeyError, match="attn_pool"):
+        _bench().from_open_clip({"visual.attn_pool.query": torch.zeros(1)})
+
+
 @pytest.mark.open_clip
 @needs_open_clip
 def test_open_clip_builds_the_same_model_and_tokens(digits_dir, digits_tokenizer, tmp_path):
@@ -121,10 +151,12 @@ def test_open_clip_builds_the_same_model_and_tokens(digits_dir, digits_tokenizer
     path = tmp_path / f"{bench.MODEL_NAME}.json"
     path.write_text(json.dumps(_model_config(cfg, digits_tokenizer, str(tmp_path))))
     captions = bench.first_captions(sorted(str(p) for p in digits_dir.glob("train-*.tar")))
-    theirs = bench.probe(str(OPEN_CLIP_PYTHON), path, captions)
+    theirs = bench.probe(str(OPEN_CLIP_PYTHON), path, captions, tmp_path / "reference.pt")
     assert theirs["parameters"] == bench.our_parameters(cfg)
     assert len(captions) == bench.CHECKED_CAPTIONS
     assert theirs["tokens"] == tok.encode(captions).tolist()
+    # its weights, mapped key by key, give its features in our model
+    assert bench.same_features(cfg, tmp_path / "reference.pt") < 1e-5
 
 
 @pytest.mark.open_clip
@@ -150,3 +182,40 @@ def test_torchvision_imports_there_only_with_the_fix():
     if broken.returncode == 0:
         pytest.skip("torchvision's operators load here (a CUDA torch): the fix is not needed")
     assert "torchvision::nms" in broken.stderr
+
+
+def test_load_processes_end_with_the_block():
+    with _bench().Load(2) as load:
+        procs = list(load.procs)
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_table_has_a_row_per_run():
+    run = {"rc": 0, "samples_per_s": 200.0, "wall_s": 60.0, "peak_rss_mib": [600.0, 590.0]}
+    result = {
+        "setup": {
+            "size": "small",
+            "config": "c.yaml",
+            "steps": 30,
+            "nproc": 2,
+            "batch_size": 128,
+            "load": 0,
+            "cpu": "cpu",
+            "checks": {"parameters_ours": 9, "parameters_open_clip": 9},
+        },
+        "runs": [
+            {
+                **run,
+                "system": "dist-contrast",
+                "pair": 1,
+                "final_loss": 5.5,
+                "eval": {"zeroshot_top1": 0.397},
+            },
+            {**run, "system": "open_clip_train", "pair": 1, "final_loss": None, "rc": 1},
+        ],
+        "ratios": [],
+    }
+    lines = _bench().table(result).splitlines()
+    assert "| dist-contrast | 1 | 200.0 | 60 | 600 / 590 | 5.500 | 39.7% |" in lines
+    assert "| open_clip_train | 1 | failed | 60 | 600 / 590 | - | - |" in lines
