@@ -125,6 +125,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dir", help="where runs go (default: a temporary folder, removed)")
     p.add_argument("--out", default=default_out("vs_open_clip.json"))
     args = p.parse_intermixed_args(argv)
+    if "=" in args.config and not Path(args.config).exists():  # an override, no config given
+        args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
     if args.pairs < 1 or args.nproc < 1 or args.load < 0 or args.steps < 0 or args.skip < 0:
         p.error("--pairs and --nproc must be at least 1; --load, --steps, --skip at least 0")
     return args
@@ -601,10 +603,8 @@ def same_features(cfg, saved: Path) -> float:
     with torch.no_grad():
         image = method.image(ref["images"])
         text = method.text(ref["tokens"])
-    return max(
-        (image - ref["features"]["image"]).abs().max().item(),
-        (text - ref["features"]["text"]).abs().max().item(),
-    )
+    diffs = [(image - ref["features"]["image"]).abs(), (text - ref["features"]["text"]).abs()]
+    return max(torch.nan_to_num(d, nan=math.inf).max().item() for d in diffs)  # NaN: inf
 
 
 def evaluate(cfg, method) -> dict:
