@@ -733,7 +733,48 @@ def table(result: dict) -> str:
         )
     ratios = [f"{x:.2f}" for x in result["ratios"]]
     lines += ["", f"ours / open_clip samples/s by pair: {', '.join(ratios) or '-'}"]
-    return "\n".join(lines)
+    if result.get("pooled_ratio"):
+        lines[-1] += f"; pooled (mean over pairs): {result['pooled_ratio']:.2f}"
+    return "\n".join([*lines, "", *summary(result)])
+
+
+def pooled_ratio(runs: list[dict]) -> float | None:
+    """Mean steady samples/s of ours over open_clip's, over the runs that finished."""
+    means = []
+    for system in ("dist-contrast", "open_clip_train"):
+        sps = [r["samples_per_s"] for r in runs if r["system"] == system and r["samples_per_s"]]
+        means.append(sum(sps) / len(sps) if sps else None)
+    return means[0] / means[1] if all(means) else None
+
+
+def _joined(values: list, fmt: str) -> str:
+    return " / ".join("-" if v is None else fmt.format(v) for v in values) or "-"
+
+
+def summary(result: dict) -> list[str]:
+    """The issue's table: one row per system, its pairs' figures side by side."""
+    s = result["setup"]
+    size = f"{s['config']} ({s['size']}, {s['steps']} steps x {s['nproc']} x {s['batch_size']})"
+    lines = [
+        "| size | system | samples/s (steady), by pair | peak RSS / rank (MiB) | final loss "
+        "| zero-shot (one shared evaluator) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for system in ("dist-contrast", "open_clip_train"):
+        runs = [r for r in result["runs"] if r["system"] == system and not r["rc"]]
+        peaks = [x for r in runs for x in r["peak_rss_mib"]]
+        rss = f"{min(peaks):.0f}-{max(peaks):.0f}" if peaks else "-"
+        zs = [r.get("eval", {}).get("zeroshot_top1") for r in runs]
+        cells = [
+            size if system == "dist-contrast" else "same",
+            system,
+            _joined([r["samples_per_s"] for r in runs], "{:.1f}"),
+            rss,
+            _joined([r["final_loss"] for r in runs], "{:.3f}"),
+            _joined([None if z is None else 100 * z for z in zs], "{:.1f}%"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str]) -> int:
@@ -805,6 +846,7 @@ def main(argv: list[str]) -> int:
             },
             "runs": runs,
             "ratios": ratios,
+            "pooled_ratio": pooled_ratio(runs),
         }
         print(table(result))
         print(f"written to {write_json(args.out, result)}")

@@ -219,3 +219,36 @@ def test_table_has_a_row_per_run():
     lines = _bench().table(result).splitlines()
     assert "| dist-contrast | 1 | 200.0 | 60 | 600 / 590 | 5.500 | 39.7% |" in lines
     assert "| open_clip_train | 1 | failed | 60 | 600 / 590 | - | - |" in lines
+    assert (
+        "| c.yaml (small, 30 steps x 2 x 128) | dist-contrast | 200.0 | 590-600 | 5.500 "
+        "| 39.7% |" in lines
+    )
+    assert "| same | open_clip_train | - | - | - | - |" in lines
+
+
+def test_pooled_ratio_is_of_the_means():
+    runs = [
+        {"system": "dist-contrast", "samples_per_s": 300.0},
+        {"system": "open_clip_train", "samples_per_s": 100.0},
+        {"system": "dist-contrast", "samples_per_s": 100.0},
+        {"system": "open_clip_train", "samples_per_s": None},
+    ]
+    assert _bench().pooled_ratio(runs) == pytest.approx(2.0)
+
+
+def test_a_missing_environment_is_one_line(tmp_path):
+    from dist_contrast.errors import UserError
+
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    with pytest.raises(UserError, match="no open_clip environment at .*make open-clip-env"):
+        _bench().main(["--open-clip-python", str(missing), "--out", str(tmp_path / "r.json")])
+
+
+def test_no_shards_is_one_line(tmp_path):
+    import sys
+
+    from dist_contrast.errors import DataError
+
+    argv = ["--open-clip-python", sys.executable, "--data", f"{tmp_path}/train-*.tar"]
+    with pytest.raises(DataError, match="no shards match --data"):
+        _bench().main([*argv, "--dir", str(tmp_path), "--out", str(tmp_path / "r.json")])
