@@ -111,6 +111,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         default=0,
         help="steps left out of steady samples/s (0: a fifth of the steps)",
     )
+    p.add_argument(
+        "--vary-seed",
+        action="store_true",
+        help="pair p runs both trainers at seed run.seed + p - 1 (zero-shot over seeds)",
+    )
     p.add_argument("--load", type=int, default=0, help="busy processes beside each run")
     p.add_argument("--nproc", type=int, default=2, help="ranks of each run")
     p.add_argument("--data", default="data/digits/train-*.tar", help="training shards (glob)")
@@ -476,16 +481,19 @@ def ours_cmd(args, config: str, overrides: list[str], run_dir: Path) -> list[str
     ]
 
 
-def open_clip_cmd(args, cfg, model_json: Path, shards: str, logs: Path, name: str) -> list[str]:
+def open_clip_cmd(
+    args, cfg, model_json: Path, shards: str, logs: Path, name: str, seed: int
+) -> list[str]:
     """torchrun of the launcher; open_clip_train's arguments go in a file beside the model
     config (on torchrun's command line, ``--logs`` is taken for its ``--logs-specs``)."""
     argv_json = model_json.parent / f"{name}-args.json"
-    argv_json.write_text(json.dumps(open_clip_args(args, cfg, shards, logs, name), indent=1))
+    argv = open_clip_args(args, cfg, shards, logs, name, seed)
+    argv_json.write_text(json.dumps(argv, indent=1))
     launcher = [str(LAUNCHER), str(model_json), str(argv_json)]
     return [*_torchrun(args.open_clip_python, args.nproc), *launcher]
 
 
-def open_clip_args(args, cfg, shards: str, logs: Path, name: str) -> list[str]:
+def open_clip_args(args, cfg, shards: str, logs: Path, name: str, seed: int) -> list[str]:
     """open_clip_train.main's arguments for the recipe of ``cfg``."""
     t = cfg.train
     world_batch = t.batch_size * args.nproc
@@ -534,7 +542,7 @@ def open_clip_args(args, cfg, shards: str, logs: Path, name: str) -> list[str]:
         "--log-every-n-steps",
         str(t.log_every),
         "--seed",
-        str(cfg.run.seed),
+        str(seed),
         "--report-to",
         "",
         "--logs",
@@ -803,23 +811,24 @@ def main(argv: list[str]) -> int:
                 run = Run("dist-contrast", pair)
                 run_dir = work / f"ours-{pair}"
                 log = work / f"ours-{pair}.log"
-                run_polled(ours_cmd(args, args.config, overrides, run_dir), _env(), log, run)
+                seed = cfg.run.seed + (pair - 1 if args.vary_seed else 0)
+                ours = ours_cmd(args, args.config, [*overrides, f"run.seed={seed}"], run_dir)
+                run_polled(ours, _env(), log, run)
                 metrics = run_dir / "metrics.jsonl"
                 windows, loss = (
                     our_windows(metrics, global_batch) if metrics.exists() else ([], None)
                 )
-                runs.append(_figures(run, windows, loss, skip, global_batch))
+                runs.append({**_figures(run, windows, loss, skip, global_batch), "seed": seed})
                 if eval_cfg is not None and run.rc == 0:
                     runs[-1]["eval"] = evaluate(eval_cfg, our_method(eval_cfg, run_dir))
                 _report(runs[-1], log)
                 run = Run("open_clip_train", pair)
                 log = work / f"open_clip-{pair}.log"
-                cmd = open_clip_cmd(
-                    args, cfg, model_json, shards, work / "open_clip", f"run-{pair}"
-                )
+                logs = work / "open_clip"
+                cmd = open_clip_cmd(args, cfg, model_json, shards, logs, f"run-{pair}", seed)
                 run_polled(cmd, _env(), log, run)
                 windows, loss = open_clip_windows(log.read_text(errors="replace"), global_batch)
-                runs.append(_figures(run, windows, loss, skip, global_batch))
+                runs.append({**_figures(run, windows, loss, skip, global_batch), "seed": seed})
                 checkpoint = last_open_clip_checkpoint(work / "open_clip" / f"run-{pair}")
                 if eval_cfg is not None and run.rc == 0 and checkpoint:
                     runs[-1]["eval"] = evaluate(eval_cfg, open_clip_method(eval_cfg, checkpoint))
@@ -839,6 +848,7 @@ def main(argv: list[str]) -> int:
                 "batch_size": t.batch_size,
                 "nproc": args.nproc,
                 "load": args.load,
+                "vary_seed": args.vary_seed,
                 "cpu": cpu_model(),
                 "cores": usable_cores(),
                 "checks": checks,

@@ -252,3 +252,24 @@ def test_no_shards_is_one_line(tmp_path):
     argv = ["--open-clip-python", sys.executable, "--data", f"{tmp_path}/train-*.tar"]
     with pytest.raises(DataError, match="no shards match --data"):
         _bench().main([*argv, "--dir", str(tmp_path), "--out", str(tmp_path / "r.json")])
+
+
+def test_open_clip_gets_our_recipe(digits_dir, digits_tokenizer, tmp_path):
+    cfg = _cfg("small", digits_dir, digits_tokenizer)
+    args = argparse.Namespace(nproc=2)
+    argv = _bench().open_clip_args(args, cfg, "a.tar::b.tar", tmp_path, "run-1", seed=3)
+    t = cfg.train
+    assert "--local-loss" in argv and "--gather-with-grad" in argv
+    assert "--dataset-resampled" in argv
+    assert argv[argv.index("--train-num-samples") + 1] == str(t.steps * t.batch_size * 2)
+    assert argv[argv.index("--seed") + 1] == "3"
+    for flag, value in {
+        "--lr": t.lr,
+        "--wd": t.weight_decay,
+        "--warmup": t.warmup_steps,
+        "--batch-size": t.batch_size,
+        "--grad-clip-norm": t.grad_clip,
+    }.items():
+        assert argv[argv.index(flag) + 1] == str(value)
+    assert argv[argv.index("--eps") + 1] == "1e-8" and argv[argv.index("--beta2") + 1] == "0.999"
+    assert argv[argv.index("--precision") + 1] == "fp32"
