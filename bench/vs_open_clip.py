@@ -3,6 +3,7 @@ the same shards, tokens, architecture and recipe, interleaved runs (issue 28).
 
     make open-clip-env          # once: open_clip in .venv-open-clip (bench/open_clip_env.sh)
     dist-contrast bench vs_open_clip [CONFIG] [KEY=VALUE ...] [--size small|compute] [--pairs 3]
+        [--vary-seed] [--no-eval] [--val-data GLOB]
         [--load K] [--steps N] [--data GLOB] [--tokenizer FILE] [--nproc 2]
         [--open-clip-python .venv-open-clip/bin/python] [--dir DIR] [--out FILE]
 
