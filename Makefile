@@ -22,7 +22,7 @@ else
 SETUP  := external-env
 endif
 
-.PHONY: setup train test quality lint data clean-runs external-env
+.PHONY: setup train test quality lint data clean-runs external-env open-clip-env
 
 setup: $(SETUP)
 
@@ -70,6 +70,14 @@ test: $(SETUP)
 # and of the initial encoder: the method table of docs/benchmarks.md (bench/results/quality.json).
 quality: $(SETUP) $(DIGITS)/counts.json $(DIGITS)/tokenizer.json
 	$(PYTHON) -m dist_contrast.cli bench quality $(QUALITY_ARGS)
+
+# open_clip_train (open-clip-torch 3.3.0) in an environment of its own, for `dist-contrast bench
+# vs_open_clip` and the open_clip tests; the project's environment is untouched.
+OPEN_CLIP_VENV ?= .venv-open-clip
+open-clip-env: $(OPEN_CLIP_VENV)/.setup-done
+
+$(OPEN_CLIP_VENV)/.setup-done: bench/open_clip_env.sh bench/open_clip_fix.py
+	TORCH_VERSION=$(TORCH_VERSION) bench/open_clip_env.sh $(OPEN_CLIP_VENV)
 
 lint: $(SETUP)
 	$(PYTHON) -m ruff check dist_contrast tests bench

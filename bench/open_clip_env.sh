@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# A separate virtual environment for open_clip_train (open-clip-torch 3.3.0), the trainer that
+# `dist-contrast bench vs_open_clip` runs beside ours; issue 31's open_clip tests reuse it.
+# The project's own environment is not touched.
+#   bench/open_clip_env.sh [VENV]      (default .venv-open-clip, ignored by git; make open-clip-env)
+# Order matters: torch==$TORCH_VERSION first (here that spec takes the local CPU wheel; pip then
+# leaves it alone, where any other torch spec would pull gigabytes of CUDA packages), then
+# torchvision with --no-deps (its wheel pins the CUDA torch), then open-clip-torch[training]
+# (which ships both `open_clip` and `open_clip_train`; the extra brings webdataset, pandas,
+# transformers, ...): torch and torchvision already satisfy its requirements.
+# torchvision's wheel does not import beside a CPU torch (its operator library needs CUDA's);
+# bench/open_clip_fix.py, copied into this environment only, works around it (read why there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv-open-clip}
+PY3=${PY3:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.28.0}
+OPEN_CLIP_VERSION=${OPEN_CLIP_VERSION:-3.3.0}
+
+test -x "$VENV/bin/python" || "$PY3" -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install -q "torch==$TORCH_VERSION"
+"$PY" -m pip install -q --no-deps "torchvision==$TORCHVISION_VERSION"
+"$PY" -m pip install -q "open-clip-torch[training]==$OPEN_CLIP_VERSION" "torch==$TORCH_VERSION" \
+  "torchvision==$TORCHVISION_VERSION"
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+cp bench/open_clip_fix.py "$SITE/_dc_open_clip_fix.py"
+echo "import _dc_open_clip_fix; _dc_open_clip_fix.install()" > "$SITE/_dc_open_clip_fix.pth"
+OMP_NUM_THREADS=1 "$PY" -c "import torchvision, open_clip, open_clip_train.main, sys; \
+print(f'open_clip {open_clip.__version__}, torch {sys.modules[\"torch\"].__version__}, \
+torchvision {torchvision.__version__}: $VENV')"
+touch "$VENV/.setup-done"
