@@ -795,6 +795,8 @@ def main(argv: list[str]) -> int:
             f"no open_clip environment at {args.open_clip_python}: make open-clip-env "
             "(or give --open-clip-python)"
         )
+    if args.dir is not None:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vs_open_clip-", dir=args.dir))
     try:
         cfg, overrides, model_json, shards, checks = _prepare(args, work)
