@@ -26,7 +26,8 @@ and turns wandb, the progress bar, plots and periodic evaluation off.
   the part of it inside ``Trainer.train_step``: DeepSpeed's forward wrapper, the guard's
   hooks, the LR schedule).
 - floor: the same method built at the same seed (the same weights), its dtype that of
-  ``deepspeed.precision`` (bf16: bf16 weights, no fp32 master copy), in
+  ``deepspeed.precision`` (bf16: bf16 weights, no fp32 master copy; ``train.compile``: its
+  blocks compiled as the engine's are), in
   ``torch.nn.parallel.DistributedDataParallel``; ``torch.optim.AdamW`` with the engine's
   parameter groups, lr and betas (gradients clipped to ``train.grad_clip`` as the engine
   does); the first ``--batches`` batches the engine trained on, already augmented, kept in
@@ -236,12 +237,15 @@ def run_floor(cfg, batches: list[dict], total: int, phases: Phases) -> tuple[tor
     from torch.nn.parallel import DistributedDataParallel
 
     from dist_contrast.methods import build_method
+    from dist_contrast.models import compile_blocks
     from dist_contrast.train.engine import PRECISION
     from dist_contrast.train.optim import param_groups
 
     dev = phases.dev
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg).to(dev, PRECISION[cfg.deepspeed.precision])
+    if cfg.train.compile:  # the engine's blocks are compiled: the floor's too, like for like
+        compile_blocks(method)
     ids = [dev.index] if dev.type == "cuda" else None
     model = DistributedDataParallel(method, device_ids=ids)
     groups = param_groups(method, cfg.train.weight_decay)

@@ -248,6 +248,9 @@ class TrainConfig:
     # more, then the rank leaves without a checkpoint (the steps since the last one are lost);
     # well under Slurm's KillWait (30 s), after which SIGKILL follows.
     stop_grace_s: float = 10.0
+    # torch.compile (inductor) of each block of the image and text towers (transformer blocks,
+    # ResNet residual blocks), in place: checkpoints and exports are unchanged. ZeRO 0-2.
+    compile: bool = False
 
 
 @dataclass

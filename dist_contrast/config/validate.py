@@ -42,6 +42,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0")
     _check(cfg.train.stop_grace_s >= 0, "train.stop_grace_s", "must be >= 0")
     _check(
+        not (cfg.train.compile and cfg.deepspeed.zero_stage == 3),
+        "train.compile",
+        "needs deepspeed.zero_stage 0-2 (ZeRO-3 gathers each parameter in hooks around every "
+        "module's forward, which the compiled blocks would trace over)",
+    )
+    _check(
         cfg.train.optimizer not in ("lars", "lamb")
         or (cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"),
         "train.optimizer",

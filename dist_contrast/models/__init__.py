@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from dist_contrast.models.heads import MLPHead
 from dist_contrast.models.layers import check_norm
 from dist_contrast.models.resnet import BasicBlock, Bottleneck, ResNet, SmallResNet
 from dist_contrast.models.text import TextTransformer
-from dist_contrast.models.vit import VIT_SIZES, VisionTransformer, vit_size
+from dist_contrast.models.vit import VIT_SIZES, Block, VisionTransformer, vit_size
 
 # ``model`` below is the ``model`` section of a run config (any object with its fields): models
 # import nothing of the package outside models/ and errors.
@@ -120,6 +121,29 @@ def build_text_encoder(
     )
 
 
+# The units :func:`dist_contrast.models.layers.run_blocks` runs (and checkpoints) one by one:
+# what ``train.compile`` compiles.
+BLOCKS = (Block, BasicBlock, Bottleneck)
+
+
+def compile_blocks(root: nn.Module) -> int:
+    """``torch.compile`` each block of the encoders in ``root`` (momentum twins included), in
+    place (:meth:`torch.nn.Module.compile`): parameter names, state dicts and copies are those
+    of the eager modules. Activation checkpointing stays outside, around each compiled block,
+    so its batch-norm context is never traced. Returns the number of blocks compiled.
+
+    Static shapes (``dynamic=False``): a block is compiled once per shape, training or
+    evaluation mode and grad mode; blocks alike share one compiled graph (the parameters are
+    inputs of it). Dynamo's per-code recompile limit is raised to the number of blocks so that
+    none falls back to eager for want of a cache entry."""
+    blocks = [m for m in root.modules() if isinstance(m, BLOCKS)]
+    for block in blocks:
+        block.compile(dynamic=False)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 4 * len(blocks))
+    return len(blocks)
+
+
 __all__ = [
     "ENCODERS",
     "MLPHead",
@@ -130,5 +154,6 @@ __all__ = [
     "build_head",
     "build_predictor",
     "build_text_encoder",
+    "compile_blocks",
     "vit_size",
 ]

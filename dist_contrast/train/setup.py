@@ -18,7 +18,7 @@ from dist_contrast.data.sources import build_sources, check_readers
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.errors import ConfigError, DataError
 from dist_contrast.methods import Method, build_method, init, registry
-from dist_contrast.models import vit_size
+from dist_contrast.models import compile_blocks, vit_size
 from dist_contrast.train import checkpoint, deepspeed_api, elastic, integrity
 from dist_contrast.train.optim import build_optimizer
 from dist_contrast.train.runs import check_method_data, check_run_dir, clear_for_overwrite, resolve
@@ -40,9 +40,12 @@ def warmup_cosine(train: TrainConfig) -> Callable[[int], float]:
 
 def wrap(method: Method, cfg: Config, world: int):
     """DeepSpeed around the method: optimizer, ZeRO stage and precision. The LR schedule stays
-    with the trainer, which steps it only after a step that was taken (see guard.py)."""
+    with the trainer, which steps it only after a step that was taken (see guard.py).
+    ``train.compile``: the towers' blocks are compiled first, in place (:func:`compile_blocks`)."""
     import deepspeed
 
+    if cfg.train.compile:
+        compile_blocks(method)
     optimizer = build_optimizer(method, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train))
     engine, optimizer, _, _ = deepspeed.initialize(
