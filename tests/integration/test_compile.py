@@ -1,7 +1,7 @@
 """``train.compile``: the towers' blocks under torch.compile (inductor on this CPU) inside the
 DeepSpeed engine give the eager losses, with batch norm and activation checkpointing; a run
 resumed with compile on is exact. (The compiled block against eager, ZeRO-3 refused:
-tests/unit/test_compile.py.)"""
+tests/unit/test_compile_blocks.py.)"""
 
 import json
 
