@@ -134,8 +134,9 @@ def compile_blocks(root: nn.Module) -> int:
 
     Static shapes (``dynamic=False``): a block is compiled once per shape, training or
     evaluation mode and grad mode; blocks alike share one compiled graph (the parameters are
-    inputs of it). Dynamo's per-code recompile limit is raised to the number of blocks so that
-    none falls back to eager for want of a cache entry."""
+    inputs of it). Dynamo's per-code recompile limit is raised to 4 x the number of blocks (a
+    graph per block shape, train/eval mode and grad mode, shared with the momentum twins') so
+    that none falls back to eager for want of a cache entry."""
     blocks = [m for m in root.modules() if isinstance(m, BLOCKS)]
     for block in blocks:
         block.compile(dynamic=False)
