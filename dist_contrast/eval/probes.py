@@ -6,8 +6,10 @@ training features stay where they were embedded, a shard per rank: kNN scores ev
 against this rank's bank shard, keeps the local top k, and merges the ranks' candidates into the
 global top k; the linear probe runs the same full-batch L-BFGS, each loss and gradient a sum
 over the ranks' shards (all-reduced), so every rank takes the same steps. The queries (the
-validation features) are on every rank. Same figures as one process, up to the order of float
-sums."""
+validation features) are on every rank. Same figures as one process: a sample's features
+are the same bits whichever rank embeds it (:mod:`dist_contrast.eval.stream`), and the k
+nearest are chosen by (similarity, label), not by the candidates' order (:func:`_keys`); the
+linear probe's all-reduced sums may differ in the last bits."""
 
 from __future__ import annotations
 
@@ -61,6 +63,34 @@ def _blocks(n: int, dim: int, budget: int, itemsize: int) -> list[tuple[int, int
     return [(i, min(n, i + rows)) for i in range(0, n, rows)]
 
 
+LABEL_BITS = 24  # labels below 2^24 (16.7M classes) share an int64 key with the similarity
+
+
+def _keys(sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered as (similarity, then the smaller label): the top k of a query is the
+    same set, in the same order, whatever the order of its candidates (the bank's rows split
+    over ranks or blocks). Similarities that round to the same float32 (nearly parallel
+    features: a collapsed tower gives hundreds) are otherwise cut at the k-th place by
+    position, and the vote depends on the world size. The float's bits map to an int32 of the
+    same order (negative floats: the low 31 bits flipped)."""
+    bits = sim.float().contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return (ordered << LABEL_BITS) | ((1 << LABEL_BITS) - 1 - labels.to(torch.int64))
+
+
+def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (float32 similarities, int64 labels) of :func:`_keys`, bit for bit."""
+    ordered = (keys >> LABEL_BITS).to(torch.int32)
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return bits.view(torch.float32), (1 << LABEL_BITS) - 1 - (keys & ((1 << LABEL_BITS) - 1))
+
+
+def _top_k_keys(sim: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Each row's ``k`` best (similarity, label) pairs, by :func:`_keys`: sorted, canonical."""
+    sim, labels = _unkey(_keys(sim, labels).topk(k, dim=1).values)
+    return sim, labels
+
+
 def _local_top_k(
     bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, k: int, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,13 +115,12 @@ def _local_top_k(
         for i in range(0, len(q_all), step):
             q = q_all[i : i + step]
             block_sim = torch.mm(q, rows.T, out=sim_buf[: len(q) * len(rows)].view(len(q), -1))
-            sim, idx = block_sim.topk(min(k, b1 - b0), dim=1)
-            lab = labels[b0:b1][idx]
+            block_lab = labels[b0:b1].expand(len(q), -1)
+            sim, lab = _top_k_keys(block_sim, block_lab, min(k, b1 - b0))
             if len(blocks) > 1:  # merged with the earlier blocks' candidates
                 sim = torch.cat([top_sim[i : i + step], sim], dim=1)
                 lab = torch.cat([top_lab[i : i + step], lab], dim=1)
-                sim, pick = sim.topk(k, dim=1)
-                lab = lab.gather(1, pick)
+                sim, lab = _top_k_keys(sim, lab, k)
             top_sim[i : i + step, : sim.shape[1]] = sim
             top_lab[i : i + step, : lab.shape[1]] = lab
         del rows
@@ -278,10 +307,8 @@ def knn_top1_sharded(
         j = i + chunk
         sims = _gather_columns(local_sim[i:j].to(dev)).cpu()
         labs = _gather_columns(local_lab[i:j].to(dev)).cpu()
-        best_sim, best = sims.topk(k, dim=1)
-        correct += _correct_votes(
-            best_sim, labs.gather(1, best), query_labels[i:j], n_classes, temperature
-        )
+        best_sim, best_lab = _top_k_keys(sims, labs, k)
+        correct += _correct_votes(best_sim, best_lab, query_labels[i:j], n_classes, temperature)
     return correct / len(queries)
 
 

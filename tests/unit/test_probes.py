@@ -50,6 +50,40 @@ def test_knn_with_fewer_rows_in_a_block_than_k(monkeypatch):
     assert probes.knn_top1(bank, bank_y, queries, query_y, 20, 0.07) == want
 
 
+def test_knn_among_tied_similarities_ignores_the_bank_order(monkeypatch):
+    """Rows at exactly the same cosine to a query (here scaled copies of a few directions, as
+    a collapsed tower gives) are chosen by label, not by position: the vote is the same for
+    any order of the bank, in blocks or whole, and for one fixed order the naive top k can
+    cut the ties elsewhere."""
+    g = torch.Generator().manual_seed(5)
+    directions = torch.randn(3, 8, generator=g)
+    pick = torch.randint(0, 3, (300,), generator=g)
+    bank = directions[pick] * torch.randint(1, 4, (300, 1), generator=g).float()
+    bank_y = torch.randint(0, 5, (300,), generator=g)
+    queries, query_y = directions + 0.01 * torch.randn(3, 8, generator=g), torch.arange(3)
+    want = probes.knn_top1(bank, bank_y, queries, query_y, 20, 0.07)
+    votes = set()
+    for seed in range(6):
+        order = torch.randperm(300, generator=torch.Generator().manual_seed(seed))
+        assert probes.knn_top1(bank[order], bank_y[order], queries, query_y, 20, 0.07) == want
+        votes.add(naive_knn_top1(bank[order], bank_y[order], queries, query_y, 20, 0.07))
+    monkeypatch.setattr(probes, "BANK_BLOCK_BYTES", 40 * 8 * 4)  # 8 blocks, merged
+    assert probes.knn_top1(bank.flip(0), bank_y.flip(0), queries, query_y, 20, 0.07) == want
+    assert len(votes) > 1  # the ties are real: cut by position, the figure moves
+
+
+def test_knn_keys_keep_similarity_bits_and_order():
+    sim = torch.tensor([[float("-inf"), -2.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 1.0, float("inf")]])
+    labels = torch.tensor([[0, 3, 1, 2, 5, 7, 9, 0, (1 << 24) - 1]])
+    keys = probes._keys(sim, labels)
+    assert bool((keys[0, 1:] > keys[0, :-1]).all())
+    back, back_labels = probes._unkey(keys)
+    assert torch.equal(back.view(torch.int32), sim.view(torch.int32))
+    assert torch.equal(back_labels, labels)
+    same = probes._keys(torch.tensor([[0.5, 0.5]]), torch.tensor([[2, 1]]))
+    assert same[0, 1] > same[0, 0]  # at equal similarity the smaller label ranks first
+
+
 def test_linear_probe_in_blocks_fits_the_same_model(monkeypatch):
     x, y, xv, yv = _clusters(1200, 300, 12, 6, 4)
     w1, b1, mean1, std1 = probes._fit_linear(x, y, 6, 1e-3, 200)
