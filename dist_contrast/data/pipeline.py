@@ -206,6 +206,15 @@ class ReaderStream(IterableDataset):
         except DataError as exc:  # sent as an item: one line in the training process
             yield {**tag, "_error": str(exc)}
 
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch; its token rows cut after the batch's last end-of-text
+        (:meth:`Tokenizer.trim`): the text tower's cost follows the captions' length, not the
+        context length, and its features are the same."""
+        batch = collate(items)
+        if "tokens" in batch and self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer.trim(batch["tokens"])
+        return batch
+
     def _batches(self, reader, epoch, faults, skip, batch_no, tag) -> Iterator[dict[str, Any]]:
         pos, items = 0, []
         for sample in self.raw_samples(reader, epoch, faults, self.plans.get(epoch)):
@@ -229,7 +238,7 @@ class ReaderStream(IterableDataset):
                     "_batch": batch_no,
                     "_raw": pos,
                     "_faults": dict(faults.counts),
-                    **collate(items),
+                    **self._collate(items),
                 }
                 batch_no, items = batch_no + 1, []
         tail = [it["key"] for it in items]  # the partial batch, dropped

@@ -65,6 +65,18 @@ class Tokenizer:
 
     __call__ = encode
 
+    def trim(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows [N, L] cut after the batch's last end-of-text: [N, n], n the longest row's
+        length through its first end-of-text. Only padding is dropped, so a text tower that
+        pools at end-of-text under a causal mask (CLIP's) gives the same features, and a short
+        caption costs the tower n positions instead of the context length. Unchanged when a row
+        has no end-of-text (cut by hand: such a row pools at its last position)."""
+        is_eot = ids == self.eot_id
+        if ids.dim() != 2 or ids.numel() == 0 or not bool(is_eot.any(dim=1).all()):
+            return ids
+        n = int(is_eot.int().argmax(dim=1).max()) + 1
+        return ids if n == ids.shape[1] else ids[:, :n].contiguous()
+
     def decode(
         self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
     ) -> str | list[str]:

@@ -244,3 +244,23 @@ def test_text_tower_pools_at_end_of_text_and_is_causal():
     ids3 = ids.clone()
     ids3[0, 2] = 99
     assert not torch.allclose(model(ids3)[0], out[0], atol=1e-4)
+
+
+def test_text_tower_on_trimmed_rows_gives_the_same_features_and_gradients():
+    """The loader cuts a batch's token rows after its last end-of-text (Tokenizer.trim): the
+    features and every parameter's gradient equal the full rows' (float64)."""
+    torch.manual_seed(0)
+    tok = ByteTokenizer(24)
+    model = TextTransformer(tok.vocab_size, 24, tok.eot_id, width=16, layers=2, heads=2).double()
+    ids = tok(["seven", "the digit nine", "0"])
+    grads, feats = [], []
+    for rows in (ids, tok.trim(ids)):
+        model.zero_grad()
+        out = model(rows)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        feats.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert tok.trim(ids).shape[1] == 16 < 24
+    torch.testing.assert_close(feats[1], feats[0], rtol=1e-12, atol=1e-12)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-12, atol=1e-12, msg=name)

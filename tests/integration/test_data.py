@@ -181,6 +181,18 @@ def test_views_are_uint8_crops_and_batches_full(digits_dir):
         assert DIGIT_NAMES[label] in caption.replace(",", "").split()  # "the number seven"
 
 
+def test_caption_tokens_are_cut_after_the_batch_longest_caption(digits_dir):
+    from dist_contrast.data.tokenizer import ByteTokenizer
+
+    loader = _loader(str(digits_dir / "train-*.tar"), batch=9, tokenizer="bytes")
+    tok = ByteTokenizer(DataConfig().context_length)
+    for batch, _ in zip(loader.iter_epoch(), range(3), strict=False):
+        full = tok(batch["caption"])
+        longest = max(row.tolist().index(tok.eot_id) + 1 for row in full)
+        assert batch["tokens"].shape == (9, longest) and longest < full.shape[1]
+        assert torch.equal(batch["tokens"], full[:, :longest])
+
+
 def test_too_few_shards_is_a_clear_error(digits_dir):
     with pytest.raises(DataError, match=r"4 shard\(s\) for 2 rank\(s\) x 3 worker\(s\)"):
         _loader(str(digits_dir / "val-*.tar"), 0, 2, 3)

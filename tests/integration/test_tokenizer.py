@@ -53,6 +53,22 @@ def test_bytes_round_trip_layout_and_padding():
     assert tok.decode(ids[1]) == TEXTS[1]  # one row -> one string
 
 
+def test_trim_drops_only_the_padding_after_the_last_end_of_text():
+    tok = ByteTokenizer(context_length=16)
+    ids = tok(["ab", "abcde", ""])  # lengths 4, 7, 2 through their end-of-text
+    cut = tok.trim(ids)
+    assert cut.shape == (3, 7) and cut.is_contiguous()
+    assert torch.equal(cut, ids[:, :7])
+    assert torch.equal(ids[:, 7:], torch.full((3, 9), tok.pad_id))  # only padding went
+    assert tok.decode(cut) == ["ab", "abcde", ""]
+    full = tok(["x" * 20])  # truncated: end-of-text at the last position
+    assert tok.trim(full) is full
+    by_hand = ids.clone()
+    by_hand[1, 6] = 99  # a row without end-of-text pools at its last position: left whole
+    assert tok.trim(by_hand) is by_hand
+    assert tok.trim(ids[:0]).shape == (0, 16)
+
+
 def test_truncation_keeps_end_of_text():
     tok = ByteTokenizer(context_length=8)
     ids = tok(["abcdefghijkl", "é" * 10])
