@@ -85,10 +85,12 @@ def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), (1 << LABEL_BITS) - 1 - (keys & ((1 << LABEL_BITS) - 1))
 
 
-def _top_k_keys(sim: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """Each row's ``k`` best (similarity, label) pairs, by :func:`_keys`: sorted, canonical."""
-    sim, labels = _unkey(_keys(sim, labels).topk(k, dim=1).values)
-    return sim, labels
+def _top_k_keys(
+    sim: torch.Tensor, labels: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` best (similarity, label) pairs, by :func:`_keys`: sorted, canonical.
+    The keys of a similarity chunk are int64: twice the chunk's bytes while it is scored."""
+    return _unkey(_keys(sim, labels).topk(k, dim=1).values)
 
 
 def _local_top_k(
