@@ -3,6 +3,7 @@ batches: what the engine costs over the floor (issue 28).
 
     dist-contrast bench train CONFIG [KEY=VALUE ...] [--steps 10] [--warmup 3] [--out FILE]
                                      [--dir DIR] [--batches 8] [--profile DIR]
+                                     [--order interleaved|sequential]
     torchrun --nproc_per_node 2 -m dist_contrast.cli bench train CONFIG [KEY=VALUE ...]
 
 One process, or one per rank under torchrun (srun, the deepspeed launcher): the ranks run both
@@ -36,19 +37,28 @@ and turns wandb, the progress bar, plots and periodic evaluation off.
   included), ``optimizer`` (clip, AdamW, zero_grad). No loader, no DeepSpeed, no LR schedule,
   no logging or checkpoints.
 
+Order (``--order``): ``interleaved`` (the default) builds both and runs one floor step after
+each engine step, on the batches the engine has augmented so far (floor step i on batch
+i mod ``--batches``, as in the sequential order), so that the two steps of a pair run seconds
+apart and a machine whose speed drifts (a shared VM: the same forward + backward moved by 20%
+between runs here) slows both alike; the loader's workers run beside both. ``sequential``
+runs the engine's whole run, then the floor's, and gives each loop's own peak memory.
+
 Figures: the mean of each phase over the ``--steps`` steps after ``--warmup`` (each rank's,
 then the mean over ranks); ``step`` is a whole step's wall time, checkpoint and log line amortised
-(the slowest rank's); samples/s = ``train.batch_size`` x ranks / step. Peak memory: each rank's
-peak RSS during each loop (Linux: the peak is reset before each; the engine's loader workers are
-processes of their own, not counted), and ``torch.cuda.max_memory_allocated`` on CUDA. CPU
-ms/step: the same figures of CPU time (``time.process_time``: the rank's process, all its
-threads; not the loader's workers), steadier than wall time on a loaded machine. The
-engine runs first, then the floor, in the same processes. Phases on CUDA are timed with a
-device synchronisation around each (which the engine does not do by itself).
+(the slowest rank's); samples/s = ``train.batch_size`` x ranks / step. Interleaved, also the
+ratio over the paired steps with its 95% bootstrap interval, from which the verdict (within 5%
+of the floor, not within, or not settled) is read. Peak memory: each rank's peak RSS
+(Linux: the peak is reset before the loop; the engine's loader workers are processes of their
+own, not counted): of each loop in the sequential order, of both loops together interleaved;
+``torch.cuda.max_memory_allocated`` on CUDA likewise. CPU ms/step: the same figures of CPU
+time (``time.process_time``: the rank's process, all its threads; not the loader's workers),
+steadier than wall time on a loaded machine. Phases on CUDA are timed with a device
+synchronisation around each (which the engine does not do by itself).
 
-``--profile DIR``: both loops' timed steps under ``torch.profiler``; each rank writes
-``DIR/engine_rank<R>.txt`` and ``floor_rank<R>.txt`` (``key_averages`` sorted by self CPU
-time). Timings of a profiled run are not the figures to report.
+``--profile DIR``: both loops' timed steps under ``torch.profiler``, in the sequential order;
+each rank writes ``DIR/engine_rank<R>.txt`` and ``floor_rank<R>.txt`` (``key_averages`` sorted
+by self CPU time). Timings of a profiled run are not the figures to report.
 
 Results: a table, and ``--out`` (default bench/results/train.json) from rank 0.
 """
@@ -80,6 +90,8 @@ from dist_contrast_bench.train_phases import CPU, Phases, peak_memory, reset_pea
 ENGINE_PHASES = ("data", "augment", "forward", "loss", "backward", "optimizer", "log", "checkpoint")
 FLOOR_PHASES = ("forward", "loss", "backward", "optimizer")
 TRAIN_STEP = ("forward", "loss", "backward", "optimizer")  # what Trainer.train_step calls
+ORDERS = ("interleaved", "sequential")
+RESAMPLES = 2000  # bootstrap resamples of the paired steps
 LABELS = {
     "data": "data wait",
     "augment": "augment (device)",
@@ -106,11 +118,24 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--batches", type=int, default=8, help="batches the floor keeps and cycles")
     p.add_argument("--dir", help="where the run folder goes (default: a temporary folder)")
-    p.add_argument("--profile", metavar="DIR", help="profile the timed steps, tables to DIR")
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="interleaved",
+        help="interleaved: a floor step after each engine step (default); sequential: the "
+        "engine's run, then the floor's (each loop's own peak memory)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="profile the timed steps, tables to DIR (runs the loops in sequential order)",
+    )
     p.add_argument("--out", default=default_out("train.json"))
     args = p.parse_intermixed_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batches < 1:
         p.error("--steps and --batches must be at least 1, --warmup at least 0")
+    if args.profile:
+        args.order = "sequential"  # one profile per loop
     return args
 
 
@@ -150,9 +175,10 @@ def _copy(batch: dict) -> dict:
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def instrument(trainer, method, phases: Phases, seen: Seen) -> None:
+def instrument(trainer, method, phases: Phases, seen: Seen, floor: Floor | None = None) -> None:
     """Time the trainer's calls by phase (instance attributes over its methods, the engine's
-    and the method's) and keep what ``seen`` asks for."""
+    and the method's) and keep what ``seen`` asks for. With a ``floor``, each engine step is
+    followed by one floor step on the batches seen so far (the interleaved order)."""
     engine = trainer.engine
     method.embed = phases.wrap("forward", method.embed)
     loss = phases.wrap("loss", method.loss)
@@ -183,7 +209,13 @@ def instrument(trainer, method, phases: Phases, seen: Seen) -> None:
     def timed_loop() -> None:  # Trainer.run has made the fetcher: its waits start each step
         fetch = trainer.fetcher.next
 
+        def pair() -> None:  # close the engine's step, then the floor's step beside it
+            phases.end()
+            while floor is not None and seen.batches and floor.done < len(phases.rows):
+                floor.step(seen.batches[floor.done % len(seen.batches)])
+
         def next_batch(*args, **kwargs):
+            pair()
             phases.begin_step()
             return phases.timed("data", fetch, *args, **kwargs)
 
@@ -192,12 +224,16 @@ def instrument(trainer, method, phases: Phases, seen: Seen) -> None:
             loop()
         finally:
             phases.end()
+        pair()
 
     trainer.loop = timed_loop
 
 
-def run_engine(cfg, rank: int, world: int, phases: Phases, seen: Seen) -> dict:
-    """Train ``cfg`` as ``dist-contrast train`` does, timed; this rank's peak memory."""
+def run_engine(
+    cfg, rank: int, world: int, phases: Phases, seen: Seen, floor: Floor | None = None
+) -> dict:
+    """Train ``cfg`` as ``dist-contrast train`` does, timed (a step of ``floor`` after each of
+    its steps, if given); this rank's peak memory."""
     from dist_contrast import distributed
     from dist_contrast.data.loader import train_loader
     from dist_contrast.methods import build_method
@@ -213,7 +249,7 @@ def run_engine(cfg, rank: int, world: int, phases: Phases, seen: Seen) -> dict:
     engine, _, scheduler = wrap(method, cfg, world)
     loader = train_loader(cfg.data, cfg.augment, cfg.train.batch_size, cfg.run.seed, rank, world)
     trainer = Trainer(cfg, engine, scheduler, loader, rank, world)
-    instrument(trainer, method, phases, seen)
+    instrument(trainer, method, phases, seen, floor)
     try:
         trainer.logger = MetricsLogger(cfg.run_dir, cfg, 0, enabled=rank == 0)
         trainer.logger.log = phases.wrap("log", trainer.logger.log)
@@ -231,47 +267,59 @@ def run_engine(cfg, rank: int, world: int, phases: Phases, seen: Seen) -> dict:
 # The floor
 
 
-def run_floor(cfg, batches: list[dict], total: int, phases: Phases) -> tuple[torch.Tensor, dict]:
-    """``total`` steps of the plain DDP loop over ``batches``; the loss of its first step and
-    this rank's peak memory."""
-    from torch.nn.parallel import DistributedDataParallel
+class Floor:
+    """The plain DDP loop: ``step`` trains one batch, timed by phase into ``phases``."""
 
-    from dist_contrast.methods import build_method
-    from dist_contrast.models import compile_blocks
-    from dist_contrast.train.engine import PRECISION
-    from dist_contrast.train.optim import param_groups
+    def __init__(self, cfg, phases: Phases) -> None:
+        from torch.nn.parallel import DistributedDataParallel
 
-    dev = phases.dev
-    torch.manual_seed(cfg.run.seed)
-    method = build_method(cfg).to(dev, PRECISION[cfg.deepspeed.precision])
-    if cfg.train.compile:  # the engine's blocks are compiled: the floor's too, like for like
-        compile_blocks(method)
-    ids = [dev.index] if dev.type == "cuda" else None
-    model = DistributedDataParallel(method, device_ids=ids)
-    groups = param_groups(method, cfg.train.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
-    params = [p for p in method.parameters() if p.requires_grad]
-    clip = cfg.train.grad_clip
+        from dist_contrast.methods import build_method
+        from dist_contrast.models import compile_blocks
+        from dist_contrast.train.engine import PRECISION
+        from dist_contrast.train.optim import param_groups
 
-    def update() -> None:
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        dev = phases.dev
+        torch.manual_seed(cfg.run.seed)
+        self.method = build_method(cfg).to(dev, PRECISION[cfg.deepspeed.precision])
+        if cfg.train.compile:  # the engine's blocks are compiled: the floor's too, like for like
+            compile_blocks(self.method)
+        ids = [dev.index] if dev.type == "cuda" else None
+        self.model = DistributedDataParallel(self.method, device_ids=ids)
+        groups = param_groups(self.method, cfg.train.weight_decay)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
+        self.params = [p for p in self.method.parameters() if p.requires_grad]
+        self.clip = cfg.train.grad_clip
+        self.phases = phases
+        self.first_loss: torch.Tensor | None = None
+        self.done = 0
 
-    reset_ok = reset_peak(dev)
-    first = None
-    for i in range(total):
+    def _update(self) -> None:
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, batch: dict) -> None:
+        phases = self.phases
         phases.begin_step()
-        batch = batches[i % len(batches)]
-        emb = phases.timed("forward", model, batch, mode="embed")
-        out = phases.timed("loss", method.loss, emb, batch)
+        emb = phases.timed("forward", self.model, batch, mode="embed")
+        out = phases.timed("loss", self.method.loss, emb, batch)
         phases.timed("backward", out.loss.backward)
-        phases.timed("optimizer", update)
-        if first is None:
-            first = out.loss.detach().clone()
-    phases.end()
-    return first, peak_memory(dev, reset_ok)
+        phases.timed("optimizer", self._update)
+        phases.end()
+        if self.first_loss is None:
+            self.first_loss = out.loss.detach().clone()
+        self.done += 1
+
+
+def run_floor(cfg, batches: list[dict], total: int, phases: Phases) -> tuple[torch.Tensor, dict]:
+    """``total`` steps of the plain DDP loop over ``batches``, after the engine's run; the loss
+    of its first step and this rank's peak memory."""
+    floor = Floor(cfg, phases)
+    reset_ok = reset_peak(phases.dev)
+    for i in range(total):
+        floor.step(batches[i % len(batches)])
+    return floor.first_loss, peak_memory(phases.dev, reset_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,24 +355,30 @@ def _profiler(args: argparse.Namespace, phases: Phases, path: Path):
 
 
 def measure(cfg, args: argparse.Namespace, rank: int, world: int) -> dict:
-    """Both loops on this rank: the figures of each, and their losses at step 1."""
+    """Both loops on this rank, in ``args.order``: the figures of each, and their losses at
+    step 1."""
     from dist_contrast import distributed
 
     dev = distributed.device()
-    total = args.warmup + args.steps
-    engine_phases, seen = Phases(dev), Seen(args.batches)
-    with ExitStack() as stack:
-        if args.profile:
-            path = Path(args.profile, f"engine_rank{rank}.txt")
-            stack.enter_context(_profiler(args, engine_phases, path))
-        engine_mem = run_engine(cfg, rank, world, engine_phases, seen)
-    gc.collect()
-    floor_phases = Phases(dev)
-    with ExitStack() as stack:
-        if args.profile:
-            path = Path(args.profile, f"floor_rank{rank}.txt")
-            stack.enter_context(_profiler(args, floor_phases, path))
-        floor_loss, floor_mem = run_floor(cfg, seen.batches, total, floor_phases)
+    engine_phases, floor_phases, seen = Phases(dev), Phases(dev), Seen(args.batches)
+    if args.order == "interleaved":
+        floor = Floor(cfg, floor_phases)
+        engine_mem = run_engine(cfg, rank, world, engine_phases, seen, floor)
+        floor_loss, floor_mem = floor.first_loss, engine_mem  # one process peak, both loops
+    else:
+        with ExitStack() as stack:
+            if args.profile:
+                path = Path(args.profile, f"engine_rank{rank}.txt")
+                stack.enter_context(_profiler(args, engine_phases, path))
+            engine_mem = run_engine(cfg, rank, world, engine_phases, seen)
+        gc.collect()
+        with ExitStack() as stack:
+            if args.profile:
+                path = Path(args.profile, f"floor_rank{rank}.txt")
+                stack.enter_context(_profiler(args, floor_phases, path))
+            floor_loss, floor_mem = run_floor(
+                cfg, seen.batches, args.warmup + args.steps, floor_phases
+            )
     return {
         "rank": rank,
         "engine": {
@@ -378,6 +432,47 @@ def combine(ranks: list[dict], batch_size: int) -> dict:
     return out
 
 
+def paired_interval(ranks: list[dict], warmup: int, amortised_ms: float) -> dict:
+    """The engine / floor samples/s ratio from the steady steps taken as pairs (engine step i,
+    floor step i: the slowest rank's wall time of each, the engine's without its save and log
+    line, whose amortised cost ``amortised_ms`` is added back), and its 95% bootstrap interval
+    (the pairs resampled :data:`RESAMPLES` times, seed 0). In the interleaved order the two
+    steps of a pair run seconds apart, so the machine's drift falls on both."""
+    import random
+
+    def slowest(loop: str) -> list[float]:
+        per_rank = [
+            [1e3 * (r["wall"] - r.get("checkpoint", 0.0) - r.get("log", 0.0)) for r in rows]
+            for rows in (rank["rows"][loop][warmup:] for rank in ranks)
+        ]
+        return [max(step) for step in zip(*per_rank, strict=True)]
+
+    engine, floor = slowest("engine"), slowest("floor")
+    n = min(len(engine), len(floor))
+
+    def ratio(idx: list[int]) -> float:
+        e = sum(engine[i] for i in idx) / len(idx) + amortised_ms
+        return (sum(floor[i] for i in idx) / len(idx)) / e
+
+    rng = random.Random(0)
+    draws = sorted(ratio([rng.randrange(n) for _ in range(n)]) for _ in range(RESAMPLES))
+    low, high = draws[int(0.025 * RESAMPLES)], draws[int(0.975 * RESAMPLES) - 1]
+    return {"ratio": ratio(list(range(n))), "low": low, "high": high, "pairs": n}
+
+
+def verdict(result: dict, bound: float = 0.95) -> str:
+    """Whether the engine is within 5% of the floor: from the paired interval where the loops
+    were interleaved, else from the ratio alone."""
+    paired = result.get("paired")
+    if paired is None:
+        return "within" if result["ratio"] >= bound else "NOT within"
+    if paired["low"] >= bound:
+        return "within"
+    if paired["high"] < bound:
+        return "NOT within"
+    return "not settled (the interval spans 0.95; more --steps narrow it) whether within"
+
+
 def _mean(figures: list[dict]) -> dict:
     keys = [k for k, v in figures[0].items() if isinstance(v, float) and k != "loss_step1"]
     return {k: sum(f[k] for f in figures) / len(figures) for k in keys}
@@ -412,14 +507,24 @@ def table(result: dict) -> str:
         f"**{result['ratio']:.3f}** | floor / engine CPU: **{result['cpu_ratio']:.3f}** | |"
     )
     rss = [" / ".join(f"{x:.0f}" for x in loop["peak_rss_mib"]) for loop in (e, f)]
-    lines.append(f"| peak RSS MiB per rank | {rss[0]} | {rss[1]} | | | |")
+    if result["order"] == "interleaved":  # one process holds both loops
+        lines.append(f"| peak RSS MiB per rank, both loops | {rss[0]} | | | | |")
+    else:
+        lines.append(f"| peak RSS MiB per rank | {rss[0]} | {rss[1]} | | | |")
     if "cuda_max_allocated_mib" in e:
         cuda = [" / ".join(f"{x:.0f}" for x in loop["cuda_max_allocated_mib"]) for loop in (e, f)]
         lines.append(f"| CUDA max allocated MiB per rank | {cuda[0]} | {cuda[1]} | | | |")
-    verdict = "within" if result["ratio"] >= 0.95 else "NOT within"
+    paired = result.get("paired")
+    interval = (
+        f" (95% interval over {paired['pairs']} paired steps: "
+        f"{paired['low']:.3f}-{paired['high']:.3f})"
+        if paired
+        else ""
+    )
     lines += [
         "",
-        f"engine / floor samples/s = {result['ratio']:.3f}: {verdict} 5% of the plain DDP loop "
+        f"{result['order']} order; engine / floor samples/s = {result['ratio']:.3f}{interval}: "
+        f"{verdict(result)} 5% of the plain DDP loop "
         f"(CPU time per step of the ranks, floor / engine: {result['cpu_ratio']:.3f}); "
         f"loss at step 1, rank 0: engine {result['loss_step1']['engine'][0]:.6f}, "
         f"floor {result['loss_step1']['floor'][0]:.6f}",
@@ -493,11 +598,12 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
     if env.rank != 0:
         return 0
-    result = {
+    result: dict[str, Any] = {
         "setup": {**describe(cfg), "world": env.world_size},
         "steps": args.steps,
         "warmup": args.warmup,
         "profiled": bool(args.profile),
+        "order": args.order,
         **combine(ranks, cfg.train.batch_size),
         "loss_step1": {
             loop: [r[loop]["loss_step1"] for r in ranks] for loop in ("engine", "floor")
@@ -511,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed": package_version("deepspeed"),
         "command": "dist-contrast bench train " + " ".join(argv or sys.argv[1:]),
     }
+    if args.order == "interleaved":
+        e = result["engine"]
+        result["paired"] = paired_interval(ranks, args.warmup, e["checkpoint"] + e["log"])
     print(table(result))
     print(f"wrote {write_json(args.out, result)}")
     return 0

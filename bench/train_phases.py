@@ -45,6 +45,7 @@ class Phases:
         """Close the step running (if any)."""
         sync(self.dev)
         if self._row is not None:
+            self._row["start"] = self._start  # perf_counter seconds: orders the loops' steps
             self._row["wall"] = time.perf_counter() - self._start
             self._row[CPU + "wall"] = time.process_time() - self._cpu
             self.rows.append(self._row)

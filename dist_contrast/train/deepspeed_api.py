@@ -13,7 +13,9 @@ ships it, goes through this module:
   its command line would build) and the engine's ``load_universal_checkpoint`` flag, read at
   load time only (:func:`convert_universal`, :func:`load_universal`);
 - consolidation of ZeRO partitions without an engine (``zero_to_fp32``);
-- validation of a DeepSpeed config dict without starting an engine (:func:`check_config`).
+- validation of a DeepSpeed config dict without starting an engine (:func:`check_config`);
+- its clone of the world process group, kept for the life of the process: stale once the
+  default group is destroyed and made again, when it is dropped (:func:`drop_stale_groups`).
 
 These were checked against the DeepSpeed versions of :data:`CHECKED`; tests/unit/
 test_deepspeed_api.py pins them, so an upgrade fails there, in one place, first.
@@ -226,6 +228,24 @@ def consolidated_fp32(step_dir: Path) -> dict[str, torch.Tensor]:
 
 
 # ---- configuration --------------------------------------------------------------------------
+
+
+def drop_stale_groups() -> None:
+    """DeepSpeed clones the world group once per process (``deepspeed.utils.groups._WORLD_GROUP``)
+    and keeps it; after ``destroy_process_group`` and a new ``init_process_group`` (a second run
+    in the same process: ``bench train`` run twice, a notebook) the clone is no longer a
+    registered group and ``deepspeed.initialize`` fails on it. Drop it then, so DeepSpeed
+    clones the live world again; a live clone is kept."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    group = getattr(groups, "_WORLD_GROUP", None)
+    if group is None or not dist.is_initialized():
+        return
+    try:
+        dist.get_rank(group)
+    except ValueError:  # "... is not registered": made before the default group was destroyed
+        groups._WORLD_GROUP = None
 
 
 def check_config(ds: dict[str, Any], world: int) -> None:

@@ -48,6 +48,7 @@ def wrap(method: Method, cfg: Config, world: int):
         compile_blocks(method)
     optimizer = build_optimizer(method, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train))
+    deepspeed_api.drop_stale_groups()
     engine, optimizer, _, _ = deepspeed.initialize(
         model=method,
         optimizer=optimizer,

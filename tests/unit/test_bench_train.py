@@ -1,7 +1,8 @@
-"""``dist-contrast bench train`` on one process with a tiny CLIP (no timed assertions): the table
-and JSON, phases that never overlap and add up to the step, the amortised checkpoint, and the
-floor computing the engine's loss (same weights, same batch) at step 1. The timers' nesting and
-the summary's arithmetic on made-up steps."""
+"""``dist-contrast bench train`` on one process with a tiny CLIP (no timed assertions), in both
+orders: the table and JSON, phases that never overlap and add up to the step, the amortised
+checkpoint, the floor computing the engine's loss (same weights, same batch) at step 1, and the
+interleaved order alternating the loops' steps. The timers' nesting, the summary's arithmetic,
+the paired interval and the verdict on made-up steps."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def _bench():
     return train
 
 
-@pytest.fixture(scope="module")
-def result(digits_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["interleaved", "sequential"])
+def result(request, digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_train") / "train.json"
     argv = [
         str(ROOT / "configs" / "clip_vit_digits.yaml"),
@@ -42,6 +43,7 @@ def result(digits_dir, tmp_path_factory):
         f"--steps={STEPS}",
         f"--warmup={WARMUP}",
         "--batches=2",
+        f"--order={request.param}",
         f"--out={out}",
     ]
     assert _bench().main(argv) == 0
@@ -67,7 +69,8 @@ def test_structure_and_phases(result, capsys):
         for row in rows[loop]:
             for name in ("forward", "loss", "backward", "optimizer"):
                 assert row[name] > 0, (loop, name, row)
-            assert set(row) <= {k for n in (*names, "wall", "train_step") for k in (n, CPU + n)}
+            named = {k for n in (*names, "wall", "train_step") for k in (n, CPU + n)}
+            assert set(row) <= named | {"start"}
             # phases never overlap: their sum is at most the step's wall (and CPU) time
             assert sum(row.get(n, 0.0) for n in names) <= row["wall"] + 1e-6
             assert sum(row.get(CPU + n, 0.0) for n in names) <= row[CPU + "wall"] + 1e-6
@@ -81,6 +84,25 @@ def test_structure_and_phases(result, capsys):
     # the floor's loop is its four phases: what lies outside them is bookkeeping
     floor = rank["floor"]
     assert 0 <= floor["other"] <= 0.5 * floor["step"]
+
+
+def test_order_of_the_loops(result):
+    """Interleaved: engine step i, then floor step i, then engine step i + 1; sequential: every
+    engine step before the first floor step. The interval only where the steps are paired."""
+    rows = result["ranks"][0]["rows"]
+    engine = [r["start"] for r in rows["engine"]]
+    floor = [r["start"] for r in rows["floor"]]
+    if result["order"] == "interleaved":
+        for i, (e, f) in enumerate(zip(engine, floor, strict=True)):
+            assert e < f, i
+            if i + 1 < len(engine):
+                assert f < engine[i + 1], i
+        paired = result["paired"]
+        assert paired["pairs"] == STEPS and paired["low"] <= paired["high"]
+        assert "paired steps" in _bench().table(result)
+    else:
+        assert max(engine) < min(floor)
+        assert "paired" not in result
 
 
 def test_summary_figures(result):
@@ -106,6 +128,45 @@ def test_summary_figures(result):
         assert result[loop]["peak_rss_mib"][0] > 0
 
 
+def _rows(walls: list[float]) -> list[dict]:
+    return [{"wall": w} for w in walls]
+
+
+def test_paired_interval_cancels_a_shared_drift():
+    """Pairs whose speed drifts by 30% together, the floor always 4% faster: the interval is
+    the pairs' own ratio (0.96) to within the bootstrap's spread of a constant, and the save's
+    amortised cost counts against the engine. Unpaired, the same steps' means would say
+    nothing about it."""
+    bench = _bench()
+    drift = [1.0, 1.3, 0.9, 1.2, 1.0, 1.25, 0.95, 1.1]
+    engine = _rows([9.0] + [1.0 * d for d in drift])  # the first is warm-up
+    floor = _rows([9.0] + [0.96 * d for d in drift])
+    ranks = [{"rows": {"engine": engine, "floor": floor}}]
+    out = bench.paired_interval(ranks, 1, 0.0)
+    assert out["pairs"] == len(drift)
+    assert out["ratio"] == pytest.approx(0.96)
+    assert 0.955 < out["low"] <= out["ratio"] <= out["high"] < 0.965
+    # 100 ms of amortised saves against a 1,087.5 ms mean engine step
+    slower = bench.paired_interval(ranks, 1, 100.0)
+    mean = 1e3 * statistics.fmean(drift)
+    assert slower["ratio"] == pytest.approx(0.96 * mean / (mean + 100.0))
+    # the slowest rank of each step is the step
+    other = [{"rows": {"engine": _rows([9.0] + [2.0] * 8), "floor": floor}}]
+    assert bench.paired_interval([*ranks, *other], 1, 0.0)["ratio"] < 0.6
+
+
+def test_verdict_reads_the_interval():
+    bench = _bench()
+    paired = {"ratio": 0.96, "low": 0.951, "high": 0.97, "pairs": 30}
+    assert bench.verdict({"ratio": 0.96, "paired": paired}) == "within"
+    paired = {"ratio": 0.96, "low": 0.94, "high": 0.98, "pairs": 30}
+    assert bench.verdict({"ratio": 0.96, "paired": paired}).startswith("not settled")
+    paired = {"ratio": 0.90, "low": 0.88, "high": 0.94, "pairs": 30}
+    assert bench.verdict({"ratio": 0.90, "paired": paired}) == "NOT within"
+    assert bench.verdict({"ratio": 0.96}) == "within"  # sequential: the ratio alone
+    assert bench.verdict({"ratio": 0.94}) == "NOT within"
+
+
 def test_table_is_printed(result):
     text = _bench().table(result)
     for label in ("data wait", "loss (incl. gathers)", "optimizer step", "samples/s", "RSS"):
@@ -126,9 +187,11 @@ def test_nested_timers_count_to_the_outer_phase():
     phases.begin_step()
     phases.end()
     first, second = phases.rows
-    assert set(first) == {k for n in ("forward", "log", "train_step", "wall") for k in (n, CPU + n)}
+    named = {k for n in ("forward", "log", "train_step", "wall") for k in (n, CPU + n)}
+    assert set(first) == named | {"start"}
     assert first["forward"] + first["log"] <= first["train_step"] <= first["wall"]
-    assert set(second) == {"wall", CPU + "wall"}
+    assert set(second) == {"start", "wall", CPU + "wall"}
+    assert first["start"] + first["wall"] <= second["start"]
 
 
 def test_summarise_amortises_the_saves():

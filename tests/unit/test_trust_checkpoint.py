@@ -332,6 +332,39 @@ def test_deepspeed_version_is_the_one_this_adapter_was_checked_with():
     assert {"fragment_address", "LossScaler", "ZeroStageEnum"} <= set(names)
 
 
+def _second_world_in_one_process(rank: int, world: int) -> list[bool]:
+    """In a rank of run_ranks: DeepSpeed's world clone, the default group destroyed and made
+    again (another port), then what drop_stale_groups keeps."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from dist_contrast.distributed import free_port
+
+    deepspeed.init_distributed("gloo")  # over the group run_ranks made, as initialize does
+    first = groups._clone_world_group()
+    groups._WORLD_GROUP = first
+    deepspeed_api.drop_stale_groups()
+    kept_live = groups._WORLD_GROUP is first
+    dist.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    with pytest.raises(ValueError, match="not registered"):
+        dist.get_rank(first)  # what deepspeed.initialize would meet
+    deepspeed_api.drop_stale_groups()
+    dropped = groups._WORLD_GROUP is None
+    fresh = groups._clone_world_group()  # DeepSpeed clones the live world again
+    return [kept_live, dropped, dist.get_rank(fresh) == 0]
+
+
+def test_deepspeeds_world_clone_is_dropped_once_stale():
+    """A second run in one process (bench train in both orders, a notebook) must not meet the
+    world group DeepSpeed cloned in the first: stale clones are dropped, a live one kept."""
+    from multiproc import run_ranks
+
+    assert run_ranks(_second_world_in_one_process, 1) == [[True, True, True]]
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
