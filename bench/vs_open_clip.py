@@ -3,7 +3,7 @@ the same shards, tokens, architecture and recipe, interleaved runs (issue 28).
 
     make open-clip-env          # once: open_clip in .venv-open-clip (bench/open_clip_env.sh)
     dist-contrast bench vs_open_clip [CONFIG] [KEY=VALUE ...] [--size small|compute] [--pairs 3]
-        [--vary-seed] [--no-eval] [--val-data GLOB]
+        [--vary-seed] [--no-eval] [--val-data GLOB] [--only ours|open_clip]
         [--load K] [--steps N] [--data GLOB] [--tokenizer FILE] [--nproc 2]
         [--open-clip-python .venv-open-clip/bin/python] [--dir DIR] [--out FILE]
 
@@ -116,6 +116,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--vary-seed",
         action="store_true",
         help="pair p runs both trainers at seed run.seed + p - 1 (zero-shot over seeds)",
+    )
+    p.add_argument(
+        "--only",
+        choices=("ours", "open_clip"),
+        help="run one trainer only (quality over seeds, a recipe change): no samples/s ratio",
     )
     p.add_argument("--load", type=int, default=0, help="busy processes beside each run")
     p.add_argument("--nproc", type=int, default=2, help="ranks of each run")
@@ -747,6 +752,19 @@ def table(result: dict) -> str:
     return "\n".join([*lines, "", *summary(result)])
 
 
+def pair_ratios(runs: list[dict]) -> list[float]:
+    """Ours over open_clip's steady samples/s, pair by pair, where both ran and were timed."""
+    pairs: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        pairs.setdefault(r["pair"], {})[r["system"]] = r
+    ratios = []
+    for both in pairs.values():
+        ours, theirs = both.get("dist-contrast"), both.get("open_clip_train")
+        if ours and theirs and ours["samples_per_s"] and theirs["samples_per_s"]:
+            ratios.append(ours["samples_per_s"] / theirs["samples_per_s"])
+    return ratios
+
+
 def pooled_ratio(runs: list[dict]) -> float | None:
     """Mean steady samples/s of ours over open_clip's, over the runs that finished."""
     means = []
@@ -754,6 +772,12 @@ def pooled_ratio(runs: list[dict]) -> float | None:
         sps = [r["samples_per_s"] for r in runs if r["system"] == system and r["samples_per_s"]]
         means.append(sum(sps) / len(sps) if sps else None)
     return means[0] / means[1] if all(means) else None
+
+
+def _mean(zero_shot: list[float | None]) -> str:
+    """ " (mean X)" of two or more zero-shot top-1 values, as percent."""
+    known = [z for z in zero_shot if z is not None]
+    return f" (mean {100 * sum(known) / len(known):.2f})" if len(known) > 1 else ""
 
 
 def _joined(values: list, fmt: str) -> str:
@@ -770,7 +794,10 @@ def summary(result: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for system in ("dist-contrast", "open_clip_train"):
-        runs = [r for r in result["runs"] if r["system"] == system and not r["rc"]]
+        ran = [r for r in result["runs"] if r["system"] == system]
+        if not ran:  # --only the other
+            continue
+        runs = [r for r in ran if not r["rc"]]
         peaks = [x for r in runs for x in r["peak_rss_mib"]]
         rss = f"{min(peaks):.0f}-{max(peaks):.0f}" if peaks else "-"
         zs = [r.get("eval", {}).get("zeroshot_top1") for r in runs]
@@ -780,7 +807,7 @@ def summary(result: dict) -> list[str]:
             _joined([r["samples_per_s"] for r in runs], "{:.1f}"),
             rss,
             _joined([r["final_loss"] for r in runs], "{:.3f}"),
-            _joined([None if z is None else 100 * z for z in zs], "{:.1f}%"),
+            _joined([None if z is None else 100 * z for z in zs], "{:.1f}%") + _mean(zs),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -810,37 +837,37 @@ def main(argv: list[str]) -> int:
             eval_cfg = load_config(args.config, [*overrides, f"data.val_shards={args.val_data}"])
         runs = []
         for pair in range(1, args.pairs + 1):
+            seed = cfg.run.seed + (pair - 1 if args.vary_seed else 0)
             with Load(args.load):
-                run = Run("dist-contrast", pair)
-                run_dir = work / f"ours-{pair}"
-                log = work / f"ours-{pair}.log"
-                seed = cfg.run.seed + (pair - 1 if args.vary_seed else 0)
-                ours = ours_cmd(args, args.config, [*overrides, f"run.seed={seed}"], run_dir)
-                run_polled(ours, _env(), log, run)
-                metrics = run_dir / "metrics.jsonl"
-                windows, loss = (
-                    our_windows(metrics, global_batch) if metrics.exists() else ([], None)
-                )
-                runs.append({**_figures(run, windows, loss, skip, global_batch), "seed": seed})
-                if eval_cfg is not None and run.rc == 0:
-                    runs[-1]["eval"] = evaluate(eval_cfg, our_method(eval_cfg, run_dir))
-                _report(runs[-1], log)
-                run = Run("open_clip_train", pair)
-                log = work / f"open_clip-{pair}.log"
-                logs = work / "open_clip"
-                cmd = open_clip_cmd(args, cfg, model_json, shards, logs, f"run-{pair}", seed)
-                run_polled(cmd, _env(), log, run)
-                windows, loss = open_clip_windows(log.read_text(errors="replace"), global_batch)
-                runs.append({**_figures(run, windows, loss, skip, global_batch), "seed": seed})
-                checkpoint = last_open_clip_checkpoint(work / "open_clip" / f"run-{pair}")
-                if eval_cfg is not None and run.rc == 0 and checkpoint:
-                    runs[-1]["eval"] = evaluate(eval_cfg, open_clip_method(eval_cfg, checkpoint))
-                _report(runs[-1], log)
-        ratios = [
-            a["samples_per_s"] / b["samples_per_s"]
-            for a, b in zip(runs[::2], runs[1::2], strict=True)
-            if a["samples_per_s"] and b["samples_per_s"]
-        ]
+                if args.only != "open_clip":
+                    run = Run("dist-contrast", pair)
+                    run_dir = work / f"ours-{pair}"
+                    log = work / f"ours-{pair}.log"
+                    ours = ours_cmd(args, args.config, [*overrides, f"run.seed={seed}"], run_dir)
+                    run_polled(ours, _env(), log, run)
+                    metrics = run_dir / "metrics.jsonl"
+                    windows, loss = (
+                        our_windows(metrics, global_batch) if metrics.exists() else ([], None)
+                    )
+                    runs.append({**_figures(run, windows, loss, skip, global_batch), "seed": seed})
+                    if eval_cfg is not None and run.rc == 0:
+                        runs[-1]["eval"] = evaluate(eval_cfg, our_method(eval_cfg, run_dir))
+                    _report(runs[-1], log)
+                if args.only != "ours":
+                    run = Run("open_clip_train", pair)
+                    log = work / f"open_clip-{pair}.log"
+                    logs = work / "open_clip"
+                    cmd = open_clip_cmd(args, cfg, model_json, shards, logs, f"run-{pair}", seed)
+                    run_polled(cmd, _env(), log, run)
+                    text = log.read_text(errors="replace")
+                    windows, loss = open_clip_windows(text, global_batch)
+                    runs.append({**_figures(run, windows, loss, skip, global_batch), "seed": seed})
+                    checkpoint = last_open_clip_checkpoint(work / "open_clip" / f"run-{pair}")
+                    if eval_cfg is not None and run.rc == 0 and checkpoint:
+                        method = open_clip_method(eval_cfg, checkpoint)
+                        runs[-1]["eval"] = evaluate(eval_cfg, method)
+                    _report(runs[-1], log)
+        ratios = pair_ratios(runs)
         result = {
             "setup": {
                 "config": args.config,
@@ -852,6 +879,7 @@ def main(argv: list[str]) -> int:
                 "nproc": args.nproc,
                 "load": args.load,
                 "vary_seed": args.vary_seed,
+                "only": args.only,
                 "cpu": cpu_model(),
                 "cores": usable_cores(),
                 "checks": checks,

@@ -226,6 +226,34 @@ def test_table_has_a_row_per_run():
     assert "| same | open_clip_train | - | - | - | - |" in lines
 
 
+def test_one_trainer_only_gives_its_row_and_the_seeds_mean():
+    """--only ours: no ratio, no open_clip row, the zero-shot of each seed and their mean."""
+    bench = _bench()
+    runs = [
+        {"system": "dist-contrast", "pair": p, "rc": 0, "samples_per_s": 500.0, "seed": p - 1}
+        | {"peak_rss_mib": [620.0], "final_loss": 3.0, "eval": {"zeroshot_top1": z}}
+        for p, z in ((1, 0.986), (2, 0.978), (3, 0.989))
+    ]
+    assert bench.pair_ratios(runs) == [] and bench.pooled_ratio(runs) is None
+    setup = {"config": "c.yaml", "size": "small", "steps": 300, "nproc": 2, "batch_size": 128}
+    lines = bench.summary({"setup": setup, "runs": runs})
+    assert not any("open_clip_train" in line for line in lines)
+    assert "98.6% / 97.8% / 98.9% (mean 98.43)" in lines[-1]
+
+
+def test_pair_ratios_match_the_pairs_not_the_order():
+    runs = [
+        {"system": "dist-contrast", "pair": 1, "samples_per_s": 300.0},
+        {"system": "open_clip_train", "pair": 2, "samples_per_s": 100.0},
+        {"system": "open_clip_train", "pair": 1, "samples_per_s": 200.0},
+        {"system": "dist-contrast", "pair": 2, "samples_per_s": 120.0},
+        {"system": "dist-contrast", "pair": 3, "samples_per_s": 120.0},  # no partner
+        {"system": "open_clip_train", "pair": 4, "samples_per_s": None},
+        {"system": "dist-contrast", "pair": 4, "samples_per_s": 120.0},  # partner not timed
+    ]
+    assert _bench().pair_ratios(runs) == pytest.approx([1.5, 1.2])
+
+
 def test_pooled_ratio_is_of_the_means():
     runs = [
         {"system": "dist-contrast", "samples_per_s": 300.0},
