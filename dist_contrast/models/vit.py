@@ -119,7 +119,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
+        # unbind, not qkv[0], qkv[1], qkv[2]: each select's backward fills a zero tensor of all
+        # of qkv and autograd adds the three (92 ms of 3 steps of the ViT 192 x 12 on a CPU);
+        # unbind's backward stacks the three gradients.
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

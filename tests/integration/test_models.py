@@ -342,6 +342,44 @@ def _close_std(t: torch.Tensor, std: float, rel: float) -> bool:
     return abs(float(t.detach().std()) / std - 1) < rel
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_equals_torch_multihead_attention_without_select_backward(causal):
+    """Our fused-qkv attention against nn.MultiheadAttention holding the same weights, forward
+    and every gradient (float64); and its backward runs no select_backward (each fills a zero
+    tensor of all of qkv)."""
+    from torch.profiler import profile
+
+    from dist_contrast.models.vit import Attention
+
+    torch.manual_seed(0)
+    dim, heads, n = 32, 4, 7
+    ours = Attention(dim, heads, causal=causal).double()
+    ref = nn.MultiheadAttention(dim, heads, batch_first=True).double()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(ours.qkv.weight)
+        ref.in_proj_bias.copy_(ours.qkv.bias)
+        ref.out_proj.weight.copy_(ours.proj.weight)
+        ref.out_proj.bias.copy_(ours.proj.bias)
+    x = torch.randn(3, n, dim, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1) if causal else None
+    want = ref(xb, xb, xb, attn_mask=mask, need_weights=False)[0]
+    with profile() as prof:
+        got = ours(xa)
+        got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ours.qkv.weight.grad, ref.in_proj_weight.grad, rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(
+        ours.proj.weight.grad, ref.out_proj.weight.grad, rtol=1e-10, atol=1e-12
+    )
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::select_backward" not in ops and "aten::unbind" in ops
+
+
 def test_clip_layout_vit_init_follows_openai_clip():
     """OpenAI CLIP's VisionTransformer: class and position embedding width^-0.5 * randn, the
     blocks at nn.MultiheadAttention's / nn.Linear's defaults, the projection width^-0.5."""
