@@ -8,6 +8,10 @@ stalls the launch queue): ``item()``, ``bool()``, ``float()``, ``int()``, ``toli
 Two kinds are not ours and are listed apart: DeepSpeed's own checks of its gradient norm
 (ZeRO 1-2 read it to decide overflow and clipping) and torch's optimizers reading their step
 counts, which they keep on the host (not capturable), so no device is waited for.
+
+The colour jitter takes a faster path on the CPU that reads (kornia's per-step ``.any()``
+guards: free where there is no device; ``DeviceAugment.reads_free``); the runs here take the
+path a GPU takes, so that what is counted is what a GPU step would read.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def _count(rank: int, world: int, tree: dict) -> dict:
     engine, _, scheduler = wrap(build_method(cfg), cfg, world)
     loader = train_loader(cfg.data, cfg.augment, cfg.train.batch_size, 0, rank, world)
     trainer = Trainer(cfg, engine, scheduler, loader, rank, world)
+    trainer.augment.reads_free = lambda x: False  # the GPU's jitter path (module docstring)
     trainer.ckpt_root.mkdir(parents=True, exist_ok=True)
     trainer.logger = MetricsLogger(cfg.run_dir, cfg, 0, enabled=rank == 0)
     mode = CountReads()
