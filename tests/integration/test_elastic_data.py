@@ -94,10 +94,23 @@ def _resume(digits_dir, states, world, workers, tally, epochs=1):
     return summaries[0]
 
 
-def test_uninterrupted_epoch_reads_every_key_once(digits_dir):
+@pytest.fixture(scope="module")
+def digits_40(tmp_path_factory):
+    """The digits in shards of 40 samples (38 train shards): every one of 32 readers has one."""
+    from dist_contrast.data.write.digits import write_digits
+
+    out = tmp_path_factory.mktemp("digits_40")
+    write_digits(out, shard_size=40)
+    return out
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 2), (32, 0)])
+def test_uninterrupted_epoch_reads_every_key_once(digits_dir, digits_40, world, workers):
+    """Also 32 readers, each over its own shards of 40 samples."""
+    digits_dir = digits_40 if world > 2 else digits_dir
     tally = Tally()
-    for r in range(2):
-        ld = _loader(digits_dir, r, 2, 2)
+    for r in range(world):
+        ld = _loader(digits_dir, r, world, workers)
         tally.rest_of_epoch(ld)
         tally.dropped(ld)
         ld.close()
@@ -205,3 +218,25 @@ def test_positions_of_other_shards_are_refused(digits_dir):
     ld = _loader(digits_dir, 0, 1, 1, shuffle_buffer=8)
     with pytest.raises(DataError, match="shuffle_buffer"):
         ld.load_elastic(states)
+
+
+def test_elastic_chain_32_to_8_to_16_reads_the_epoch_once(digits_40):
+    """32 readers stop, 8 go on from their positions and stop, 16 read the rest: the epoch's
+    keys, delivered and dropped, are the shards' (tarfile's) multiset."""
+    tally = Tally()
+    old = [_loader(digits_40, r, 32, 0) for r in range(32)]
+    for ld in old:
+        tally.take(ld, 1)
+        tally.dropped(ld)
+    states = _save(old)
+    middle = []
+    for r in range(8):
+        ld = _loader(digits_40, r, 8, 0)
+        ld.load_elastic(states)
+        tally.take(ld, 3)
+        tally.dropped(ld)
+        middle.append(ld)
+    assert all(ld.epoch == 0 for ld in middle)
+    summary = _resume(digits_40, _save(middle), 16, 0, tally)
+    assert (summary["was_world"], summary["epoch"]) == (8, 0)
+    assert tally.keys[0] == _shard_keys(digits_40)
