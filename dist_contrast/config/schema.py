@@ -322,6 +322,9 @@ class LoggingConfig:
     wandb_project: str = "dist-contrast"
     progress: bool = True
     plots: bool = True  # loss and throughput PNGs in <run>/plots/ at the end
+    # The keys of every step's samples, per rank: <run>/sample_keys/rank_NNNNN.jsonl, a line
+    # {"step", "keys"} a step (which samples a step saw; what a resumed run read in all)
+    sample_keys: bool = False
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dist_contrast.methods import LossOutput, Method, build_method
 from dist_contrast.train import checkpoint, elastic, integrity, preempt, strays
 from dist_contrast.train.accumulate import cached_step, plain_step
 from dist_contrast.train.guard import StepGuard
-from dist_contrast.train.metrics import MetricsLogger, embedding_metrics
+from dist_contrast.train.metrics import MetricsLogger, SampleKeyLog, embedding_metrics
 from dist_contrast.train.plots import write_plots
 from dist_contrast.train.runs import lock_run_dir, save_run_config
 from dist_contrast.train.setup import initial_method, prepare, start_over, wrap
@@ -114,6 +114,8 @@ def _train(
         with preempt.held(), strays.marked(token):  # workers forked here ignore stop signals
             loader.start()  # the first batches are made while the logger (wandb) starts
         trainer.logger = MetricsLogger(run_dir, cfg, trainer.step, enabled=main)
+        if cfg.logging.sample_keys:
+            trainer.key_log = SampleKeyLog(run_dir, trainer.step, env.rank, env.world_size)
         try:
             with strays.marked(token):
                 trainer.run()
@@ -123,6 +125,8 @@ def _train(
             raise
         finally:
             trainer.logger.close()
+            if trainer.key_log is not None:
+                trainer.key_log.close()
     finally:
         loader.close()  # on success, error or stop: no worker outlives the rank,
         strays.end(token)  # nor anything a worker started (a stalled pipe: shard's command)
@@ -195,6 +199,7 @@ class Trainer:
         self.augment = DeviceAugment(cfg.augment, cfg.data).to(self.device)
         self.ckpt_root = cfg.run_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
+        self.key_log: SampleKeyLog | None = None  # logging.sample_keys
         self.stop: preempt.StopSignals | None = None  # set: a signal stops the run at a step end
         self.evaluate: Evaluator | None = None  # set: figures every eval.every steps
         fp16 = cfg.deepspeed.precision == "fp16"  # gradients: DeepSpeed's loss scaler decides
@@ -276,6 +281,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = self.fetcher.next(self.give_up)
             window.data_wait += time.perf_counter() - t0  # the loader kept this rank waiting
+            keys = batch.get("key") if self.key_log is not None else None
             try:
                 batch = self.augment_batch(batch)
                 out, taken = self.train_step(batch)
@@ -283,6 +289,8 @@ class Trainer:
                 self.raise_if_peer_stopped(exc)
                 raise
             self.step += 1  # the batch is consumed, whether the step was taken or skipped
+            if keys is not None:
+                self.key_log.write(self.step, keys)
             window.add(out.loss, taken)  # no host read: the guard's decision is the step's one
             self.logger.advance()
             last = self.step == end

@@ -112,6 +112,42 @@ class MetricsLogger:
         self.wandb = None
 
 
+class SampleKeyLog:
+    """``logging.sample_keys``: each rank appends ``{"step", "keys"}`` for every step to
+    ``<run>/sample_keys/rank_NNNNN.jsonl``; a step's keys are its batch's on that rank, taken
+    or skipped (a skipped step consumes its samples too). On a resume from step S, the rows
+    after S are dropped first, this rank's own and, by rank 0, those of ranks the new world no
+    longer has, so that every step appears once in all files together."""
+
+    def __init__(self, run_dir: Path, start_step: int, rank: int, world: int) -> None:
+        folder = run_dir / "sample_keys"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"rank_{rank:05d}.jsonl"
+        mine = [path]
+        if rank == 0:  # the files of ranks past this world (a run resumed on fewer ranks)
+            mine += [
+                p
+                for p in sorted(folder.glob("rank_*.jsonl"))
+                if p.is_file() and not p.is_symlink() and _rank_of(p) >= world
+            ]
+        for p in mine:
+            _drop_rows_after(p, start_step)
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115
+
+    def write(self, step: int, keys) -> None:
+        self.file.write(json.dumps({"step": step, "keys": list(keys)}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _rank_of(path: Path) -> int:
+    try:
+        return int(path.stem.removeprefix("rank_"))
+    except ValueError:
+        return -1
+
+
 def _drop_rows_after(path: Path, step: int) -> None:
     """Keep the rows of ``path`` up to ``step`` (the checkpoint a run resumes from): the rows a
     stopped or killed run logged after its last checkpoint are logged again by the resumed

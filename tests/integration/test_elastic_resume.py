@@ -58,3 +58,63 @@ def test_moco_v2_two_ranks_two_workers_resumes_on_three_ranks_one_worker(digits_
         keys = state["method"]["queue"]["keys"]
         assert keys.shape[0] == 85 and torch.isfinite(keys).all()
     assert checkpoint.load_rank_state(last, 3) is None
+
+
+def _key_rows(run) -> dict[int, list[list[str]]]:
+    rows: dict[int, list[list[str]]] = {}
+    for path in sorted((run / "sample_keys").glob("rank_*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault(row["step"], []).append(row["keys"])
+    return rows
+
+
+@pytest.mark.ranks32
+def test_elastic_chain_32_8_16_ranks_through_the_cli(tmp_path_factory):
+    """SimCLR with a global batch of 64 on 32 ranks x 2 for 2 steps, resumed on 8 x 8 for
+    2 more, then on 16 x 4 for 2 more, through torchrun and the training entry, with
+    ``logging.sample_keys``: each step is logged once, by as many ranks as it ran on; the 384
+    samples consumed are 384 distinct keys of the shards (none read twice across two changes
+    of world size), and each resume line counts the rest of epoch 0 from the shards."""
+    from dist_contrast.data.write.digits import write_digits
+
+    digits = tmp_path_factory.mktemp("digits_40")
+    write_digits(digits, shard_size=40)  # 38 train shards: one at least for each of 32 readers
+    total = _samples(digits)
+    run_dir = tmp_path_factory.mktemp("chain")
+    base = {
+        **eight_step_digits_run(run_dir, digits),
+        "train.steps": 6,
+        "checkpoint.every": 2,
+        "data.num_workers": 0,
+        "model.width": 4,
+        "logging.sample_keys": "true",
+        "logging.plots": "false",
+    }
+    args = ["train", "--config", "configs/simclr_digits.yaml"]
+    consumed, prev = 0, 0
+    for world, stop, resume in ((32, 2, ""), (8, 4, "latest"), (16, 6, "latest")):
+        over = {**base, "train.batch_size": 64 // world, "train.stop_at": stop}
+        if resume:
+            over["checkpoint.resume"] = resume
+        proc = run_torchrun(world, *args, *[f"{k}={v}" for k, v in over.items()], timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if resume:
+            said = re.findall(r"resumed step \d+ on .*?samples of epoch \d+ left", proc.stderr)
+            assert said == [
+                f"resumed step {stop - 2} on {world} rank(s) x 1 worker(s) (was "
+                f"{prev} x 1): {total - consumed:,} samples of epoch 0 left"
+            ], proc.stderr[-3000:]
+        consumed += 2 * 64
+        prev = world
+
+    rows = _key_rows(run_dir / "simclr_digits")
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert [len(rows[s]) for s in sorted(rows)] == [32, 32, 8, 8, 16, 16]  # ranks per step
+    keys = [k for s in rows for batch in rows[s] for k in batch]
+    assert len(keys) == 6 * 64 and len(set(keys)) == len(keys)  # none twice
+    with_shards = set()
+    for shard in sorted(digits.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            with_shards |= {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+    assert set(keys) <= with_shards

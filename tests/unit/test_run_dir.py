@@ -7,7 +7,7 @@ import pytest
 
 from dist_contrast.errors import CheckpointError
 from dist_contrast.train.checkpoint import check_world, zero_world
-from dist_contrast.train.metrics import _drop_rows_after
+from dist_contrast.train.metrics import SampleKeyLog, _drop_rows_after
 from dist_contrast.train.runs import lock_run_dir
 
 
@@ -27,6 +27,31 @@ def test_a_resume_keeps_each_step_once(tmp_path):
     _drop_rows_after(path, 20)  # resumed from step 20: 30 and 40 are logged again
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
     _drop_rows_after(tmp_path / "none.jsonl", 0)  # a fresh run: nothing to do
+
+
+def test_sample_keys_of_a_resume_on_fewer_ranks_hold_each_step_once(tmp_path):
+    """4 ranks log steps 1-3 and die; 2 ranks resume from step 2: the rows of step 3 go, also
+    from the files of ranks 2 and 3, which the new world does not have."""
+    old = [SampleKeyLog(tmp_path, 0, r, 4) for r in range(4)]
+    for step in (1, 2, 3):
+        for r, log in enumerate(old):
+            log.write(step, [f"s{step}r{r}"])
+    for log in old:
+        log.close()
+    new = [SampleKeyLog(tmp_path, 2, r, 2) for r in (1, 0)]  # rank 0 last: it is not first
+    for r, log in enumerate(reversed(new)):
+        log.write(3, [f"new{r}"])
+        log.close()
+    steps = {}
+    for path in sorted((tmp_path / "sample_keys").glob("rank_*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            steps.setdefault(row["step"], []).extend(row["keys"])
+    assert steps == {
+        1: ["s1r0", "s1r1", "s1r2", "s1r3"],
+        2: ["s2r0", "s2r1", "s2r2", "s2r3"],
+        3: ["new0", "new1"],
+    }
 
 
 def test_zero_partitions_resume_on_another_world_unless_incomplete(tmp_path):
