@@ -325,9 +325,11 @@ class Trainer:
 
     def raise_if_peer_stopped(self, exc: RuntimeError) -> None:
         """A collective that failed because a peer left, on a rank that received a stop
-        signal: the peer gave up waiting for data (:meth:`give_up`), so does this rank."""
+        signal: the peer gave up waiting for data (:meth:`give_up`), so does this rank. A peer
+        that left without its stop line was killed (:func:`preempt.peer_stopped`): the error
+        goes on, a failure."""
         said = distributed.peer_gone(exc)
-        if said and self.stop is not None and self.stop.requested:
+        if said and self.stop is not None and self.stop.requested and preempt.peer_stopped():
             why = f"another rank left during step {self.step + 1} ({said})"
             raise self.stop.alone(self.step, self.saved, why) from exc
 

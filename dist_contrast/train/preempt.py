@@ -12,8 +12,9 @@ answer) cannot wait for the end of the step for ever: the wait lasts at most
 ``train.stop_grace_s`` more (data that comes within it ends in the agreed stop above). A rank
 that gives up leaves without a checkpoint (``checkpoint.resume=latest`` goes back to the last
 one; the line says which steps are lost, if any); a peer blocked in a collective of that step
-leaves when the collective fails, as a preemption too if the signal reached it as well (a peer
-that did not receive it says that another rank ended).
+leaves when the collective fails, as a preemption too if the signal reached it as well and the
+peer left its stop line (a peer that did not receive it says that another rank ended; a peer
+killed outright leaves no line, and the signal is then the launcher ending the job: a failure).
 
 How the process ends (:func:`leave`): the line ``dist-contrast: preempted at step N; ...``,
 printed last, and :data:`EXIT_PREEMPTED`; under torchrun (torchelastic), whose report turns any
@@ -112,6 +113,30 @@ def leave(exc: Preempted) -> int:
         except OSError:
             pass
     return int(exc.code)
+
+
+def peer_stopped(wait_s: float = 3.0) -> bool:
+    """Whether a peer that left first left for a stop, not because it was killed: under a
+    launcher that collects the stop lines (``$DIST_CONTRAST_PREEMPT_FILE``: launch/local.sh,
+    slurm/train.sbatch), a rank that stops alone writes its line there before it exits, so the
+    file says so (waited for ``wait_s``, as its exit may reach this rank first); a rank killed
+    outright (SIGKILL, the OOM killer) writes nothing, and the stop signal this rank got is
+    then the launcher ending the job's other ranks (srun --kill-on-bad-exit, torchrun), not a
+    preemption: a failure, which must not requeue. Without the file it cannot be told apart:
+    a stop, as before."""
+    path = os.environ.get(STATUS_ENV)
+    if not path:
+        return True
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if os.stat(path).st_size > 0:  # a stat: never opens (nor blocks on) the path
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 class StopSignals:

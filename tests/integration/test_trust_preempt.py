@@ -325,3 +325,23 @@ def test_the_wait_acts_on_a_signal_and_what_it_forks_holds_them_blocked(tmp_path
         "dist-contrast: preempted at step 3; continue with checkpoint.resume=latest, which goes "
         "back to the checkpoint of step 2: step 3 is lost (SIGTERM, test)"
     )
+
+
+def test_a_peer_that_left_without_its_stop_line_was_killed(tmp_path, monkeypatch):
+    """The stop line file tells a peer that stopped alone (its line written before it exits)
+    from one killed outright (none): only the first makes this rank's exit a preemption. A
+    FIFO at the path is looked at, never opened; no launcher file: a stop, as before."""
+    monkeypatch.delenv(preempt.STATUS_ENV, raising=False)
+    assert preempt.peer_stopped(wait_s=0)
+    path = tmp_path / "preempted"
+    monkeypatch.setenv(preempt.STATUS_ENV, str(path))
+    t0 = time.monotonic()
+    assert not preempt.peer_stopped(wait_s=0.3)  # killed: no line within the wait
+    assert time.monotonic() - t0 >= 0.3
+    writer = threading.Timer(0.2, lambda: path.write_text("dist-contrast: preempted at step 3;\n"))
+    writer.start()
+    assert preempt.peer_stopped(wait_s=5)  # the line comes after the peer's exit was seen
+    writer.join()
+    path.unlink()
+    os.mkfifo(path)
+    assert not preempt.peer_stopped(wait_s=0.1)
