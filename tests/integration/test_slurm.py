@@ -1,8 +1,10 @@
-"""Multi-node runs, preemption and failures on a real Slurm cluster: one slurmctld and two slurmd
-on this machine (slurm/local-cluster/start.sh), jobs submitted with slurm/train.sbatch, one task
-per node, the ranks talking over gloo.
+"""Multi-node runs, preemption and failures on a real Slurm cluster: one slurmctld and four
+slurmd on this machine (slurm/local-cluster/start.sh), jobs submitted with slurm/train.sbatch,
+one task per node, the ranks talking over gloo.
 
-1. A 2-node job trains to the end with the losses of the same run under torchrun, bit for bit.
+1. A 2-node and a 4-node job train to the end with the losses of the same run under torchrun
+   (as many ranks on one node), bit for bit; the 4-node job, stopped through Slurm, requeues
+   and ends with the same losses.
 2. A job signalled through Slurm (``scancel --signal=USR1``) checkpoints, requeues itself,
    resumes from ``latest`` and ends at the same step with the same losses as (1).
 3. A rank killed with SIGKILL fails the whole job within 2 minutes; ``latest`` stays usable.
@@ -30,6 +32,7 @@ from conftest import ROOT, cli_env, run_torchrun
 pytestmark = pytest.mark.slow
 CONFIG = "configs/simclr_digits.yaml"
 STEPS = 24
+NODES = 4  # emulated nodes of the session's cluster; most jobs take 2
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo")
 
@@ -68,10 +71,10 @@ class Cluster:
         assert proc.returncode == 0, f"{args}: {proc.stderr}"
         return proc.stdout
 
-    def submit(self, log: Path, overrides: dict) -> int:
+    def submit(self, log: Path, overrides: dict, nodes: int = 2) -> int:
         args = [f"{k}={v}" for k, v in overrides.items()]
         out = self.cmd(
-            "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+            "sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
             f"--output={log}", str(ROOT / "slurm/train.sbatch"), CONFIG, *args,
         )  # fmt: skip
         return int(out.strip().split(";")[0])
@@ -94,16 +97,17 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    """Two emulated nodes (node1, node2) for the whole session; stopped at the end."""
+    """Four emulated nodes (node1-node4) for the whole session; stopped at the end."""
     reason = _unavailable()
     if reason:
         pytest.skip(reason)
     state = tmp_path_factory.mktemp("slurm")
     env = cli_env()
-    env.update(DC_SLURM_DIR=str(state), DC_SLURM_PORT=str(_free_ports(3)), DC_SLURM_CPUS="2")
+    ports = _free_ports(NODES + 1)
+    env.update(DC_SLURM_DIR=str(state), DC_SLURM_PORT=str(ports), DC_SLURM_CPUS="2")
     script = ROOT / "slurm/local-cluster"
     start = subprocess.run(
-        [script / "start.sh", "2"], env=env, capture_output=True, text=True, timeout=120
+        [script / "start.sh", str(NODES)], env=env, capture_output=True, text=True, timeout=120
     )
     if start.returncode != 0:
         subprocess.run([script / "stop.sh"], env=env, capture_output=True, timeout=120)
@@ -174,6 +178,40 @@ def test_two_node_job_equals_torchrun(straight, digits_dir, tmp_path):
     assert slurm_rows[0]["negatives_per_query"] == 2 * 16 * 2 - 2  # gathered across the nodes
     for key in ("loss", "lr", "alignment", "uniformity"):
         assert [r[key] for r in slurm_rows] == [r[key] for r in local_rows], key
+
+
+def test_four_node_job_equals_torchrun_and_resumes_after_a_stop(slurm, digits_dir, tmp_path):
+    """4 nodes x 1 task: the losses of torchrun with 4 ranks on one node, bit for bit; the same
+    job stopped through Slurm (USR1 to its steps) after step 3 requeues, resumes from its
+    checkpoint on the 4 nodes and ends with the same losses."""
+    steps = 8
+    extra = {"train.steps": steps, "data.val_shards": ""}
+    runs = {}
+    for name in ("straight4", "stopped4"):
+        log = tmp_path / f"{name}.out"
+        job_id = slurm.submit(log, _overrides(digits_dir, tmp_path, name, **extra), nodes=4)
+        if name == "stopped4":
+            _wait_rows(slurm, job_id, tmp_path / name, 3)
+            slurm.cmd("scancel", "--signal=USR1", str(job_id))
+        info = slurm.wait(job_id, timeout=400)
+        text = log.read_text()
+        assert info["JobState"] == "COMPLETED", text[-3000:]
+        assert info["NodeList"] == "node[1-4]" and info["NumNodes"] == "4"
+        assert "4 task(s) on node[1-4], master node1:" in text
+        runs[name] = (info, text)
+    assert runs["straight4"][0]["Restarts"] == "0" and runs["stopped4"][0]["Restarts"] == "1"
+    assert "requeueing job" in runs["stopped4"][1]
+    args = [f"{k}={v}" for k, v in _overrides(digits_dir, tmp_path, "torchrun4", **extra).items()]
+    proc = run_torchrun(4, "train", "--config", CONFIG, *args, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local = _rows(tmp_path / "torchrun4")
+    assert [r["step"] for r in local] == list(range(1, steps + 1))
+    assert local[0]["negatives_per_query"] == 2 * 16 * 4 - 2  # gathered across the 4 ranks
+    for name in ("straight4", "stopped4"):
+        rows = _rows(tmp_path / name)
+        assert [r["step"] for r in rows] == list(range(1, steps + 1)), name
+        for key in ("loss", "lr", "alignment", "uniformity"):
+            assert [r[key] for r in rows] == [r[key] for r in local], (name, key)
 
 
 # Where `scancel --signal=USR1` sends the stop: the tasks of the job's steps (the ranks), every
