@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_contrast.config import Config, to_dict
+from dist_contrast.errors import CheckpointError
 from dist_contrast.train import preempt
 
 TOP_KEYS = ("knn_top1", "linear_top1", "zeroshot_top1", "i2t_r1", "t2i_r1")
@@ -121,8 +122,13 @@ class SampleKeyLog:
 
     def __init__(self, run_dir: Path, start_step: int, rank: int, world: int) -> None:
         folder = run_dir / "sample_keys"
+        if folder.is_symlink() or folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"'{folder}' is not a folder of this run (a link or a file)")
         folder.mkdir(exist_ok=True)
         path = folder / f"rank_{rank:05d}.jsonl"
+        if path.is_symlink() or path.exists() and not path.is_file():
+            # appending would write through a link or block on a FIFO
+            raise CheckpointError(f"'{path}' is not a regular file: remove it to log sample keys")
         mine = [path]
         if rank == 0:  # the files of ranks past this world (a run resumed on fewer ranks)
             mine += [

@@ -54,6 +54,27 @@ def test_sample_keys_of_a_resume_on_fewer_ranks_hold_each_step_once(tmp_path):
     }
 
 
+def test_sample_keys_refuse_a_link_or_a_fifo(tmp_path):
+    """Appending to a planted FIFO would block the rank; to a link, write outside the run."""
+    import os
+
+    folder = tmp_path / "sample_keys"
+    folder.mkdir()
+    os.mkfifo(folder / "rank_00000.jsonl")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        SampleKeyLog(tmp_path, 0, 0, 1)
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("")
+    (folder / "rank_00001.jsonl").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        SampleKeyLog(tmp_path, 0, 1, 2)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sample_keys").symlink_to(folder)
+    with pytest.raises(CheckpointError, match="not a folder of this run"):
+        SampleKeyLog(other, 0, 0, 1)
+
+
 def test_zero_partitions_resume_on_another_world_unless_incomplete(tmp_path):
     for rank in range(2):
         (tmp_path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
