@@ -17,12 +17,16 @@ from conftest import eight_step_digits_run, run_torchrun
 pytestmark = pytest.mark.slow
 
 
-def _samples(digits_dir) -> int:
+def _shard_keys(digits_dir) -> set[str]:
     keys = set()
     for shard in sorted(digits_dir.glob("train-*.tar")):
         with tarfile.open(shard) as tar:
             keys |= {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
-    return len(keys)
+    return keys
+
+
+def _samples(digits_dir) -> int:
+    return len(_shard_keys(digits_dir))
 
 
 def test_moco_v2_two_ranks_two_workers_resumes_on_three_ranks_one_worker(digits_dir, tmp_path):
@@ -114,8 +118,4 @@ def test_elastic_chain_32_8_16_ranks_through_the_cli(tmp_path_factory):
     assert [len(rows[s]) for s in sorted(rows)] == [32, 32, 8, 8, 16, 16]  # ranks per step
     keys = [k for s in rows for batch in rows[s] for k in batch]
     assert len(keys) == 6 * 64 and len(set(keys)) == len(keys)  # none twice
-    with_shards = set()
-    for shard in sorted(digits.glob("train-*.tar")):
-        with tarfile.open(shard) as tar:
-            with_shards |= {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
-    assert set(keys) <= with_shards
+    assert set(keys) <= _shard_keys(digits)
