@@ -235,6 +235,20 @@ def _benchmarks() -> list[str]:
     return sorted(names)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dist_contrast.config import load_config
+    from dist_contrast.train.plan import plan, table
+
+    if args.gpus < 1:
+        raise UserError(f"plan --gpus must be at least 1, not {args.gpus}")
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise UserError(f"plan --gpu-memory must be positive (GB), not {args.gpu_memory}")
+    cfg = load_config(args.config, args.overrides)
+    result = plan(cfg, args.gpus, args.gpu_memory, args.vocab_size)
+    print(json.dumps(result, indent=1) if args.json else table(result))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Run ``main(ARGS)`` of the benchmark ``dist_contrast_bench.NAME``."""
     module = _bench_module(args.name)
@@ -381,6 +395,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, required=True, help="e.g. 8192")
     t.add_argument("--out", required=True, help="tokenizer.json to write")
     t.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser("plan", help="memory and communication per GPU of a config on N GPUs")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-memory", type=float, default=None, help="GB per GPU: the largest batch")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=49408,
+        help="text vocabulary when the config's tokenizer file is not here (default: OpenAI's)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser(
         "bench", help="run a benchmark of dist_contrast_bench (prints a table, writes JSON)"
