@@ -12,11 +12,41 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+STALE_LOCK_S = 180.0  # a build of the shm op takes 20-60 s on 2 cores; a no-op check under 1 s
+
+
+def clear_stale_build_locks(root: str, stale_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> None:
+    """Remove the ``lock`` files of torch's extension builds under ``root`` that no build holds.
+
+    Every process that loads DeepSpeed's CPU comm op takes ``<root>/<op>/lock`` while ninja
+    checks the build (torch's FileBaton: a plain file, no owner), and a process killed in that
+    second (torchrun ending the ranks of a failed start) leaves it: every later start then waits
+    on it forever. A lock ``stale_s`` old is left over (no build takes that long); a younger
+    one is waited on until it goes or reaches that age."""
+    for lock in sorted(Path(root).glob("*/lock")):
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                break  # the build that held it finished
+            if age >= stale_s:
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                print(
+                    f"dist-contrast: removed {lock}, left {age:.0f} s ago by a build that was "
+                    "killed (it would make this start wait forever)",
+                    file=sys.stderr,
+                )
+                break
+            time.sleep(min(poll_s, stale_s - age))
 
 
 def configure_accelerator() -> str:
@@ -41,6 +71,8 @@ def configure_accelerator() -> str:
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get("DS_ACCELERATOR") == "cpu" and "TORCH_EXTENSIONS_DIR" in os.environ:
+        clear_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
     return os.environ.get("DS_ACCELERATOR", "cuda")
 
 

@@ -1,0 +1,123 @@
+"""``dist-contrast bench plan_scaling``: the planner's tables of docs/scaling.md.
+
+CLIP ViT-B/16 (configs/image_text/clip_vit_b16.yaml) and ViT-L/14 (the same with OpenAI's
+ViT-L/14 sizes) at global batches 32k, 64k, 256k and 1M on 8 to 1,024 GPUs of 80 GB, with the
+local loss and the tiled one: memory per GPU, the largest batch that fits, the bytes a rank
+sends per step and, at 400 Gb/s per node (8 GPUs), the time they take. Each model's
+activations are counted once (a few minutes on a CPU for ViT-L/14).
+
+    dist-contrast bench plan_scaling [--out bench/results/scaling.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from dist_contrast.config import load_config
+from dist_contrast.train.plan import GIB, largest_batch, plan_for, read_model
+
+B16 = "configs/image_text/clip_vit_b16.yaml"
+MODELS = {
+    "ViT-B/16": (B16, []),
+    "ViT-L/14": (
+        B16,
+        [
+            *("model.vit_width=1024", "model.vit_depth=24", "model.vit_heads=16"),
+            *("model.patch_size=14", "model.proj_dim=768"),
+            *("text.width=768", "text.layers=12", "text.heads=12"),
+        ],
+    ),
+}
+GPUS = [8, 64, 256, 1024]
+BATCHES = [32_768, 65_536, 262_144, 1_048_576]
+MEMORY_GB = 80
+NODE_BYTES_PER_S = 400e9 / 8  # 400 Gb/s per node: the link a ring crosses between nodes
+
+
+def rows_for(name: str, config: str, overrides: list[str]) -> dict:
+    cfg = load_config(config, overrides)
+    print(f"{name}: counting activations ...", file=sys.stderr, flush=True)
+    model = read_model(cfg, vocab_size=49408)
+    ckpt_cfg = load_config(config, [*overrides, "model.activation_checkpointing=true"])
+    ckpt = read_model(ckpt_cfg, vocab_size=49408)
+
+    def loss(c, tiled: bool):
+        return dataclasses.replace(c, loss=dataclasses.replace(c.loss, memory_efficient=tiled))
+
+    variants = {  # name: (config, model)
+        "local": (loss(cfg, False), model),
+        "tiled": (loss(cfg, True), model),
+        "tiled_ckpt": (loss(ckpt_cfg, True), ckpt),
+    }
+    out = {"model": name, "trainable": model.trainable, "per_sample": model.per_sample}
+    out["per_sample_ckpt"] = ckpt.per_sample
+    out["rows"] = []
+    out["largest"] = {
+        v: {w: largest_batch(c, m, w, MEMORY_GB * 1e9) for w in GPUS}
+        for v, (c, m) in variants.items()
+    }
+    for w in GPUS:
+        for batch in BATCHES:
+            n = batch // w
+            row = {"gpus": w, "global_batch": batch, "per_gpu": n}
+            for v, (c, m) in variants.items():
+                r = plan_for(c, m, w, n, None)
+                row[v] = r["total_bytes"]
+                row[f"{v}_terms"] = {t["name"]: t["bytes"] for t in r["terms"]}
+            row["sent"] = r["comm_bytes"]
+            row["wire"] = r["wire_bytes"]
+            row["comm"] = {t["name"]: t["bytes"] for t in r["comm"]}
+            out["rows"].append(row)
+    return out
+
+
+def markdown(t: dict) -> str:
+    lines = [
+        f"### CLIP {t['model']}: {t['trainable']:,} parameters, "
+        f"{t['per_sample'] / 2**20:.1f} MiB of activations per sample in bf16 "
+        f"({t['per_sample_ckpt'] / 2**20:.1f} with activation checkpointing)",
+        "",
+        "| GPUs | global batch | per GPU | GiB/GPU: local loss | tiled | tiled + act. ckpt | "
+        "sent/rank/step (GiB) | on the wire (GiB) | time at 400 Gb/s/node (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in t["rows"]:
+
+        def mem(v):
+            s = f"{v / GIB:.1f}"
+            return s if v <= MEMORY_GB * 1e9 else f"{s} (no)"
+
+        time = f"{r['wire'] / NODE_BYTES_PER_S:.2f}" if r["gpus"] > 8 else "one node"
+        lines.append(
+            f"| {r['gpus']:,} | {r['global_batch']:,} | {r['per_gpu']:,} | {mem(r['local'])} | "
+            f"{mem(r['tiled'])} | {mem(r['tiled_ckpt'])} | {r['sent'] / GIB:.2f} | "
+            f"{r['wire'] / GIB:.2f} | {time} |"
+        )
+    lines += ["", f"Largest global batch in {MEMORY_GB} GB per GPU:", ""]
+    lines += ["| GPUs | local loss | tiled | tiled + act. ckpt |", "|---:|---:|---:|---:|"]
+    for w in GPUS:
+        cells = [t["largest"][v][w] for v in ("local", "tiled", "tiled_ckpt")]
+        lines.append(f"| {w:,} | " + " | ".join(f"{n * w:,} ({n:,}/GPU)" for n in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dist-contrast bench plan_scaling", description=__doc__)
+    parser.add_argument("--out", default="bench/results/scaling.json")
+    parser.add_argument("--model", action="append", choices=sorted(MODELS), help="default: all")
+    args = parser.parse_args(argv)
+    tables = [rows_for(name, *MODELS[name]) for name in args.model or MODELS]
+    for t in tables:
+        print(markdown(t) + "\n", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(tables, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
