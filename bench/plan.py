@@ -52,6 +52,11 @@ CASES = {  # name: (world, config, overrides); the six of issue 29, point 4
             "deepspeed.raw={zero_optimization: {stage3_param_persistence_threshold: 10000}}",
         ],
     ),
+    "clip-vit-cached-accumulation-w2-zero2": (
+        2,
+        "configs/clip_vit_digits.yaml",
+        ["train.accumulation=4", *BYTES],
+    ),
     "clip-resnet-queues-w4-zero2": (
         4,
         "configs/clip_digits.yaml",
@@ -157,6 +162,19 @@ def _dtype(cfg):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.deepspeed.precision]
 
 
+def one_step(engine, batch: dict, train):
+    """One optimizer step as ``Trainer._optimizer_step`` takes it (accumulation included)."""
+    from dist_contrast.train.accumulate import cached_step, plain_step
+
+    if train.accumulation == 1:
+        out = engine(batch)
+        engine.backward(out.loss)
+        engine.step()
+        return out
+    accumulate = cached_step if train.accumulation_mode == "cached" else plain_step
+    return accumulate(engine, batch, train.accumulation)
+
+
 def probe(config: str, overrides: list[str]) -> None:
     """One rank of a case (under torchrun): measure, count, and print rank 0's JSON line."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -179,12 +197,10 @@ def probe(config: str, overrides: list[str]) -> None:
     torch.manual_seed(cfg.run.seed)
     engine, _, _ = wrap(build_method(cfg), cfg, env.world_size)
     batch = example_batch(cfg, cfg.train.batch_size, _dtype(cfg))
-    for step in range(3):
-        counter.on = step == 2
+    for i in range(3):
+        counter.on = i == 2
         with distributed.equal_rows():
-            out = engine(batch)
-            engine.backward(out.loss)
-        engine.step()
+            out = one_step(engine, batch, cfg.train)
         counter.on = False
         del out
     peak = _status("VmHWM") - base

@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 
 from dist_contrast.config import load_config
-from dist_contrast.train.plan import GIB, largest_batch, plan_for, read_model
+from dist_contrast.train.plan import (
+    GIB,
+    largest_batch,
+    memory_terms,
+    plan_for,
+    read_model,
+    total,
+)
 
 B16 = "configs/image_text/clip_vit_b16.yaml"
 MODELS = {
@@ -36,6 +43,25 @@ GPUS = [8, 64, 256, 1024]
 BATCHES = [32_768, 65_536, 262_144, 1_048_576]
 MEMORY_GB = 80
 NODE_BYTES_PER_S = 400e9 / 8  # 400 Gb/s per node: the link a ring crosses between nodes
+MICRO = 256  # samples per micro-batch under cached accumulation
+ACHIEVED_FLOPS = 400e12  # bf16 per H100, 40% of the 989 TFLOP/s dense peak: an assumption
+
+
+def flops_per_sample(cfg) -> float:
+    """Forward + backward FLOPs of one sample of the config's method (torch's FLOP counter over
+    two samples, halved; the byte tokenizer, as an embedding lookup counts none), for the
+    compute time a step's communication is set against."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dist_contrast.methods import build_method
+    from dist_contrast.train.plan import example_batch
+
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer="bytes"))
+    method = build_method(cfg)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        method(example_batch(cfg, 2)).loss.backward()
+    return counter.get_total_flops() / 2
 
 
 def rows_for(name: str, config: str, overrides: list[str]) -> dict:
@@ -54,11 +80,15 @@ def rows_for(name: str, config: str, overrides: list[str]) -> dict:
         "tiled_ckpt": (loss(ckpt_cfg, True), ckpt),
     }
     out = {"model": name, "trainable": model.trainable, "per_sample": model.per_sample}
+    out["flops_per_sample"] = flops_per_sample(cfg)
     out["per_sample_ckpt"] = ckpt.per_sample
     out["rows"] = []
     out["largest"] = {
         v: {w: largest_batch(c, m, w, MEMORY_GB * 1e9) for w in GPUS}
         for v, (c, m) in variants.items()
+    }
+    out["largest"]["tiled_cached"] = {
+        w: largest_cached(loss(cfg, True), model, w, MEMORY_GB * 1e9) for w in GPUS
     }
     for w in GPUS:
         for batch in BATCHES:
@@ -68,6 +98,7 @@ def rows_for(name: str, config: str, overrides: list[str]) -> dict:
                 r = plan_for(c, m, w, n, None)
                 row[v] = r["total_bytes"]
                 row[f"{v}_terms"] = {t["name"]: t["bytes"] for t in r["terms"]}
+            row["compute_s"] = n * out["flops_per_sample"] / ACHIEVED_FLOPS
             row["sent"] = r["comm_bytes"]
             row["wire"] = r["wire_bytes"]
             row["comm"] = {t["name"]: t["bytes"] for t in r["comm"]}
@@ -75,15 +106,34 @@ def rows_for(name: str, config: str, overrides: list[str]) -> dict:
     return out
 
 
+def largest_cached(cfg, model, gpus: int, budget: float, micro: int = MICRO) -> int:
+    """The largest batch per GPU under cached accumulation (GradCache) in micro-batches of
+    ``micro``: the activations stay a micro-batch's, the loss and the embeddings grow."""
+
+    def fits(k: int) -> bool:
+        train = dataclasses.replace(cfg.train, accumulation=k, accumulation_mode="cached")
+        c = dataclasses.replace(cfg, train=train)
+        return total(memory_terms(c, model, k * micro, gpus)) <= budget
+
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * micro
+
+
 def markdown(t: dict) -> str:
     lines = [
         f"### CLIP {t['model']}: {t['trainable']:,} parameters, "
         f"{t['per_sample'] / 2**20:.1f} MiB of activations per sample in bf16 "
-        f"({t['per_sample_ckpt'] / 2**20:.1f} with activation checkpointing)",
+        f"({t['per_sample_ckpt'] / 2**20:.1f} with activation checkpointing), "
+        f"{t['flops_per_sample'] / 1e9:.0f} GFLOP per sample (forward + backward)",
         "",
         "| GPUs | global batch | per GPU | GiB/GPU: local loss | tiled | tiled + act. ckpt | "
-        "sent/rank/step (GiB) | on the wire (GiB) | time at 400 Gb/s/node (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "sent/rank/step (GiB) | on the wire (GiB) | comm at 400 Gb/s/node (s) | compute (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in t["rows"]:
 
@@ -95,12 +145,16 @@ def markdown(t: dict) -> str:
         lines.append(
             f"| {r['gpus']:,} | {r['global_batch']:,} | {r['per_gpu']:,} | {mem(r['local'])} | "
             f"{mem(r['tiled'])} | {mem(r['tiled_ckpt'])} | {r['sent'] / GIB:.2f} | "
-            f"{r['wire'] / GIB:.2f} | {time} |"
+            f"{r['wire'] / GIB:.2f} | {time} | {r['compute_s']:.3f} |"
         )
     lines += ["", f"Largest global batch in {MEMORY_GB} GB per GPU:", ""]
-    lines += ["| GPUs | local loss | tiled | tiled + act. ckpt |", "|---:|---:|---:|---:|"]
+    lines += [
+        f"| GPUs | local loss | tiled | tiled + act. ckpt | tiled + cached accumulation "
+        f"(micro-batches of {MICRO}) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for w in GPUS:
-        cells = [t["largest"][v][w] for v in ("local", "tiled", "tiled_ckpt")]
+        cells = [t["largest"][v][w] for v in ("local", "tiled", "tiled_ckpt", "tiled_cached")]
         lines.append(f"| {w:,} | " + " | ".join(f"{n * w:,} ({n:,}/GPU)" for n in cells) + " |")
     return "\n".join(lines)
 

@@ -83,6 +83,7 @@ class Model:
     dim: int  # embedding width D
     per_sample: float  # activation bytes per sample (see module docstring)
     vocab_note: str = ""
+    loss_params: int = 0  # trainable elements of the loss (a learnable temperature)
 
     @property
     def trainable(self) -> int:
@@ -247,7 +248,8 @@ def read_model(cfg: Config, vocab_size: int) -> Model:
     per_sample = activation_bytes_per_sample(cfg, method, torch.float32)
     if dtype != torch.float32:
         per_sample *= half_precision_ratio(cfg, dtype)
-    return Model(groups, sizes, frozen, dim, per_sample, note)
+    loss_params = sum(p.numel() for p in method.loss_parameters() if p.requires_grad)
+    return Model(groups, sizes, frozen, dim, per_sample, note, loss_params)
 
 
 def loss_terms(cfg: Config, n: int, world: int, dim: int) -> list[Term]:
@@ -301,6 +303,13 @@ def collective_layout(cfg: Config) -> tuple[int, int]:
     directions over a sharded queue) of the config's method, for the methods whose calls
     ``dist-contrast bench plan`` has counted; the others are refused, not guessed."""
     m = cfg.method.name
+    if cfg.train.accumulation > 1 and (
+        cfg.train.accumulation_mode == "plain" or cfg.deepspeed.zero_stage == 3
+    ):
+        raise UserError(
+            "plan: the collectives of plain accumulation, and of accumulation under ZeRO-3, on "
+            "several GPUs are not modelled yet (cached accumulation under ZeRO 0-2 is)"
+        )
     if m == "clip" and cfg.loss.name == "clip":
         return (4, 2) if cfg.method.queues else (2, 0)
     if m == "simclr":
@@ -354,8 +363,12 @@ def comm_terms(cfg: Config, m: Model, n: int, world: int) -> list[Term]:
             Term("queue log-sum-exp exchange", 2 * dlse * big_n * 4, how, kind="all_reduce")
         )
     if stage < 3:
-        how = f"{m.trainable:,} x {half} B"
-        rows.append(Term("gradient all-reduce", half * m.trainable, how, kind="all_reduce"))
+        # ZeRO-2 reduces at every micro-batch of accumulation, ZeRO 0-1 at the step's last; the
+        # loss's parameters get their gradient in the first micro-batch only (cached)
+        times = cfg.train.accumulation if stage == 2 else 1
+        elements = m.trainable * times - m.loss_params * (times - 1)
+        how = f"{m.trainable:,} x {half} B" + (f" x {times} micro-batches" if times > 1 else "")
+        rows.append(Term("gradient all-reduce", half * elements, how, kind="all_reduce"))
         norms = len(m.groups) if stage else 1
         rows.append(Term("gradient norm", 4 * norms, f"{norms} x 4 B", kind="all_reduce"))
     if stage in (1, 2) and world > 1:  # one rank updates everything: nothing to gather
@@ -380,12 +393,32 @@ def comm_terms(cfg: Config, m: Model, n: int, world: int) -> list[Term]:
 
 
 def memory_terms(cfg: Config, m: Model, n: int, world: int) -> list[Term]:
-    """Per-GPU bytes of the config at ``n`` samples per GPU on ``world`` GPUs."""
+    """Per-GPU bytes of the config at ``n`` samples per GPU on ``world`` GPUs.
+
+    With ``train.accumulation`` A, the activations are a micro-batch's (n / A); cached
+    accumulation (GradCache) keeps the loss of all n and the n embeddings with their gradients,
+    plain accumulation a micro-batch's loss. The cached loss and the micro-batches' activations
+    are not live at once; both are counted (an upper bound by the smaller of the two)."""
+    parts, cached = cfg.train.accumulation, cfg.train.accumulation_mode == "cached"
+    micro = n // parts
     terms = model_state_terms(cfg, m, world) + queue_terms(cfg, world, m.dim)
+    how = f"{m.per_sample / 2**20:.2f} MiB / sample x {micro}"
     terms.append(
-        Term("activations", m.per_sample * n, f"{m.per_sample / 2**20:.2f} MiB / sample x {n}")
+        Term("activations", m.per_sample * micro, how + (f" (n / {parts})" if parts > 1 else ""))
     )
-    return terms + loss_terms(cfg, n, world, m.dim)
+    if parts > 1 and cached:
+        g = embedded_tensors(cfg)
+        how = f"{g} x [{n}, {m.dim}] fp32 + grad"
+        terms.append(Term("cached embeddings", 2 * 4 * n * m.dim * g, how))
+    return terms + loss_terms(cfg, n if cached else micro, world, m.dim)
+
+
+def embedded_tensors(cfg: Config) -> int:
+    """[n, D] embeddings the method makes per step (the cached ones of GradCache)."""
+    name = cfg.method.name
+    if name == "clip":
+        return 4 if cfg.method.queues else 2
+    return cfg.data.views if name == "simclr" else 2
 
 
 def total(terms: list[Term], resident: bool = False) -> float:
