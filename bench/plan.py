@@ -33,7 +33,7 @@ from pathlib import Path
 
 # the CLIP configs' BPE file is made by `make data`, not tracked: the byte tokenizer instead
 BYTES = ["data.tokenizer=bytes", "data.tokenizer_path="]
-CASES = {  # name: (world, config, overrides); the six of issue 29, point 4
+CASES = {  # name: (world, config, overrides): ResNet and ViT, CLIP/SimCLR/MoCo, ZeRO 0/2/3
     "simclr-resnet-w1-zero2": (1, "configs/simclr_digits.yaml", ["train.batch_size=256"]),
     "clip-vit-w1-zero2": (1, "configs/clip_vit_digits.yaml", ["train.batch_size=256", *BYTES]),
     "moco-resnet-w2-zero2": (2, "configs/moco_v2_digits.yaml", []),

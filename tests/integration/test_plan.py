@@ -1,10 +1,10 @@
 """``dist-contrast plan`` (dist_contrast/train/plan.py) against real engine steps and known
 figures.
 
-- memory: for six configs (ResNet and ViT towers; CLIP, SimCLR, MoCo; ZeRO 0, 2, 3; the tiled
-  loss on and off; W = 1, 2, 4) the planner's per-rank total within 15% of the RSS peak of
-  building the DeepSpeed engine and running its steps (``dist-contrast bench plan``, which the
-  figures of docs/scaling.md come from);
+- memory: for seven configs (ResNet and ViT towers; CLIP, SimCLR, MoCo; ZeRO 0, 2, 3; the tiled
+  loss on and off; cached accumulation; W = 1, 2, 4) the planner's per-rank total within 15% of
+  the RSS peak of building the DeepSpeed engine and running its steps (``dist-contrast bench
+  plan``, which the figures of docs/scaling.md come from);
 - communication: the bytes the planner says a rank sends equal, to the byte, the bytes handed
   to ``torch.distributed`` collectives in a step (every call counted);
 - the CLI: the issue's command prints the table; CLIP ViT-B/16 with OpenAI's vocabulary has
