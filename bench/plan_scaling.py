@@ -87,8 +87,8 @@ def rows_for(name: str, config: str, overrides: list[str]) -> dict:
         v: {w: largest_batch(c, m, w, MEMORY_GB * 1e9) for w in GPUS}
         for v, (c, m) in variants.items()
     }
-    out["largest"]["tiled_cached"] = {
-        w: largest_cached(loss(cfg, True), model, w, MEMORY_GB * 1e9) for w in GPUS
+    out["largest"]["tiled_ckpt_cached"] = {
+        w: largest_cached(loss(ckpt_cfg, True), ckpt, w, MEMORY_GB * 1e9) for w in GPUS
     }
     for w in GPUS:
         for batch in BATCHES:
@@ -149,12 +149,12 @@ def markdown(t: dict) -> str:
         )
     lines += ["", f"Largest global batch in {MEMORY_GB} GB per GPU:", ""]
     lines += [
-        f"| GPUs | local loss | tiled | tiled + act. ckpt | tiled + cached accumulation "
-        f"(micro-batches of {MICRO}) |",
+        f"| GPUs | local loss | tiled | tiled + act. ckpt | tiled + act. ckpt + cached "
+        f"accumulation (micro-batches of {MICRO}) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for w in GPUS:
-        cells = [t["largest"][v][w] for v in ("local", "tiled", "tiled_ckpt", "tiled_cached")]
+        cells = [t["largest"][v][w] for v in ("local", "tiled", "tiled_ckpt", "tiled_ckpt_cached")]
         lines.append(f"| {w:,} | " + " | ".join(f"{n * w:,} ({n:,}/GPU)" for n in cells) + " |")
     return "\n".join(lines)
 
