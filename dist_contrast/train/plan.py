@@ -13,14 +13,17 @@ Per GPU, for the config on W GPUs (n = ``train.batch_size`` per GPU, N = n W):
   no-grad forwards and activation checkpointing included as they happen;
 - **the loss**: the local logits [n, N] and their gradient (per direction of CLIP), or the
   tiles [n, tile] under ``loss.memory_efficient``; the gathered features [N, D] and gradient;
-- **queues**: each rank's shard, K / W rows of D float32.
+- **queues**: each rank's shard, K / W rows of D float32;
+- **accumulation** (``train.accumulation``): a micro-batch's activations; cached accumulation
+  keeps the whole batch's loss and its embeddings with their gradients.
 
 Communication per step, the bytes this rank hands to collectives: the feature all-gathers and
 the backward's all-reduce of the gathered gradient, the gradient reduction (all-reduce under
 ZeRO 0-2, reduce-scatter under 3), the updated partitions all-gathered (ZeRO 1-3), the queues'
 log-sum-exp exchange. ``dist-contrast bench plan`` checks these figures against real steps:
-memory within 15% of the RSS peak, communication to the byte (counted calls); methods whose
-collectives it has not checked (BYOL, SupCon, the bank) are refused rather than guessed.
+memory within 15% of the RSS peak, communication to the byte (counted calls). On several GPUs
+what it has not counted (BYOL, SupCon, the bank, SigLIP; plain accumulation, accumulation under
+ZeRO-3) is refused rather than guessed. docs/scaling.md has the tables and the limits.
 """
 
 from __future__ import annotations
