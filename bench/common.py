@@ -7,9 +7,10 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from dist_contrast.train.plan import profiled_peak_bytes  # noqa: F401  (the benches' import)
 
 RESULTS_DIR = Path("bench", "results")
 
@@ -45,20 +46,6 @@ def sync(dev: torch.device) -> None:
     """Wait for the device's queued work (CUDA); nothing to do on CPU."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def profiled_peak_bytes(prof: Any) -> int | None:
-    """Peak of live tensor bytes in a finished ``torch.profiler.profile(profile_memory=True)``,
-    from replaying its allocation and free events; None on a torch without these internals."""
-    try:
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    except (AttributeError, RuntimeError):
-        return None
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def write_json(path: str | Path, result: dict) -> Path:

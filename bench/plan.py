@@ -31,6 +31,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from dist_contrast_bench.common import default_out, write_json
+
 # the CLIP configs' BPE file is made by `make data`, not tracked: the byte tokenizer instead
 BYTES = ["data.tokenizer=bytes", "data.tokenizer_path="]
 CASES = {  # name: (world, config, overrides): ResNet and ViT, CLIP/SimCLR/MoCo, ZeRO 0/2/3
@@ -264,7 +266,7 @@ def measure(name: str, timeout: float = 600) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-contrast bench plan", description=__doc__)
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: all")
-    parser.add_argument("--out", default="bench/results/plan.json")
+    parser.add_argument("--out", default=default_out("plan.json"))
     parser.add_argument("--probe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
@@ -285,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['planned_sent_bytes']:,} / {r['counted_sent_bytes']:,} {same} |",
             flush=True,
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, rows)}")
     return 0
 
 

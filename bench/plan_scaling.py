@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 from dist_contrast.config import load_config
 from dist_contrast.train.plan import (
@@ -26,6 +24,7 @@ from dist_contrast.train.plan import (
     read_model,
     total,
 )
+from dist_contrast_bench.common import default_out, write_json
 
 B16 = "configs/image_text/clip_vit_b16.yaml"
 MODELS = {
@@ -161,15 +160,13 @@ def markdown(t: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-contrast bench plan_scaling", description=__doc__)
-    parser.add_argument("--out", default="bench/results/scaling.json")
+    parser.add_argument("--out", default=default_out("scaling.json"))
     parser.add_argument("--model", action="append", choices=sorted(MODELS), help="default: all")
     args = parser.parse_args(argv)
     tables = [rows_for(name, *MODELS[name]) for name in args.model or MODELS]
     for t in tables:
         print(markdown(t) + "\n", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(tables, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, tables)}")
     return 0
 
 

@@ -174,9 +174,21 @@ def step_peak_bytes(method: torch.nn.Module, batch: dict) -> int:
             prof.stop()
     for p in method.parameters():
         p.grad = None
-    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    peak = profiled_peak_bytes(prof)
+    if peak is None:
+        raise RuntimeError("plan: this torch's profiler keeps no allocation records")
+    return peak
+
+
+def profiled_peak_bytes(prof) -> int | None:
+    """Peak of live tensor bytes in a finished ``torch.profiler.profile(profile_memory=True)``,
+    from replaying its allocation and free events; None on a torch without these internals."""
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except (AttributeError, RuntimeError):
+        return None
     live = peak = 0
-    for e in sorted(records, key=lambda e: e.start_ns()):
+    for e in sorted(events, key=lambda e: e.start_ns()):
         live += e.nbytes()
         peak = max(peak, live)
     return peak
