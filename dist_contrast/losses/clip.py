@@ -95,8 +95,46 @@ def _full_matrix_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-class ClipLoss(nn.Module):
-    """:func:`clip_loss` with the learnable ``logit_scale`` (log of 1/T, init log(1/0.07))."""
+class ImageTextLoss(nn.Module):
+    """What CLIP's and SigLIP's modules share: the learnable logit scale (the log of the factor
+    the logits are multiplied by), with ``init_bias`` SigLIP's logit bias, and the gather of the
+    other side's features from every rank (``gather`` "all" or "off"). The one place the scale
+    and the bias are held: the trainer (:mod:`dist_contrast.methods.clip`) uses these modules.
+
+    One-element parameters, not 0-dim: DeepSpeed broadcasts parameters as byte views, which a
+    0-dim tensor cannot give. ``max_scale`` clamps the scale (CLIP); None leaves it free."""
+
+    def __init__(
+        self,
+        init_log_scale: float,
+        gather: str,
+        *,
+        init_bias: float | None = None,
+        max_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        check_finite(init_log_scale, "init_log_scale")
+        if max_scale is not None:
+            check_positive(max_scale, "max_scale")
+        check_gather(gather)
+        self.gather, self.max_scale = gather, max_scale
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_log_scale)))
+        if init_bias is not None:
+            check_finite(init_bias, "init_bias")
+            self.logit_bias = nn.Parameter(torch.full((1,), float(init_bias)))
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit scale), clamped at ``max_scale`` where there is one."""
+        s = self.logit_scale[0].exp()
+        return s if self.max_scale is None else s.clamp(max=self.max_scale)
+
+    def negatives_per_query(self, n_local: int, world: int) -> int:
+        return n_local * (world if self.gather == "all" else 1) - 1
+
+
+class ClipLoss(ImageTextLoss):
+    """:func:`clip_loss` with the learnable ``logit_scale`` (log of 1/T, init log(1/0.07)),
+    the one module CLIP's trainer (:mod:`dist_contrast.methods.clip`) uses too."""
 
     def __init__(
         self,
@@ -107,28 +145,21 @@ class ClipLoss(nn.Module):
         tile: int | None = None,
         local: bool = True,
     ) -> None:
-        super().__init__()
         check_positive(init_temperature, "init_temperature")
-        check_positive(max_scale, "max_scale")
-        check_gather(gather)
+        super().__init__(math.log(1 / init_temperature), gather, max_scale=max_scale)
         check_tiling(memory_efficient, tile)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
-        self.max_scale, self.gather = max_scale, gather
-        self.memory_efficient, self.tile, self.local = memory_efficient, tile, local
         if not local and memory_efficient:
             raise ValueError("local=False scores the full matrix: it cannot be tiled")
+        self.memory_efficient, self.tile, self.local = memory_efficient, tile, local
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return clip_loss(
             image,
             text,
-            self.logit_scale,
+            self.logit_scale[0],
             self.max_scale,
             self.gather,
             memory_efficient=self.memory_efficient,
             tile=self.tile,
             local=self.local,
         )
-
-    def negatives_per_query(self, n_local: int, world: int) -> int:
-        return n_local * (world if self.gather == "all" else 1) - 1

@@ -6,10 +6,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dist_contrast.losses.checks import check_finite, check_gather
-from dist_contrast.losses.clip import check_pair
+from dist_contrast.losses.clip import ImageTextLoss, check_pair
 from dist_contrast.losses.kernels.numerics import fp32_region, normalize, upcast
 from dist_contrast.losses.reduce import gather, global_mean
 
@@ -60,7 +59,7 @@ def siglip_loss(
         return global_mean(total, all_txt.shape[0], use_gather)
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(ImageTextLoss):
     """:func:`siglip_loss` with learnable ``logit_scale`` (init log 10) and ``logit_bias``
     (init -10), as in the SigLIP paper."""
 
@@ -71,17 +70,12 @@ class SigLipLoss(nn.Module):
         gather: str = "all",
         local: bool = True,
     ) -> None:
-        super().__init__()
         if not check_finite(init_scale, "init_scale") > 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
-        check_finite(init_bias, "init_bias")
-        check_gather(gather)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
-        self.gather, self.local = gather, local
+        super().__init__(math.log(init_scale), gather, init_bias=init_bias)
+        self.local = local
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return siglip_loss(image, text, self.logit_scale, self.logit_bias, self.gather, self.local)
-
-    def negatives_per_query(self, n_local: int, world: int) -> int:
-        return n_local * (world if self.gather == "all" else 1) - 1
+        return siglip_loss(
+            image, text, self.logit_scale[0], self.logit_bias[0], self.gather, self.local
+        )

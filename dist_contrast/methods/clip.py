@@ -27,14 +27,12 @@ scale learn. Starting weights come from ``model.init_from`` (:mod:`dist_contrast
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from dist_contrast.config import Config, LossConfig
 from dist_contrast.data.tokenizer import tokenizer_for
-from dist_contrast.losses import clip_loss, siglip_loss
+from dist_contrast.losses import ClipLoss, SigLipLoss
 from dist_contrast.methods.base import LossOutput, Method, Pending, agreed, calls_per_step
 from dist_contrast.methods.momentum import ema_update, make_target, scheduled_momentum
 from dist_contrast.models import towers
@@ -43,41 +41,19 @@ from dist_contrast.negatives import ShardedQueue
 from dist_contrast.negatives.queue import queue_clip_loss, reshard_phrase
 
 
-class Objective(nn.Module):
-    """CLIP's or SigLIP's loss with its learnable logit scale (and SigLIP's bias) held as
-    one-element parameters (DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor
-    cannot give)."""
-
-    def __init__(self, name: str, loss: LossConfig) -> None:
-        super().__init__()
-        self.name, self.gather, self.max_scale = name, loss.gather, loss.max_scale
-        self.local = loss.logits == "local"
-        self.memory_efficient = loss.memory_efficient
-        self.tile = loss.tile if loss.memory_efficient else None
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / loss.temperature)))
-        if name == "siglip":
-            self.logit_bias = nn.Parameter(torch.full((1,), float(loss.init_bias)))
-
-    def scale(self) -> torch.Tensor:
-        """exp(logit scale), CLIP's clamped at ``max_scale``."""
-        s = self.logit_scale[0].exp()
-        return s.clamp(max=self.max_scale) if self.name == "clip" else s
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        if self.name == "siglip":
-            return siglip_loss(
-                image, text, self.logit_scale[0], self.logit_bias[0], self.gather, self.local
-            )
-        return clip_loss(
-            image,
-            text,
-            self.logit_scale[0],
-            self.max_scale,
-            self.gather,
-            memory_efficient=self.memory_efficient,
-            tile=self.tile,
-            local=self.local,
-        )
+def objective(loss: LossConfig) -> ClipLoss | SigLipLoss:
+    """CLIP's or SigLIP's loss module (``loss.name``) for the config: it holds the learnable
+    logit scale, initialised at 1 / ``loss.temperature`` (and SigLIP's bias)."""
+    if loss.name == "siglip":
+        return SigLipLoss(1 / loss.temperature, loss.init_bias, loss.gather, loss.logits == "local")
+    return ClipLoss(
+        loss.temperature,
+        loss.max_scale,
+        loss.gather,
+        loss.memory_efficient,
+        loss.tile if loss.memory_efficient else None,
+        loss.logits == "local",
+    )
 
 
 class MomentumQueues(nn.Module):
@@ -110,7 +86,7 @@ class CLIP(Method):
         self,
         image: Tower,
         text: Tower,
-        criterion: Objective,
+        criterion: ClipLoss | SigLipLoss,
         queues: MomentumQueues | None = None,
         *,
         momentum: float = 0.995,
@@ -241,14 +217,13 @@ class CLIP(Method):
 
 
 def build(cfg: Config) -> CLIP:
-    name = cfg.loss.name  # clip or siglip (methods.registry)
     d, loss, m = cfg.data, cfg.loss, cfg.method
     tokenizer = tokenizer_for(d)  # the config check makes it a real one
     image_encoder = towers.image_encoder(cfg)  # both encoders, then both projections: the
     text_encoder = towers.text_encoder(cfg, tokenizer.vocab_size, tokenizer.eot_id)  # RNG order
     image, text = Tower(image_encoder, cfg.model.proj_dim), Tower(text_encoder, cfg.model.proj_dim)
-    criterion = Objective(name, loss)
-    tile = criterion.tile
+    criterion = objective(loss)
+    tile = loss.tile if loss.memory_efficient else None
     queues = None
     if m.queues:
         queues = MomentumQueues(image, text, m.queue_size, cfg.run.seed, tile, calls_per_step(cfg))

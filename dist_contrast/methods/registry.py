@@ -140,13 +140,13 @@ def build_heads(cfg: Config, image_dim: int, text_dim: int | None = None) -> nn.
     encoder of ``text_dim``), without the encoders, momentum copies, queues or bank."""
     name, model = cfg.method.name, cfg.model
     if spec(name).image_text:
-        from dist_contrast.methods.clip import Objective
+        from dist_contrast.methods.clip import objective
 
         return nn.ModuleDict(
             {
                 "image_proj": nn.Linear(image_dim, model.proj_dim, bias=False),
                 "text_proj": nn.Linear(text_dim or 0, model.proj_dim, bias=False),
-                "criterion": Objective(cfg.loss.name, cfg.loss),
+                "criterion": objective(cfg.loss),
             }
         )
     if name == "instdisc":

@@ -1,4 +1,4 @@
-"""Rank-local state re-sharded on resume with another number of ranks (issue 19, point 2).
+"""Rank-local state re-sharded on resume with another number of ranks (an elastic resume).
 
 The old world's shards are built in one process with explicit ``world``/``rank``, filled with
 distinct keys (pointers at different places, one ring wrapped around), saved, and loaded by
@@ -14,7 +14,7 @@ from torch import nn
 from dist_contrast.config import LossConfig
 from dist_contrast.losses.kernels.numerics import normalize
 from dist_contrast.methods.base import Method
-from dist_contrast.methods.clip import CLIP, MomentumQueues, Objective
+from dist_contrast.methods.clip import CLIP, MomentumQueues, objective
 from dist_contrast.methods.instdisc import InstDisc
 from dist_contrast.methods.moco import MoCoV2
 from dist_contrast.models.towers import Tower
@@ -203,7 +203,7 @@ def _clip(world: int, rank: int) -> CLIP:
     torch.manual_seed(0)
     image, text = Tower(_Encoder(3, 5), D), Tower(_Encoder(3, 5), D)
     queues = MomentumQueues(image, text, K, 0, None, 1, world=world, rank=rank)
-    return CLIP(image, text, Objective("clip", LossConfig(name="clip")), queues)
+    return CLIP(image, text, objective(LossConfig(name="clip")), queues)
 
 
 def _instdisc(world: int, rank: int) -> InstDisc:
