@@ -32,12 +32,43 @@ def _trust(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.ones_like(num))
 
 
-class LARS(torch.optim.Optimizer):
+class _LayerAdapted(torch.optim.Optimizer):
+    """The step LARS and LAMB share: for each parameter with a gradient, the subclass's update
+    direction ``u`` (weight decay included), scaled for groups with ``adapt`` by the trust
+    ratio ``eta * ||w|| / ||u||`` (:func:`_trust`), then applied by the subclass."""
+
+    eta_key = ""  # the group's key for eta, if it has one (else eta = 1)
+
+    def _direction(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _apply(self, p: torch.Tensor, u: torch.Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                u = self._direction(p, group, state)
+                if group["adapt"]:
+                    w_norm = p.norm() * group[self.eta_key] if self.eta_key else p.norm()
+                    u.mul_(_trust(w_norm, u.norm()))
+                self._apply(p, u, group, state)
+        return loss
+
+
+class LARS(_LayerAdapted):
     """LARS (You, Gitman, Ginsburg 2017) with momentum, in the form of SimCLR and BYOL:
 
     ``g = grad + wd * w``; ``t = eta * ||w|| / ||g||`` (1 for groups with ``adapt=False`` or a
     zero norm, as SimCLR's LARS); ``v = momentum * v + lr * t * g``; ``w = w - v``.
     """
+
+    eta_key = "eta"
 
     def __init__(
         self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 1e-3
@@ -50,26 +81,18 @@ class LARS(torch.optim.Optimizer):
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta}
         super().__init__(params, {**defaults, "adapt": True})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.add(p, alpha=group["weight_decay"])
-                if group["adapt"]:
-                    g = g.mul(_trust(group["eta"] * p.norm(), g.norm()))
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(g, alpha=group["lr"])
-                p.sub_(buf)
-        return loss
+    def _direction(self, p, group, state):
+        return p.grad.add(p, alpha=group["weight_decay"])
+
+    def _apply(self, p, u, group, state):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(u, alpha=group["lr"])
+        p.sub_(buf)
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(_LayerAdapted):
     """LAMB (You et al. 2020): Adam's bias-corrected direction ``r = m_hat / (sqrt(v_hat) +
     eps)``, decoupled decay ``u = r + wd * w``, layer-wise ``w = w - lr * ||w|| / ||u|| * u``
     (trust 1 for groups with ``adapt=False`` or a zero norm)."""
@@ -90,29 +113,21 @@ class LAMB(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, {**defaults, "adapt": True})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
-                u = (m / (1 - b1**t)).div_(denom).add_(p, alpha=group["weight_decay"])
-                if group["adapt"]:
-                    u.mul_(_trust(p.norm(), u.norm()))
-                p.sub_(u, alpha=group["lr"])
-        return loss
+    def _direction(self, p, group, state):
+        b1, b2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(b1).add_(p.grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+        return (m / (1 - b1**t)).div_(denom).add_(p, alpha=group["weight_decay"])
+
+    def _apply(self, p, u, group, state):
+        p.sub_(u, alpha=group["lr"])
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
