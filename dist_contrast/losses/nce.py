@@ -29,6 +29,24 @@ def _check_n_data(n_data: int | None) -> int:
     return n_data
 
 
+def check_nce_args(mode: str, n_data: int | None, z: float | None) -> int | None:
+    """The checks of the NCE objectives' common arguments; returns ``n_data`` (needed in mode
+    "nce" only)."""
+    check_choice(mode, "mode", MODES)
+    if mode == "nce":
+        n_data = _check_n_data(n_data)
+    if z is not None:
+        check_positive(z, "z")
+    return n_data
+
+
+def nce_log_z(lse: torch.Tensor, count: float | torch.Tensor, n_data: int) -> torch.Tensor:
+    """InstDisc's ``log Z`` for ``Z = n_data * mean(exp(logits))``, from the log-sum-exp of
+    all ``count`` logits (fp64, no gradient: the callers combine the ranks' parts)."""
+    log_count = torch.log(count) if isinstance(count, torch.Tensor) else math.log(count)
+    return lse - log_count + math.log(n_data)
+
+
 def nce_terms(
     log_p_pos: torch.Tensor, log_p_neg: torch.Tensor, log_k_noise: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +83,7 @@ def _log_z(logits: torch.Tensor, n_data: int, use_gather: bool) -> torch.Tensor:
         if use_gather and distributed.world_size() > 1:
             stats = distributed.all_gather_no_grad(stats[None])
         lse = torch.logsumexp(stats.view(-1, 2)[:, 0], 0)
-        return lse - torch.log(stats.view(-1, 2)[:, 1].sum()) + math.log(n_data)
+        return nce_log_z(lse, stats.view(-1, 2)[:, 1].sum(), n_data)
 
 
 def estimate_nce_z(
@@ -117,11 +135,7 @@ def nce_loss(
     samples, not ranks), and an estimated Z is taken over every rank's batch, so all ranks use
     the same Z; with ``"off"`` each rank returns the mean over its samples.
     """
-    check_choice(mode, "mode", MODES)
-    if mode == "nce":
-        n_data = _check_n_data(n_data)
-    if z is not None:
-        check_positive(z, "z")
+    n_data = check_nce_args(mode, n_data, z)
     use_gather = check_gather(gather_mode)
     with fp32_region():
         logits = _logits(features, positives, negatives, temperature)
@@ -140,7 +154,7 @@ def nce_loss(
 class NCELoss(nn.Module):
     """Module form of :func:`nce_loss`. In mode "nce" it estimates Z on its first call (over
     every rank with ``gather="all"``) and keeps it in the buffer ``z`` (saved in the state
-    dict; ``reset_z()`` estimates it again on the next call), as InstDisc does."""
+    dict; zero it to estimate it again on the next call), as InstDisc does."""
 
     def __init__(
         self,
@@ -157,9 +171,6 @@ class NCELoss(nn.Module):
         check_gather(gather)
         self.n_data, self.temperature, self.mode, self.gather = n_data, temperature, mode, gather
         self.register_buffer("z", torch.zeros((), dtype=torch.float64))
-
-    def reset_z(self) -> None:
-        self.z.zero_()
 
     def forward(
         self, features: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor

@@ -20,12 +20,11 @@ from dist_contrast.distributed import multi_rank
 from dist_contrast.losses.checks import (
     check_choice,
     check_input_pair,
-    check_positive,
     check_temperature,
 )
 from dist_contrast.losses.kernels.dlse import combine_logsumexp, combine_sum, local_logsumexp
 from dist_contrast.losses.kernels.numerics import fp32_region, normalize
-from dist_contrast.losses.nce import MODES, nce_terms
+from dist_contrast.losses.nce import MODES, check_nce_args, nce_log_z, nce_terms
 from dist_contrast.losses.reduce import global_mean
 from dist_contrast.negatives.rows import (
     check_int,
@@ -65,8 +64,7 @@ def _log_z(pos: torch.Tensor, neg_logits: torch.Tensor, n_data: int, k_total: in
         lse_neg = combine_logsumexp(torch.logsumexp(neg_logits.detach().double(), dim=1))
         pos_all = distributed.all_gather_no_grad(pos.detach().double())
         total = torch.logsumexp(torch.cat([lse_neg, pos_all]), dim=0)
-        count = pos_all.shape[0] * (1 + k_total)
-        return total - math.log(count) + math.log(n_data)
+        return nce_log_z(total, pos_all.shape[0] * (1 + k_total), n_data)
 
 
 def estimate_bank_z(
@@ -123,11 +121,7 @@ def bank_loss(
     the global batch). fp32 (fp64 stays fp64) whatever the autocast. ``tile`` bounds the
     softmax logits held at once (mode "softmax" only).
     """
-    check_choice(mode, "mode", MODES)
-    if mode == "nce":
-        n_data = check_int(n_data, "n_data", 1)
-    if z is not None:
-        check_positive(z, "z")
+    n_data = check_nce_args(mode, n_data, z)
     proximal = float(proximal)
     if not proximal >= 0:
         raise ValueError(f"proximal must be >= 0, got {proximal}")
