@@ -336,11 +336,6 @@ def all_gather_with_offset(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _AllGatherWithGrad.apply(x, sizes), sum(sizes[: rank()])
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks along dim 0, in rank order, keeping the gradient path."""
-    return all_gather_with_offset(x)[0]
-
-
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """all_gather along dim 0 without gradient (labels, indices)."""
     with torch.no_grad():

@@ -295,12 +295,6 @@ def _stack(values: list[torch.Tensor], shared: bool) -> torch.Tensor:
     return out.permute(0, 3, 1, 2) if hwc else out
 
 
-def read_all(urls: list[str], data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every usable sample of ``urls`` in order, resized and normalised: (images, labels)."""
-    images, labels, _ = read_captioned(urls, data, require_caption=False)
-    return images, labels
-
-
 def read_captioned(
     urls: list[str], data: DataConfig, require_caption: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:

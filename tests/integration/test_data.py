@@ -12,7 +12,7 @@ import torch
 
 from dist_contrast.config import DIGIT_NAMES, AugmentConfig, DataConfig
 from dist_contrast.data.loader import train_loader
-from dist_contrast.data.pipeline import _read, read_all
+from dist_contrast.data.pipeline import _read, read_captioned
 from dist_contrast.data.shards import resolve_shards
 from dist_contrast.data.tario import Faults
 from dist_contrast.errors import DataError
@@ -31,7 +31,9 @@ def test_digits_shards_counts_split_and_content(digits_dir):
             assert len(keys) == n and exts == {"png", "cls", "txt", "json"}
             total += n
         assert total == counts[split]["samples"]
-        images, labels = read_all(resolve_shards(str(digits_dir / f"{split}-*.tar")), DataConfig())
+        images, labels = read_captioned(
+            resolve_shards(str(digits_dir / f"{split}-*.tar")), DataConfig(), require_caption=False
+        )[:2]
         assert images.shape == (total, 1, 16, 16)
         assert set(labels.tolist()) == set(range(10))  # stratified: every class in both
 

@@ -71,7 +71,7 @@ def _gather_case(rank, world):
     return local.grad
 
 
-def test_all_gather_with_grad_uneven_sizes_exact_backward():
+def test_all_gather_with_offset_uneven_sizes_exact_backward():
     world = 3
     grads = run_ranks(_gather_case, world)
     torch.manual_seed(0)

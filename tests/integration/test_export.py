@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dist_contrast.config import load_config
-from dist_contrast.data.pipeline import read_all
+from dist_contrast.data.pipeline import read_captioned
 from dist_contrast.data.shards import resolve_shards
 from dist_contrast.eval.run import evaluate_run
 from dist_contrast.export import ExportOptions, export_run, load_encoder
@@ -129,7 +129,7 @@ def test_loaded_encoder_equals_training_encoder(runs, exported, digits_dir):
     enc = load_encoder(exported[2])
     assert not enc.module.training and enc.tokenizer is None
     urls = resolve_shards(str(digits_dir / "val-*.tar"))[:1]
-    x, _ = read_all(urls, cfg.data)
+    x, _ = read_captioned(urls, cfg.data, require_caption=False)[:2]
     with torch.no_grad():
         assert torch.equal(enc.module(x), reference(x))
     pil = val_images(digits_dir, 8)
