@@ -13,7 +13,9 @@ ships it, goes through this module:
   its command line would build) and the engine's ``load_universal_checkpoint`` flag, read at
   load time only (:func:`convert_universal`, :func:`load_universal`);
 - consolidation of ZeRO partitions without an engine (``zero_to_fp32``);
-- validation of a DeepSpeed config dict without starting an engine (:func:`check_config`);
+- validation of a DeepSpeed config dict without starting an engine (:func:`check_config`), and
+  the ZeRO defaults the planner (:mod:`dist_contrast.train.plan`) counts with
+  (:data:`ZERO_DEFAULTS`);
 - its clone of the world process group, kept for the life of the process: stale once the
   default group is destroyed and made again, when it is dropped (:func:`drop_stale_groups`).
 
@@ -40,6 +42,14 @@ from dist_contrast.errors import CheckpointError, ConfigError
 from dist_contrast.files import NotRegularFile, open_regular, require_regular
 
 CHECKED = ((0, 19), (0, 19))  # DeepSpeed versions (major, minor) this module was checked with
+# DeepSpeed's defaults (its ZeRO config model) for the settings the planner reads, which
+# ``deepspeed.raw`` may change
+ZERO_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+}
 
 
 class UnsafeFileError(CheckpointError):

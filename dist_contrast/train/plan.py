@@ -39,18 +39,12 @@ import torch
 
 from dist_contrast.config import Config
 from dist_contrast.errors import UserError
+from dist_contrast.train.deepspeed_api import ZERO_DEFAULTS
 
 GIB = 1024**3
 STATES = {"adamw": 2, "lamb": 2, "lars": 1, "sgd": 1}  # fp32 optimizer states per parameter
 HALF = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes of a parameter and of its gradient
 BYTE_VOCAB = 259  # the byte tokenizer's vocabulary (data.tokenizer.ByteTokenizer)
-# DeepSpeed's defaults (deepspeed.runtime.zero.config) for what ``deepspeed.raw`` may change
-ZERO_DEFAULTS = {
-    "reduce_bucket_size": 500_000_000,
-    "stage3_param_persistence_threshold": 100_000,
-    "stage3_max_live_parameters": 1_000_000_000,
-    "stage3_max_reuse_distance": 1_000_000_000,
-}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Issue 27, checkpoints: files that would run code are refused, damaged files are found by the
+"""Untrusted checkpoints: files that would run code are refused, damaged files are found by the
 manifest and named, a run dir is never started over, readers pin what they read. Step
 directories here are real files (torch.save'd tensors, sealed as a save seals them); the runs
 of DeepSpeed are in tests/integration/test_trust_checkpoint.py."""
@@ -330,6 +330,16 @@ def test_deepspeed_version_is_the_one_this_adapter_was_checked_with():
     deepspeed_api.check_version()
     names = [g.__name__ for g in deepspeed_api.safe_globals()]
     assert {"fragment_address", "LossScaler", "ZeroStageEnum"} <= set(names)
+
+
+def test_the_planners_zero_defaults_are_deepspeeds():
+    """``plan`` counts with these when ``deepspeed.raw`` leaves them out: a DeepSpeed that
+    changes a default fails here (the reduce bucket alone is 0.93 GiB in bf16)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = DeepSpeedZeroConfig()
+    for key, value in deepspeed_api.ZERO_DEFAULTS.items():
+        assert getattr(zero, key.removeprefix("stage3_")) == value, key
 
 
 def _second_world_in_one_process(rank: int, world: int) -> list[bool]:
