@@ -9,8 +9,10 @@ caught), optionally without following a link. Shards, configs, checkpoint files,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -59,3 +61,19 @@ def open_regular(path: str | os.PathLike, follow_links: bool = True) -> BinaryIO
 def require_regular(path: str | os.PathLike) -> None:
     """:func:`open_regular` and close: for a reader that takes a path (safetensors' mmap)."""
     open_regular(Path(path)).close()
+
+
+@contextlib.contextmanager
+def read_errors(
+    path: str | os.PathLike, error: Callable[[str], Exception], what: str = "file"
+) -> Iterator[None]:
+    """Inside it, a missing file, a path that is no regular file and any other failure to read
+    ``path`` become ``error`` (a one-line user error naming ``what`` and the path)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except NotRegularFile:
+        raise error(f"{what} {path} is not a regular file") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from dist_contrast.errors import ConfigError
-from dist_contrast.files import NotRegularFile, open_regular
+from dist_contrast.files import open_regular, read_errors
 
 # Values that YAML aliases may add to a document once expanded: ample for the anchors people
 # write (a shared deepspeed block, a step count), while 9 levels of 10 aliases in 524 bytes
@@ -81,15 +81,8 @@ def safe_yaml(text: str | bytes, where: str) -> Any:
 def _read_config_bytes(path: Path) -> bytes:
     """The bytes of the config file ``path``, read only if it is a regular file (a FIFO would
     wait for a writer forever, a device never ends)."""
-    try:
-        with open_regular(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except NotRegularFile:
-        raise ConfigError(f"config file {path} is not a regular file") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    with read_errors(path, ConfigError, "config file"), open_regular(path) as f:
+        return f.read()
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -131,7 +124,7 @@ def split_top_level(spec: str) -> list[str]:
 def override_value(key: str, value: str) -> Any:
     """The YAML value of an override (``""`` stays an empty string). A ``[...]`` list that is
     not YAML because its items hold brace patterns (``[a/{0..9}.tar, b/{0..3}.tar]``, shard
-    lists as the README writes them) is a list of those strings. Anything else that is not
+    lists as docs/data.md writes them) is a list of those strings. Anything else that is not
     YAML is one line (quote the value, or write it as a YAML list)."""
     if value == "":
         return ""

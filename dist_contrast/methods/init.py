@@ -33,7 +33,7 @@ from torch import nn
 from dist_contrast.config import Config
 from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.errors import ConfigError
-from dist_contrast.files import NotRegularFile, require_regular
+from dist_contrast.files import read_errors, require_regular
 from dist_contrast.methods import registry
 from dist_contrast.models import hf, hf_resnet
 from dist_contrast.models.vit import VisionTransformer
@@ -56,14 +56,8 @@ def _init_error(message: str) -> InitError:
 
 def _regular(path: Path, error: ErrorOf) -> None:
     """An error unless ``path`` is a regular file (a FIFO would block the read forever)."""
-    try:
+    with read_errors(path, error):
         require_regular(path)
-    except FileNotFoundError:
-        raise error(f"missing file {path}") from None
-    except NotRegularFile:
-        raise error(f"{path} is not a regular file") from None
-    except OSError as exc:
-        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def read_json_mapping(path: Path, error: ErrorOf) -> dict:

@@ -1,4 +1,4 @@
-"""Damaged ``model.init_from`` folders and exports (issue 27): each is one line naming the file,
+"""Damaged ``model.init_from`` folders and exports: each is one line naming the file,
 exit 2, through the real CLI (``train --check``, which runs init_from, and ``eval --export``),
 never a traceback, never a hang, and no weights read from outside the folder."""
 
@@ -70,7 +70,7 @@ def _pickle(f: Path) -> str:
 def _fifo(f: Path) -> str:
     (f / WEIGHTS).unlink()
     os.mkfifo(f / WEIGHTS)
-    return f"{f / WEIGHTS} is not a regular file"
+    return f"file {f / WEIGHTS} is not a regular file"
 
 
 def _not_json(f: Path) -> str:
