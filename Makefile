@@ -53,8 +53,8 @@ data: $(DIGITS)/counts.json $(DIGITS)/tokenizer.json
 # evaluation (zero-shot, retrieval, kNN, linear probe) and export to runs/$(RUN)/export.
 # CPU kernels pinned to AVX2 (torch's own, oneDNN's, MKL's): an AVX-512 machine otherwise sums
 # in another order and ends a few tenths of a point away from the README's figures (measured:
-# 95.8% zero-shot native, 96.7% pinned, as on an AVX2 machine; with the tokenizer of issue 17
-# 96.1% and 96.4%). REPRO_ENV= for the native ones.
+# 95.8% zero-shot native, 96.7% pinned, as on an AVX2 machine; with the BPE tokenizer that
+# puts end-of-text at id 1, 96.1% and 96.4%). REPRO_ENV= for the native ones.
 REPRO_ENV     ?= ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 train: $(SETUP) $(DIGITS)/counts.json $(DIGITS)/tokenizer.json
 	$(REPRO_ENV) PYTHON=$(PYTHON) launch/local.sh $(NPROC) $(CONFIG) run.name=$(RUN)

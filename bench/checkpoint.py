@@ -1,5 +1,6 @@
 """What the checkpoint manifests cost: hashing a step at save and verifying it at resume, next to
-the save and the load themselves, on a CLIP ViT-B/16 with Adam states (issue 27).
+the save and the load themselves, on a CLIP ViT-B/16 with Adam states (the price of trusting a
+checkpoint only once it matches its manifest).
 
     dist-contrast bench checkpoint [--repeats 3] [--dir DIR] [--config CONFIG] [--quick]
 

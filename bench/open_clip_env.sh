@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A separate virtual environment for open_clip_train (open-clip-torch 3.3.0), the trainer that
-# `dist-contrast bench vs_open_clip` runs beside ours; issue 31's open_clip tests reuse it.
+# `dist-contrast bench vs_open_clip` runs beside ours; the open_clip tests (marked open_clip) reuse it.
 # The project's own environment is not touched.
 #   bench/open_clip_env.sh [VENV]      (default .venv-open-clip, ignored by git; make open-clip-env)
 # Order matters: torch==$TORCH_VERSION first (here that spec takes the local CPU wheel; pip then

@@ -1,5 +1,5 @@
 """The training engine's step, by phase, next to a plain PyTorch DDP loop on the same towers and
-batches: what the engine costs over the floor (issue 28).
+batches: what the engine costs over the floor (the target: within 5% of the plain loop).
 
     dist-contrast bench train CONFIG [KEY=VALUE ...] [--steps 10] [--warmup 3] [--out FILE]
                                      [--dir DIR] [--batches 8] [--profile DIR]

@@ -1,5 +1,5 @@
 """dist-contrast against open_clip_train (open-clip-torch 3.3.0), side by side on this machine:
-the same shards, tokens, architecture and recipe, interleaved runs (issue 28).
+the same shards, tokens, architecture and recipe, interleaved runs.
 
     make open-clip-env          # once: open_clip in .venv-open-clip (bench/open_clip_env.sh)
     dist-contrast bench vs_open_clip [CONFIG] [KEY=VALUE ...] [--size small|compute] [--pairs 3]
@@ -8,8 +8,8 @@ the same shards, tokens, architecture and recipe, interleaved runs (issue 28).
         [--open-clip-python .venv-open-clip/bin/python] [--dir DIR] [--out FILE]
 
 From one of our CLIP configs (default configs/clip_vit_digits.yaml; ``--size compute`` sets the
-issue's compute-bound size over it: ViT 192 x 12 layers, 3 heads, patch 8, 64 px, text 256 x 4,
-50 steps x 64 per rank) the bench writes
+compute-bound size over it, where the step and not the loader sets the pace: ViT 192 x 12
+layers, 3 heads, patch 8, 64 px, text 256 x 4, 50 steps x 64 per rank) the bench writes
 
 - an open_clip model config of the same architecture (:func:`open_clip_model_config`: our
   ``vit_layout=clip`` ViT and causal text transformer are OpenAI's layout, which open_clip's
@@ -75,7 +75,7 @@ DEFAULT_CONFIG = "configs/clip_vit_digits.yaml"
 OPEN_CLIP_VENV = ".venv-open-clip"
 MODEL_NAME = "dc-bench"
 LAUNCHER = Path(__file__).with_name("open_clip_launch.py")
-# The issue's compute-bound size, over the config
+# The compute-bound size (the step, not the loader, sets the pace), over the config
 SIZES = {
     "small": [],
     "compute": [
@@ -785,7 +785,7 @@ def _joined(values: list, fmt: str) -> str:
 
 
 def summary(result: dict) -> list[str]:
-    """The issue's table: one row per system, its pairs' figures side by side."""
+    """The comparison table: one row per system, its pairs' figures side by side."""
     s = result["setup"]
     size = f"{s['config']} ({s['size']}, {s['steps']} steps x {s['nproc']} x {s['batch_size']})"
     lines = [

@@ -1,6 +1,6 @@
-"""Hostile and damaged files for the tests of issue 27: a pickle that runs a command when it is
-unpickled without ``weights_only``, flipped bytes, and a manifest rewritten to match them (what
-a careful attacker would do, so that only the safe loading stands in the way)."""
+"""Hostile and damaged files for the untrusted-input tests: a pickle that runs a command when
+it is unpickled without ``weights_only``, flipped bytes, and a manifest rewritten to match
+them (what a careful attacker would do, so that only the safe loading stands in the way)."""
 
 from __future__ import annotations
 

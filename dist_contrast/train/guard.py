@@ -10,9 +10,9 @@ What it watches, without touching the method or the accumulation code:
   overflows float32 (|sum| > 3.4e38), which is as good a reason to skip. One reduction per
   gradient, kept on the device and checked once per step: a tenth of the cost of
   ``isfinite(grad).all()`` (five full-size kernels per gradient; 33 ms against 3 ms per step for
-  the 8.5M parameters of the compute-bound CLIP of issue 28, one CPU thread). Under fp16 the
-  gradients are left to DeepSpeed's loss scaler, whose overflow check skips the step and lowers
-  the scale.
+  the 8.5M parameters of the compute-bound CLIP of ``bench vs_open_clip --size compute``, one
+  CPU thread). Under fp16 the gradients are left to DeepSpeed's loss scaler, whose overflow
+  check skips the step and lowers the scale.
 
 The decision is taken inside DeepSpeed's step, in a step pre-hook of the torch optimizer (the
 point every ZeRO stage and precision goes through, after clipping and reduction, right before

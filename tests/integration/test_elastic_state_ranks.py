@@ -1,6 +1,6 @@
-"""Rank-local state of methods built from a config, trained on 2 ranks, resumed on 4 and on 1
-(issue 19, point 2): MoCo v2's queue, CLIP's image and text queues and InstDisc's bank, each
-rank's ``extra_state`` saved to a file as the engine does and every file read by every new rank.
+"""Rank-local state of methods built from a config, trained on 2 ranks, resumed on 4 and on 1:
+MoCo v2's queue, CLIP's image and text queues and InstDisc's bank, each rank's ``extra_state``
+saved to a file as the engine does and every file read by every new rank.
 """
 
 from __future__ import annotations

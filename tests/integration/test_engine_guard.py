@@ -119,7 +119,7 @@ def _skip_one(rank, world, digits, run_dir, stage, precision, where):
 def test_nan_on_one_rank_skips_the_step_on_every_rank(
     digits_dir, tmp_path, stage, precision, where
 ):
-    """A NaN loss, a NaN embedding that the loss gathers (issue 16: it used to raise on
+    """A NaN loss, a NaN embedding that the loss gathers (it used to raise on
     rank 1 alone), or an inf gradient under a finite loss, at step 3 of rank 1: both ranks skip
     that step and go on."""
     args = (str(digits_dir), tmp_path, stage, precision, where)

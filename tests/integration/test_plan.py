@@ -7,7 +7,7 @@ figures.
   plan``, which the figures of docs/scaling.md come from);
 - communication: the bytes the planner says a rank sends equal, to the byte, the bytes handed
   to ``torch.distributed`` collectives in a step (every call counted);
-- the CLI: the issue's command prints the table; CLIP ViT-B/16 with OpenAI's vocabulary has
+- the CLI: the README's command prints the table; CLIP ViT-B/16 with OpenAI's vocabulary has
   OpenAI's 149,620,737 parameters; bad input is one line, exit 2.
 """
 

@@ -1,4 +1,4 @@
-"""Every run ends (issue 16): a job whose rank raises, or which simply finishes, leaves no
+"""Every run ends: a job whose rank raises, or which simply finishes, leaves no
 process behind, and ends promptly. Real torchrun, DeepSpeed, loader workers; the fault is
 planted by tests/integration/planted.py.
 

@@ -1,6 +1,6 @@
-"""Issue 27 on real runs: a pickle payload planted in any file of a step directory, of its
-universal conversion or of an export never runs (every reading path: resume on the same and on
-another world size, eval, export, eval --export, init_from=export:), and each is one line,
+"""Untrusted checkpoints on real runs: a pickle payload planted in any file of a step directory,
+of its universal conversion or of an export never runs (every reading path: resume on the same
+and on another world size, eval, export, eval --export, init_from=export:), and each is one line,
 exit 2; flipped bytes and truncation in any file of a step directory are named with the newest
 intact step by every command; ``latest_intact`` resumes from it with the losses of an
 uninterrupted run; a run dir is never started over. Runs: SimCLR on the digits (1 process, and

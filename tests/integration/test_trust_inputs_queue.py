@@ -1,4 +1,4 @@
-"""A queue size the ranks cannot share (issue 27): refused by ``train --check --world N`` and so
+"""A queue size the ranks cannot share: refused by ``train --check --world N`` and so
 by ``launch/local.sh`` in one line, before any rank starts; a run resumed on another number of
 ranks still has its queue fitted instead of refused."""
 

@@ -1,4 +1,4 @@
-"""The shard writers on hostile input (issue 27): a decompression bomb and a file or folder
+"""The shard writers on hostile input: a decompression bomb and a file or folder
 named in bytes that are not UTF-8 are skipped and reported, not fatal; a second write into a
 folder that holds shards is refused unless --force; the Makefile's digits rule works on a
 fresh clone and after an interrupted write. Everything through the real CLI (and ``make``)."""

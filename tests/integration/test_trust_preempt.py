@@ -1,4 +1,4 @@
-"""Preemption ends as a preemption (issue 27): exit code 75 and the line "preempted at step N;
+"""Preemption ends as a preemption: exit code 75 and the line "preempted at step N;
 ..." last from launch/local.sh, whichever process the signal reached, and a stop signal during a
 wait for data ends the run within the grace period instead of being absorbed.
 

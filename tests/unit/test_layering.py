@@ -1,5 +1,5 @@
 """The layout is the architecture: imports between the folders of the package follow the data
-flow (config -> data -> models -> losses -> negatives -> methods -> train -> eval / export).
+flow (config -> data -> models -> losses -> negatives -> methods -> train -> export -> eval).
 
 Every import statement of every module is read from its source, those inside functions and
 ``if TYPE_CHECKING`` blocks included, and resolved to the module it names

@@ -21,9 +21,10 @@ autocast off. An excluded entry is filled with -1e30 rather than -inf, as
 finite.
 
 Distributed: ``columns`` are what the caller gathered with
-``dist_contrast.distributed.all_gather_with_grad``; the column gradient computed here flows into
-that gather's exact backward (sum over ranks, keep this rank's rows), so W ranks equal one
-process on the global batch exactly as for the full-matrix losses.
+``dist_contrast.losses.reduce.gather`` (``dist_contrast.distributed.all_gather_with_offset``);
+the column gradient computed here flows into that gather's exact backward (sum over ranks, keep
+this rank's rows), so W ranks equal one process on the global batch exactly as for the
+full-matrix losses.
 """
 
 from __future__ import annotations
