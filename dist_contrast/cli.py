@@ -48,7 +48,9 @@ def _cmd_eval_export(args: argparse.Namespace) -> int:
 
     if not args.data:
         raise UserError("eval --export needs --data SHARDS (labelled or captioned shards)")
-    result = evaluate_export(args.export, args.data, args.val_data)
+    result = _distributed(evaluate_export, args.export, args.data, args.val_data)
+    if not distributed_main():
+        return 0
     if not args.brief:
         print(json.dumps(result, indent=1))
     if "knn_top1" in result:
@@ -111,14 +113,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.brief:
         print(json.dumps(result, indent=1))
-    gain = result["knn_top1"] - result["knn_top1_random_init"]
-    print(
-        f"kNN top-1 on {result['val_samples']} validation samples: trained "
-        f"{100 * result['knn_top1']:.1f}%, random init {100 * result['knn_top1_random_init']:.1f}% "
-        f"({100 * gain:+.1f} points); linear probe: trained {100 * result['linear_top1']:.1f}%, "
-        f"random init {100 * result['linear_top1_random_init']:.1f}%; written to "
-        f"{args.run}/eval.json"
-    )
+    if "knn_top1" in result:  # the probes need labels: an unlabelled set has none
+        gain = result["knn_top1"] - result["knn_top1_random_init"]
+        print(
+            f"kNN top-1 on {result['val_samples']} validation samples: trained "
+            f"{100 * result['knn_top1']:.1f}%, random init "
+            f"{100 * result['knn_top1_random_init']:.1f}% ({100 * gain:+.1f} points); linear "
+            f"probe: trained {100 * result['linear_top1']:.1f}%, random init "
+            f"{100 * result['linear_top1_random_init']:.1f}%; written to {args.run}/eval.json"
+        )
+    else:
+        print(f"no labels: no kNN or linear probe; written to {args.run}/eval.json")
     _print_image_text(result)
     return 0
 

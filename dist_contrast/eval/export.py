@@ -1,120 +1,98 @@
-"""``dist-contrast eval --export DIR --data SHARDS [--val-data SHARDS]``: the kNN and
-linear-probe top-1 of an exported image encoder on any labelled shards, and zero-shot and
-retrieval of an image-text export on captioned ones.
+"""``dist-contrast eval --export DIR --data SETS [--val-data SETS]``: the figures of ``eval
+--run`` for an export on any sets: kNN and linear-probe top-1 of its image encoder on labelled
+samples, and zero-shot and retrieval of an image-text export.
 
-The images are streamed and normalised as the run's own evaluation reads them
-(:mod:`dist_contrast.eval.stream` with the export's data config), and scored by the same
-functions (:mod:`dist_contrast.eval.probes`, :mod:`dist_contrast.eval.image_text`).
-Without ``--val-data``, a fixed 20% of ``--data`` (a permutation seeded 0) is held out.
+The export's towers (:func:`~dist_contrast.export.load_encoder`,
+:func:`~dist_contrast.export.load_clip`) are evaluated by the run's own evaluation path,
+:func:`dist_contrast.eval.figures.evaluate`, under the export's config (``eval`` settings, data
+decoding, precision): the sets are streamed, the bank kept sharded over the ranks (on disk past
+``eval.bank_memory_mb``), so the same weights on the same sets give the figures of ``eval.json``,
+and the bank's memory stops growing with ``--data`` at that budget. ``--data`` is the bank and
+the linear probe's training data, ``--val-data`` the queries and the set of zero-shot and
+retrieval. Without ``--val-data``, a fixed 20% of ``--data`` (a permutation seeded 0) is held out
+as the probes' queries, and zero-shot and retrieval see all of ``--data``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from dist_contrast.config import Config
 from dist_contrast.data.evalsets import open_eval_set
-from dist_contrast.eval.image_text import class_embeddings, feature_scores, zeroshot_classes
-from dist_contrast.eval.probes import knn_top1, linear_probe_top1
-from dist_contrast.eval.stream import check_nonempty, embed_set, towers_fn
+from dist_contrast.eval.figures import Sets, Towers, eval_device, evaluate
+from dist_contrast.eval.stream import towers_fn
 from dist_contrast.export import load_clip, load_encoder, read_manifest
-from dist_contrast.export.layout import TEXT, ExportError
+from dist_contrast.export.layout import TEXT
 
 HOLDOUT = 0.2
 
 
-def _holdout(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n_val = max(1, int(round(HOLDOUT * n)))
-    if n - n_val < 1:
-        raise ExportError(f"--data holds {n} sample(s): too few to hold out a split")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    return perm[n_val:], perm[:n_val]
+def export_towers(folder: Path, manifest: dict, device) -> tuple[Config, Towers]:
+    """The export's config and :class:`Towers`: its image encoder and, for an image-text
+    export, both projections and the text tower over the export's tokenizer."""
+    if TEXT not in manifest["towers"]:
+        enc = load_encoder(folder, "image", device)
+        return enc.config, Towers(towers_fn({"encoder": enc.module}))
+    clip = load_clip(folder, device)
+    encoder, proj = clip.image[0], clip.image[1]
+
+    def image(x):
+        f = encoder(x)
+        return {"encoder": f, "image": proj(f)}
+
+    return clip.config, Towers(image, clip.text_fn(), clip.text, clip.tokenizer)
 
 
-def _embedded(spec: str, what: str, image, cfg, text=None, require_caption=False):
-    """The set ``spec`` through ``image`` (and ``text``), gathered: (features, the set)."""
-    evalset = open_eval_set(spec, what)
-    emb = embed_set(
-        evalset.units,
-        image,
-        cfg.data,
-        batch_size=cfg.eval.batch_size,
-        text=text,
-        require_caption=require_caption,
-        desc=f"eval {what}",
-    )
-    check_nonempty(emb, f"'{spec}' ({what})")
-    return emb.gathered(), evalset
-
-
-def _image_text(folder: Path, data: str, val_data: str | None) -> dict:
-    """Zero-shot and retrieval of an exported image-text model on captioned shards (the
-    validation shards when given, else ``data``)."""
-    clip = load_clip(folder)
-    cfg = clip.config
-    image = towers_fn({"image": clip.image})
-    spec = val_data or data
-    emb, evalset = _embedded(spec, "--data", image, cfg, clip.text_fn())
-    named = zeroshot_classes(emb.labels, cfg.eval, evalset.classnames, evalset.templates)
-    class_emb = None
-    if named is not None:
-        class_emb = class_embeddings(clip.text, clip.tokenizer, *named, cfg.eval.batch_size)
-    return feature_scores(
-        emb.feats["image"], emb.feats.get("text"), emb.labels, emb.captions, class_emb
-    )
-
-
-def _probes(enc, x, val_data: str | None) -> dict:
-    """kNN and linear-probe top-1, fitted on ``x`` (embedded), measured on ``val_data`` or a
-    hold-out of ``x``."""
-    cfg = enc.config
-    feats, y = x.feats["encoder"], x.labels
+def export_sets(data: str, val_data: str | None) -> Sets:
+    """``--data`` (and ``--val-data``) as :class:`Sets`: samples without a caption kept (a
+    set of labelled images is measured by zero-shot alone)."""
+    train = open_eval_set(data, "--data")
+    names = (f"'{data}' (--data)", f"'{val_data}' (--val-data)" if val_data else "")
+    tags = ("--data", "--val-data")
     if val_data:
-        val, _ = _embedded(val_data, "--val-data", towers_fn({"encoder": enc.module}), cfg)
-        if bool((val.labels < 0).any()):
-            raise ExportError(f"the shards of '{val_data}' have unlabelled samples")
-        val_f, val_y = val.feats["encoder"], val.labels
-        split = "given"
-    else:
-        tr, va = _holdout(len(y))
-        feats, y, val_f, val_y = feats[tr], y[tr], feats[va], y[va]
-        split = f"{int(HOLDOUT * 100)}% of --data held out (seed 0)"
-    e = cfg.eval
-    knn = knn_top1(feats, y, val_f, val_y, e.knn_k, e.knn_temperature)
-    linear = linear_probe_top1(feats, y, val_f, val_y, e.linear_weight_decay, e.linear_max_iter)
+        val = open_eval_set(val_data, "--val-data")
+        return Sets(train.units, val, names=names, tags=tags, require_caption=False)
+    return Sets(train.units, train, holdout=HOLDOUT, names=names, tags=tags, require_caption=False)
+
+
+def export_figures(
+    cfg: Config, towers: Towers, data: str, val_data: str | None = None, desc: str = "eval"
+) -> dict:
+    """The figures of ``towers`` (an export's) on ``--data`` / ``--val-data``, with the split and
+    probe settings they were measured with."""
+    figures = evaluate(cfg, towers, export_sets(data, val_data), desc=desc)
+    if "knn_top1" not in figures:  # unlabelled --data: zero-shot and retrieval only
+        for key in ("train_samples", "val_samples"):
+            figures.pop(key, None)
+        return figures
+    split = "given" if val_data else f"{int(HOLDOUT * 100)}% of --data held out (seed 0)"
     return {
         "split": split,
-        "train_samples": len(y),
-        "val_samples": len(val_y),
-        "knn_k": e.knn_k,
-        "knn_top1": knn,
-        "linear_top1": linear,
+        "train_samples": figures.pop("train_samples"),
+        "val_samples": figures.pop("val_samples"),
+        "knn_k": cfg.eval.knn_k,
+        "linear_weight_decay": cfg.eval.linear_weight_decay,
+        **figures,
     }
 
 
-def evaluate_export(folder: str | Path, data: str, val_data: str | None = None) -> dict:
-    """kNN (k and temperature of the export's ``eval`` config) and linear-probe top-1 of the
-    export's image tower on labelled shards: fitted on ``data``, measured on ``val_data`` (or a
-    20% hold-out). With a text tower also zero-shot and retrieval (captioned shards). The sets
-    are streamed (features kept, not pixels): shards, a CLIP_benchmark folder or a folder of
-    class folders (:mod:`dist_contrast.data.evalsets`)."""
+def evaluate_export(
+    folder: str | Path, data: str, val_data: str | None = None, desc: str = "eval"
+) -> dict:
+    """kNN and linear-probe top-1 (the export's ``eval`` settings) of the export's image
+    encoder, fitted on ``data`` and measured on ``val_data`` (or a 20% hold-out of ``data``);
+    with a text tower also zero-shot and retrieval (on ``val_data``, else all of ``data``). The
+    sets: shards, a CLIP_benchmark folder or a folder of class folders
+    (:mod:`dist_contrast.data.evalsets`). Under a process group every rank embeds its share."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    enc = load_encoder(folder, "image")  # on CPU, as evaluate_run
-    x, _ = _embedded(data, "--data", towers_fn({"encoder": enc.module}), enc.config)
-    text = TEXT in manifest["towers"]
-    labelled = bool((x.labels >= 0).all())
-    if not labelled and not text:
-        raise ExportError(f"the shards of '{data}' have unlabelled samples (no cls / json label)")
+    cfg, towers = export_towers(folder, manifest, eval_device())
+    figures = export_figures(cfg, towers, data, val_data, desc)
     result = {
         "export": str(folder),
         "checkpoint": manifest["checkpoint"],
         "data": data,
         "val_data": val_data,
     }
-    if labelled:
-        result.update(_probes(enc, x, val_data))
-    if text:
-        result.update(_image_text(folder, data, val_data))
+    result.update(figures)
     return result

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_contrast.config import Config, EvalConfig
-from dist_contrast.data.tokenizer import Tokenizer, tokenizer_for
+from dist_contrast.data.tokenizer import Tokenizer
 from dist_contrast.errors import DataError
 from dist_contrast.eval.memory import release_freed_memory
 from dist_contrast.eval.probes import bounded_chunk, embed
@@ -153,22 +153,23 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def method_scores(
+def joint_scores(
     cfg: Config,
-    method,
+    text_tower: nn.Module,
+    tokenizer: Tokenizer,
     val,
     classnames=None,
     templates=None,
     zeroshot: bool = True,
     retrieval: bool = True,
 ) -> dict:
-    """Zero-shot and retrieval of a CLIP method from ``val``, an embedded set (gathered) with
-    the image tower's joint-space features under ``image`` and the captions' under ``text``;
-    class names and templates of the set's own files win over the config's."""
+    """Zero-shot and retrieval of an image-text model from ``val``, an embedded set (gathered)
+    with the image tower's joint-space features under ``image`` and the captions' under
+    ``text``; class embeddings from ``text_tower`` (captions' ids -> joint space) over
+    ``tokenizer``. Class names and templates of the set's own files win over the config's."""
     named = zeroshot_classes(val.labels, cfg.eval, classnames, templates) if zeroshot else None
     emb = None
     if named is not None:
-        tok = tokenizer_for(cfg.data)
-        emb = class_embeddings(method.text, tok, *named, cfg.eval.batch_size)
+        emb = class_embeddings(text_tower, tokenizer, *named, cfg.eval.batch_size)
     text = val.feats.get("text") if retrieval else None
     return feature_scores(val.feats["image"], text, val.labels, val.captions, emb)

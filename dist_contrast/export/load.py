@@ -252,7 +252,7 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu") -> LoadedCLI
     return LoadedCLIP(
         image=nn.Sequential(image.module, heads["image_proj"]).eval(),
         text=nn.Sequential(text.module, heads["text_proj"]).eval(),
-        logit_scale=float(heads["criterion"].scale()),
+        logit_scale=float(heads["criterion"].scale().detach()),
         preprocess=image.preprocess,
         tokenizer=text.tokenizer,
         config=image.config,

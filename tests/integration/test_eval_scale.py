@@ -1,14 +1,19 @@
-"""Evaluation as a stream over the ranks (issue 18): the figures of 2 ranks equal those of one
+"""Evaluation as a stream over the ranks: the figures of 2 ranks equal those of one
 process; a CLIP_benchmark-layout set (written here with tarfile, not our writers) evaluated as
-it is; evaluation during training (``eval.every``) logged to metrics.jsonl and wandb without
-disturbing the losses, and the same after a resume."""
+it is; ``eval --export`` on a run's export gives the figures ``eval --run`` gave the run, and
+both keep their peak memory flat in the size of the bank; evaluation during training
+(``eval.every``) logged to metrics.jsonl and wandb without disturbing the losses, and the same
+after a resume."""
 
 from __future__ import annotations
 
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -18,7 +23,7 @@ from wandb.proto import wandb_internal_pb2
 
 from dist_contrast.config import DIGIT_NAMES, EvalConfig
 
-from conftest import ROOT, run_cli, run_torchrun
+from conftest import ROOT, cli_env, run_cli, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +56,14 @@ def clip_run(tmp_path_factory, digits_dir, digits_tokenizer):
     proc = run_cli("train", "--config", "configs/clip_digits.yaml", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "clip_digits"
+
+
+@pytest.fixture(scope="module")
+def clip_export(clip_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_scale_export") / "exp"
+    proc = run_cli("export", "--run", str(clip_run), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 def test_two_ranks_give_the_figures_of_one_process(clip_run):
@@ -108,20 +121,114 @@ def _eval_export(export, data) -> dict:
     return json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
 
 
-def test_a_clip_benchmark_set_is_evaluated_as_it_is(clip_run, digits_dir, tmp_path):
+def test_a_clip_benchmark_set_is_evaluated_as_it_is(clip_export, digits_dir, tmp_path):
     templates = EvalConfig().zeroshot_templates
     bench = tmp_path / "wds_digits"
     _clip_benchmark_set(digits_dir, bench, templates)
-    proc = run_cli("export", "--run", str(clip_run), "--out", str(tmp_path / "exp"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = _eval_export(tmp_path / "exp", bench)
+    result = _eval_export(clip_export, bench)
     # the same images (lossless webp) in the same order, labels, class names and templates
     # (from the set's files) as our own validation shards with the config's lists
-    ours = _eval_export(tmp_path / "exp", f"{digits_dir}/val-*.tar")
+    ours = _eval_export(clip_export, f"{digits_dir}/val-*.tar")
     for key in ("knn_top1", "linear_top1", "zeroshot_top1", "val_samples"):
         assert result[key] == ours[key], key
     assert result["knn_top1"] > 0.5  # the kNN of the image tower tells digits apart
     assert "i2t_r1" not in result and "i2t_r1" in ours  # no captions there: no retrieval
+
+
+def test_eval_export_gives_the_figures_of_eval_run(clip_run, clip_export, digits_dir):
+    """One evaluation path: the export of a run, evaluated on the run's own training and
+    validation shards, gives every figure of the run's eval.json (not the baseline's), exactly."""
+    from dist_contrast.eval.run import evaluate_run
+
+    run = evaluate_run(clip_run, progress=False)
+    proc = run_cli(
+        "eval",
+        "--export",
+        str(clip_export),
+        "--data",
+        f"{digits_dir}/train-*.tar",
+        "--val-data",
+        f"{digits_dir}/val-*.tar",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    figures = {k for k in run if not k.endswith("_random_init")} - {"initial_weights"}
+    assert {"knn_top1", "linear_top1", "zeroshot_top1", "i2t_r1", "t2i_r10"} <= figures
+    assert {k: export.get(k) for k in figures} == {k: run[k] for k in figures}
+    assert export["split"] == "given" and export["val_samples"] == 360
+
+
+# One process measures the peak resident memory of each evaluation (the peak reset before it,
+# /proc/self/clear_refs), of `eval --run`'s sets (figures.evaluate on run_sets) and of
+# `eval --export`'s (export_figures), with the export's image encoder widened to 8192-d
+# features (a fixed random projection) so that the bank's features dominate what could grow:
+# the digits' 128-d features of 1,437 samples are 0.7 MB. The linear probe's float64 blocks are
+# made 4 MB (32 MB otherwise: the whole bank of this size in one block). A warm-up evaluation
+# first (the first one allocates ~90 MB once); glibc's mmap threshold fixed (set by the test) so
+# that freed blocks leave the resident set at once: the peaks then repeat to ~0.2 MB.
+PEAK_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from dist_contrast.eval import figures, probes
+from dist_contrast.eval.export import export_figures
+from dist_contrast.eval.memory import release_freed_memory
+from dist_contrast.export import load_encoder
+
+export, small, large, val = sys.argv[1:]
+probes.PROBE_BLOCK_BYTES = 4 << 20
+enc = load_encoder(export)
+cfg = enc.config
+cfg.eval.linear_max_iter = 3
+widen = torch.randn(enc.info["output_dim"], 8192, generator=torch.Generator().manual_seed(0))
+towers = figures.Towers(lambda x: {"encoder": enc.module(x) @ widen})
+
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+
+def rise(path, data, bank_mb):
+    cfg.eval.bank_memory_mb = bank_mb
+    release_freed_memory()
+    Path("/proc/self/clear_refs").write_text("5")
+    start = status("VmRSS")
+    if path == "run":
+        cfg.data.train_shards, cfg.data.val_shards = data, val
+        out = figures.evaluate(cfg, towers, figures.run_sets(cfg))
+    else:
+        out = export_figures(cfg, towers, data, val, desc="")
+    return {"rise_mb": status("VmHWM") - start, "train_samples": out["train_samples"]}
+
+cfg.data.train_shards = cfg.data.val_shards = val
+figures.evaluate(cfg, towers, figures.run_sets(cfg), max_samples=100)
+sets = {"small": small, "large": large}
+runs = [(p, s, 0) for p in ("run", "export") for s in sets] + [("export", "large", 1024)]
+print(json.dumps({f"{p} {s} {mb}": rise(p, sets[s], mb) for p, s, mb in runs}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux peak reset")
+def test_peak_memory_is_flat_in_the_bank_size_for_runs_and_exports(clip_export, digits_dir):
+    """With the bank on disk (eval.bank_memory_mb=0), growing it from 360 samples to 1,437
+    (35 MB more features) raises the peak of neither path by a quarter of that; the same bank
+    held in memory raises it by most of the bank's 47 MB (what is measured sees the bank)."""
+    val = f"{digits_dir}/val-*.tar"
+    args = [str(clip_export), val, f"{digits_dir}/train-*.tar", val]
+    env = {**cli_env(), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    cmd = [sys.executable, "-c", PEAK_CHILD, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    row_mb = 8192 * 4 / 2**20
+    n = {s: peaks[f"export {s} 0"]["train_samples"] for s in ("small", "large")}
+    assert n == {"small": 360, "large": 1437}
+    growth_mb = (n["large"] - n["small"]) * row_mb
+    for path in ("run", "export"):
+        rise = peaks[f"{path} large 0"]["rise_mb"] - peaks[f"{path} small 0"]["rise_mb"]
+        assert rise < 0.25 * growth_mb, (path, peaks)
+    in_memory = peaks["export large 1024"]["rise_mb"] - peaks["export large 0"]["rise_mb"]
+    assert in_memory > 0.6 * n["large"] * row_mb, peaks
 
 
 def _wandb_eval_steps(run) -> list[int]:

@@ -1,5 +1,5 @@
 """Evaluation reads odd samples as training does: a JPEG whose header reads but whose pixels
-are cut off is skipped and counted, never the end of an evaluation (issue 27)."""
+are cut off is skipped and counted, never the end of an evaluation."""
 
 from __future__ import annotations
 
