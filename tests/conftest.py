@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -129,3 +130,20 @@ def run_torchrun(
         *args,
     ]
     return run_group(cmd, cwd, timeout)
+
+
+def closed_form_lr(step, lr, warmup, total, floor):
+    """The LR after ``step`` scheduler steps as warmup_cosine documents it ("linear warmup to 1,
+    then cosine down to min_lr_ratio"), written out here: ``lr * (step + 1) / warmup`` during
+    the warm-up (``lr / warmup`` at step 0, the peak at its last step), then a half cosine from
+    the peak at ``warmup`` to ``lr * floor`` at ``total``, where it stays."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    assert total > warmup, "no cosine phase: only the warm-up steps have a documented LR"
+    done = (min(step, total) - warmup) / (total - warmup)
+    return lr * (floor + (1 - floor) * (1 + math.cos(math.pi * done)) / 2)
+
+
+def finite_number(x) -> bool:
+    """A real number that is neither NaN nor infinite (not None, a string or a bool)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)

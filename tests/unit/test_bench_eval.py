@@ -61,18 +61,68 @@ def test_quick_bench_writes_three_sections(tmp_path, capsys):
     )
 
     zs = result["zeroshot"]
-    assert zs["shape"] == [50, 64] and zs["templates"] == zs["distinct_templates"] == 8
-    assert zs["unit_norms"] and zs["ok"] and zs["max_norm_error"] < 1e-5
+    assert zs["templates"] == zs["distinct_templates"] == 8
+    _check_zeroshot_figures(zs, classes=50, templates=8, width=64, batch_size=512, seed=0)
 
     rt = result["retrieval"]
     assert (rt["images"], rt["captions"]) == (200, 1000)
     ref = rt["reference"]
     assert ref["equal"] and ref["chunked"] == ref["naive"]
+    # --quick checks every image against the naive reference: the recall reported is the naive
+    assert (ref["images"], ref["captions"]) == (200, 1000) and rt["recall"] == ref["naive"]
     assert set(ref["naive"]) == {"i2t", "t2i"} and set(ref["naive"]["i2t"]) == {"1", "5", "10"}
     assert rt["full_matrix_mb"] == 4 * 200 * 1000 / 1e6
 
     printed = capsys.readouterr().out
     assert "Streaming kNN" in printed and "Zero-shot" in printed and "Retrieval" in printed
+
+
+def _check_zeroshot_figures(zs, classes, templates, width, batch_size, seed):
+    """The zero-shot section against the class embeddings computed here with the library (the
+    bench's seeded text tower rebuilt, on as many threads as its run had): their shape and
+    largest norm error (to the fp32 spacing below 1.0), the prompt counts, and ``ok`` as the
+    conjunction it stands for."""
+    from dist_contrast.data.tokenizer import ByteTokenizer
+    from dist_contrast.eval.image_text import class_embeddings
+    from dist_contrast.models.text import TextTransformer
+    from dist_contrast_bench.common import usable_cores
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())  # the bench's default --threads
+    try:
+        torch.manual_seed(seed)
+        tok = ByteTokenizer(32)
+        tower = TextTransformer(tok.vocab_size, 32, tok.eot_id, width=width, layers=2, heads=4)
+        names, tmpl = [f"class {c}" for c in range(classes)], _bench().CLIP_TEMPLATES[:templates]
+        emb = class_embeddings(tower.eval(), tok, names, tmpl, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    error = float((emb.norm(dim=1) - 1).abs().max())
+    assert zs["shape"] == list(emb.shape) == [classes, width]
+    assert zs["max_norm_error"] == pytest.approx(error, abs=6e-8) and error < 1e-5
+    assert zs["unit_norms"] is True and zs["finite"] is bool(torch.isfinite(emb).all()) is True
+    prompts = classes * templates
+    assert (zs["classes"], zs["templates"], zs["prompts"]) == (classes, templates, prompts)
+    assert zs["all_prompt_features_mb"] == pytest.approx(prompts * width * 4 / 1e6)
+    assert zs["us_per_prompt"] == pytest.approx(zs["seconds"] / prompts * 1e6)
+    assert zs["ok"] is True and [r["ok"] for r in zs["runs"]] == [True] * len(zs["runs"])
+
+
+def test_zeroshot_ok_needs_shape_norms_and_finiteness(monkeypatch):
+    """``ok`` of the zero-shot section, from made-up measured runs: false when any run (of any
+    allocator) has the wrong shape, a norm off 1 or a non-finite value."""
+    bench = _bench()
+    good = {"shape": [50, 64], "unit_norms": True, "finite": True, "allocator": "glibc"}
+    good.update(peak_rss_mb=1.0, baseline_rss_mb=1.0, wall_seconds=1.0)
+    good["phases"] = {"class_embeddings": {"rise_mb": 0.0, "seconds": 1.0}}
+    args = bench._parse(["--quick", "--parts", "zeroshot", "--allocators", "glibc,mmap128k"])
+    runs = []
+    monkeypatch.setattr(bench, "run_child", lambda kind, spec, timeout, a: dict(runs.pop(0)))
+    for bad, want in [({}, True), ({"shape": [50, 63]}, False), ({"shape": [64, 50]}, False),
+                      ({"unit_norms": False}, False), ({"finite": False}, False)]:  # fmt: skip
+        runs[:] = [good, dict(good, allocator="mmap128k", **bad)]
+        zs = bench._zeroshot(args)
+        assert zs["ok"] is want and [r["ok"] for r in zs["runs"]] == [True, want], bad
 
 
 def test_allocator_setting_reaches_the_measured_process(tmp_path):

@@ -47,22 +47,70 @@ def test_queue_rows_come_from_the_queue_bench(monkeypatch):
     bench = _bench()
     assert bench.QUEUE_MODULE == "dist_contrast_bench.negatives_queue"
     fake = types.ModuleType("fake_negatives_queue")
-    fake.queue_rows = lambda quick: [
-        {"W": 1, "K_total": 8, "ms": 1.5, "quick": quick},
-        {"W": 2, "K_total": 16},
-    ]
+    calls = []
+
+    def queue_rows(quick):
+        calls.append(quick)
+        return iter([{"W": 1, "K_total": 8, "ms": 2 / 3, "ok": True}, {"W": 2, "K_total": 16384}])
+
+    fake.queue_rows = queue_rows
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
     monkeypatch.setattr(bench, "QUEUE_MODULE", fake.__name__)
     rows, error = bench._queue_rows(True)
-    assert error is None and rows[0]["quick"] is True and len(rows) == 2
-    table = bench._queue_table(rows)
-    assert "K_total" in table and "16" in table.splitlines()[-1]
+    assert calls == [True] and error is None and [r["W"] for r in rows] == [1, 2]
+    # columns in first-seen order, right-aligned to their widest cell, floats to 3 digits,
+    # a key a row lacks left blank
+    assert bench._queue_table(rows).splitlines() == [
+        "sharded MoCo queue (dist-contrast bench negatives_queue)",
+        "W K_total    ms   ok",
+        "1       8 0.667 True",
+        "2   16384           ",
+    ]
 
     def fail(quick):
+        calls.append(quick)
         raise OSError("x")
 
     fake.queue_rows = fail
-    assert bench._queue_rows(False) == (None, "OSError: x")
+    assert bench._queue_rows(False) == (None, "OSError: x") and calls == [True, False]
+
+
+def test_queue_bench_row_figures(monkeypatch):
+    """A row of the queue bench from rank 0's measured times: medians, minima and the three
+    ratios recomputed here from the same times (median and mean differ in each)."""
+    from dist_contrast_bench import negatives_queue as queue
+
+    sharded, replicated = [0.004, 0.001, 0.002, 0.009], [0.001, 0.002, 0.008, 0.003]
+    measured = {"sharded_bytes": 4096, "replicated_bytes": 8192, "negatives_per_query": 2048}
+    measured["times"] = {"sharded": sharded, "replicated": replicated}
+    monkeypatch.setattr(queue, "_launch", lambda world, threads, result, *a: measured)
+    row = queue._run_world(2, 1024, 32, 16, repeats=4, warmup=0)
+    assert (row["W"], row["K_shard"], row["K_total"], row["B"], row["D"]) == (2, 1024, 2048, 16, 32)
+    assert row["queue_bytes_sharded"] == 4096 and row["queue_bytes_replicated"] == 8192
+    assert row["ms_sharded"] == pytest.approx(3.0) and row["ms_replicated"] == pytest.approx(2.5)
+    assert (row["ms_min_sharded"], row["ms_min_replicated"]) == pytest.approx((1.0, 1.0))
+    assert (row["time_ratio"], row["time_ratio_min"]) == pytest.approx((3.0 / 2.5, 1.0))
+    # per-step ratios 4, 0.5, 0.25, 3: their median
+    assert row["time_ratio_paired"] == pytest.approx((0.5 + 3) / 2)
+
+
+def test_summary_takes_the_slowest_rank_and_the_largest_peak():
+    """Rows of the tiled-softmax bench from made-up per-rank measurements: each step's time is
+    its slowest rank's, then the median (and min) over steps; the peak the largest rank's."""
+    from dist_contrast_bench import negatives_report as report
+
+    plan = {"cases": [{"role": "compare", "B": 8, "modes": ["full", "tiled"]}]}
+    rank0 = {"times": {"full": [0.001, 0.010, 0.003], "tiled": [0.002, 0.002, 0.002]}}
+    rank1 = {"times": {"full": [0.004, 0.002, 0.002], "tiled": [0.001, 0.005, 0.001]}}
+    rank0.update(peaks={"full": 3 * 2**20, "tiled": 2**20}, timed_profiled=False)
+    rank1.update(peaks={"full": 5 * 2**20, "tiled": None}, timed_profiled=False)
+    full, tiled = report._summarise(plan, [[rank0], [rank1]], world=2)
+    # full: slowest per step 4, 10, 3 ms; tiled: 2, 5, 2 ms
+    assert (full["ms"], full["ms_min"], full["peak_mib"]) == pytest.approx((4.0, 3.0, 5.0))
+    assert (tiled["ms"], tiled["ms_min"]) == pytest.approx((2.0, 2.0))
+    assert tiled["peak_mib"] is None  # a rank without a figure: no peak, not a partial one
+    assert full["B_local"] == 4 and full["timed_steps"] == 3
+    assert full["would_need_mib"] == tiled["would_need_mib"] == 4 * 4 * 8 * 3 / 2**20
 
 
 def test_bench_rejects_bad_arguments(tmp_path):

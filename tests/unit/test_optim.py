@@ -8,7 +8,7 @@ from torch import nn
 
 from dist_contrast.train.optim import LAMB, LARS, build_optimizer, param_groups
 
-from conftest import config_from_dict
+from conftest import closed_form_lr, config_from_dict
 
 
 def _model() -> nn.Module:
@@ -108,3 +108,23 @@ def test_bad_hyperparameters_are_refused():
         LARS(_model().parameters(), lr=0.1, momentum=1.5)
     with pytest.raises(ValueError, match="LAMB"):
         LAMB(_model().parameters(), lr=0.1, eps=0.0)
+
+
+# (warmup, total, min_lr_ratio): no warm-up, one step of each phase, a warm-up as long as the
+# run and one longer than it (every step of those in warm-up); floors of 0, 0.01, 0.1, 0.5
+SCHEDULES = [(0, 10, 0.01), (2, 6, 0.01), (1, 2, 0.0), (3, 20, 0.5), (7, 7, 0.01), (9, 4, 0.1)]
+
+
+@pytest.mark.parametrize("warmup,total,floor", SCHEDULES)
+def test_warmup_cosine_matches_the_closed_form(warmup, total, floor):
+    from dist_contrast.train.setup import warmup_cosine
+
+    cfg = config_from_dict(
+        {"train": {"steps": total, "warmup_steps": warmup, "min_lr_ratio": floor, "lr": 1.0}}
+    )
+    factor = warmup_cosine(cfg.train)
+    steps = range(total + 3) if total > warmup else range(total)
+    got = [factor(s) for s in steps]
+    assert got == pytest.approx([closed_form_lr(s, 1.0, warmup, total, floor) for s in steps])
+    if total > warmup:
+        assert got[total] == pytest.approx(floor) and max(got) == pytest.approx(1.0)
