@@ -22,7 +22,7 @@ else
 SETUP  := external-env
 endif
 
-.PHONY: setup train test quality lint data clean-runs external-env open-clip-env
+.PHONY: setup train test test-slow test-all quality lint data clean-runs external-env open-clip-env
 
 setup: $(SETUP)
 
@@ -62,7 +62,18 @@ train: $(SETUP) $(DIGITS)/counts.json $(DIGITS)/tokenizer.json
 	$(REPRO_ENV) $(PYTHON) -m dist_contrast.cli export --run runs/$(RUN) --out runs/$(RUN)/export
 	@echo "run directory: runs/$(RUN) (metrics.jsonl, plots/, eval.json, export/)"
 
+# `make test`: ruff and every test but those marked slow (end-to-end launches: every config
+# trained, Slurm, preemption, torch.compile, the planner's measurements...), under 15 minutes on
+# 2 cores. `make test-slow` runs the slow ones, `make test-all` both; CI (.ci/run) runs both.
+TEST_MARKERS  ?= not slow
 test: $(SETUP)
+	$(PYTHON) -m ruff check dist_contrast tests bench
+	$(PYTHON) -m pytest -m "$(TEST_MARKERS)" $(PYTEST_ARGS)
+
+test-slow: $(SETUP)
+	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(SETUP)
 	$(PYTHON) -m ruff check dist_contrast tests bench
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 

@@ -22,6 +22,8 @@ from dist_contrast_bench.plan import CASES, measure
 
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # launches real training processes: make test-slow, CI
+
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plan_matches_a_real_step(case):

@@ -23,6 +23,8 @@ import pytest
 
 from conftest import ROOT, cli_env
 
+pytestmark = pytest.mark.slow  # launches real training processes: make test-slow, CI
+
 CONFIG = "configs/simclr_digits.yaml"
 
 

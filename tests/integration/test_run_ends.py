@@ -22,6 +22,8 @@ import pytest
 
 from conftest import cli_env
 
+pytestmark = pytest.mark.slow  # launches real training processes: make test-slow, CI
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 

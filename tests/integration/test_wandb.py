@@ -15,9 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from wandb.proto import wandb_internal_pb2
 
 from conftest import ROOT, cli_env, run_cli
+
+pytestmark = pytest.mark.slow  # launches real training processes: make test-slow, CI
 
 CONFIG = "configs/simclr_digits.yaml"
 BLOCK = 32768  # the log's block size; a record header never straddles two blocks
