@@ -60,7 +60,7 @@ def test_model_config_has_our_parameter_count(size, digits_dir, digits_tokenizer
     assert bench.open_clip_parameters(config) == bench.our_parameters(cfg)
 
 
-def test_compute_size_is_the_issues(digits_dir, digits_tokenizer):
+def test_compute_size_is_a_vit_of_12_layers_width_192_on_64_pixels(digits_dir, digits_tokenizer):
     config = _model_config(_cfg("compute", digits_dir, digits_tokenizer), digits_tokenizer)
     v, t = config["vision_cfg"], config["text_cfg"]
     assert (v["width"], v["layers"], v["patch_size"], v["image_size"]) == (192, 12, 8, 64)
