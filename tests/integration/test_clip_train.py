@@ -57,7 +57,6 @@ def runs(digits_dir, digits_tokenizer, tmp_path_factory):
     return {form: _train(form, digits_dir, digits_tokenizer, tmp) for form in FORMS}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("form", list(FORMS))
 def test_clip_trains_on_two_ranks(runs, form):
     run, rows = runs[form]
@@ -69,14 +68,12 @@ def test_clip_trains_on_two_ranks(runs, form):
     assert rows[-1]["negatives_per_query"] == want
 
 
-@pytest.mark.slow
 def test_local_full_and_tiled_forms_give_the_same_loss_curve(runs):
     curves = {form: [r["loss"] for r in runs[form][1]] for form in ("local", "full", "tiled")}
     for form in ("full", "tiled"):
         assert curves[form] == pytest.approx(curves["local"], rel=1e-5), curves
 
 
-@pytest.mark.slow
 def test_queues_hold_each_ranks_momentum_features_of_every_step(runs):
     run, _ = runs["queues"]
     step_dir = run / "checkpoints" / f"step_{STEPS:08d}"
@@ -89,7 +86,6 @@ def test_queues_hold_each_ranks_momentum_features_of_every_step(runs):
             assert torch.allclose(shard["keys"].norm(dim=1), torch.ones(QUEUE // 2), atol=1e-5)
 
 
-@pytest.mark.slow
 def test_eval_of_a_clip_run_writes_zero_shot_and_retrieval(runs):
     run, _ = runs["queues"]
     proc = run_cli("eval", "--run", str(run))

@@ -14,8 +14,6 @@ from dist_contrast.train import checkpoint
 
 from conftest import eight_step_digits_run, finite_number, run_torchrun
 
-pytestmark = pytest.mark.slow
-
 
 def _shard_keys(digits_dir) -> set[str]:
     keys = set()

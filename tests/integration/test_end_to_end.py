@@ -12,7 +12,6 @@ from dist_contrast.distributed import free_port
 
 from conftest import ROOT, cli_env, run_cli, run_torchrun
 
-pytestmark = pytest.mark.slow
 CONFIG = "configs/simclr_digits.yaml"
 
 

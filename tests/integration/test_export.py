@@ -26,7 +26,6 @@ from dist_contrast.methods import build_method
 
 from conftest import ROOT, cli_env, run_cli, run_torchrun
 
-pytestmark = pytest.mark.slow
 CONFIG = "configs/simclr_digits.yaml"
 STEP = "step_00000002"
 

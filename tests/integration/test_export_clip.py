@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from test_export import assert_formats_match
 
@@ -15,8 +14,6 @@ from dist_contrast.export.write import trained_method
 from dist_contrast.train.runs import load_run
 
 from conftest import run_cli
-
-pytestmark = pytest.mark.slow
 
 
 def test_clip_run_exports_image_text_and_heads(tmp_path):

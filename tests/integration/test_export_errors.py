@@ -13,8 +13,6 @@ from dist_contrast.export import ExportError, ExportOptions, export_run, load_en
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, digits_dir) -> Path:

@@ -22,7 +22,6 @@ from dist_contrast.train.runs import load_run
 from conftest import ROOT, cli_env, run_cli
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.slow
 
 QUIET = ["logging.wandb=false", "logging.progress=false", "logging.plots=false"]
 VIT_SIZE = ["model.vit_width=96", "model.vit_depth=2", "model.vit_heads=3", "model.vit_mlp_ratio=2"]
