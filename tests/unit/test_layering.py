@@ -142,3 +142,84 @@ def test_the_checks_see_function_local_and_relative_imports(tmp_path):
         "dist_contrast.models.a imports dist_contrast.losses: models/ imports only models/ and "
         "errors",
     ]
+
+
+# ---- the bench package, loaded by name --------------------------------------------------------
+
+BENCH = "dist_contrast_bench"  # bench/, installed beside the package; only the CLI may load it
+
+
+def _prefix(node: ast.AST, names: dict[str, ast.AST]) -> str:
+    """The text a module-name expression starts with: a string, a name bound to one, or an
+    f-string's leading parts (``f"{BENCH_PACKAGE}.{name}"`` -> ``dist_contrast_bench.``)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in names:
+        return _prefix(names.pop(node.id), names)  # popped: a name bound to itself ends
+    if isinstance(node, ast.JoinedStr):
+        text = ""
+        for part in node.values:
+            if isinstance(part, ast.FormattedValue):
+                part = part.value
+            piece = _prefix(part, names)
+            text += piece
+            if not piece:
+                break
+        return text
+    return ""
+
+
+def dynamic_imports(path: Path) -> set[str]:
+    """Module names ``path`` loads through ``importlib.import_module`` or ``__import__``, which
+    an import statement check cannot see, as far as they are spelled out in the module."""
+    tree = ast.parse(path.read_text())
+    names = {
+        target.id: node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args:
+            f = node.func
+            called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if called in ("import_module", "__import__"):
+                found.add(_prefix(node.args[0], dict(names)))
+    return found
+
+
+def bench_users(root: Path) -> set[str]:
+    """Modules of the package that import the bench package, by statement or by name."""
+    users = set()
+    for name, path in modules(root).items():
+        statements = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                statements.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                statements.add(node.module or "")
+        if any(m.split(".")[0] == BENCH for m in statements | dynamic_imports(path)):
+            users.add(name)
+    return users
+
+
+def test_only_the_cli_loads_the_bench_package():
+    """The library never depends on the benchmarks; the CLI's `bench` command loads them by
+    name (``importlib``), which the layer checks above cannot see."""
+    assert bench_users(PACKAGE) == {"dist_contrast.cli"}
+
+
+def test_the_bench_check_sees_loads_by_name(tmp_path):
+    pkg = tmp_path / "dist_contrast"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text(
+        'import importlib\nPKG = "dist_contrast_bench"\n\n'
+        'def f(n):\n    full = f"{PKG}.{n}"\n    return importlib.import_module(full)\n'
+    )
+    (pkg / "b.py").write_text('def g():\n    return __import__("dist_contrast_bench.x")\n')
+    (pkg / "c.py").write_text("from dist_contrast_bench import plan\n")
+    (pkg / "d.py").write_text('import importlib\nimportlib.import_module("json")\n')
+    assert bench_users(pkg) == {"dist_contrast.a", "dist_contrast.b", "dist_contrast.c"}
