@@ -6,6 +6,7 @@ The engine knows a method only through ``method(batch) -> LossOutput``.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 import warnings
@@ -81,6 +82,11 @@ def train(cfg: Config, evaluate: Evaluator | None = None) -> Path:
             try:
                 return _train(cfg, env, stop, evaluate)
             finally:
+                # The engine, its groups and their pending work go while the interpreter and
+                # the process group are alive: left in reference cycles to the interpreter's
+                # exit, a rank sometimes aborted there (SIGABRT, "terminate called without an
+                # active exception") after its run had ended, and the job failed.
+                gc.collect()
                 distributed.shutdown()
     finally:
         if lock is not None:
