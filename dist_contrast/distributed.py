@@ -342,6 +342,39 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
         return all_gather_with_offset(x.detach())[0]
 
 
+def all_gather_into_tensor(
+    output_tensor: torch.Tensor,
+    input_tensor: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+):
+    """``torch.distributed.all_gather_into_tensor``; on gloo (a blocking call, contiguous
+    tensors of one dtype) as one broadcast per rank into the output's slices, in place.
+    gloo's all-gather goes through a fresh flat buffer and a copy out of it: 39 ms for 36 MB
+    on 2 ranks of the development VM, where the broadcasts take 12 (an all-reduce of the same
+    36 MB: 23). Broadcasts move the bytes as they are: the result is the same to the bit."""
+    world = dist.get_world_size(group)
+    n = input_tensor.numel()
+    if (
+        async_op
+        or dist.get_backend(group) != "gloo"
+        or not output_tensor.is_contiguous()
+        or output_tensor.dtype != input_tensor.dtype
+        or output_tensor.numel() != n * world
+    ):
+        return dist.all_gather_into_tensor(
+            output_tensor, input_tensor, group=group, async_op=async_op
+        )
+    flat, me = output_tensor.view(-1), dist.get_rank(group)
+    mine = flat[me * n : (me + 1) * n]
+    if mine.data_ptr() != input_tensor.data_ptr() or not input_tensor.is_contiguous():
+        mine.copy_(input_tensor.reshape(-1))
+    for i in range(world):
+        src = i if group is None else dist.get_global_rank(group, i)
+        dist.broadcast(flat[i * n : (i + 1) * n], src=src, group=group)
+    return None
+
+
 def multi_rank() -> bool:
     """A process group of more than one rank is running."""
     return is_dist() and world_size() > 1

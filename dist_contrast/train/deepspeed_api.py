@@ -17,10 +17,14 @@ ships it, goes through this module:
   the ZeRO defaults the planner (:mod:`dist_contrast.train.plan`) counts with
   (:data:`ZERO_DEFAULTS`);
 - its clone of the world process group, kept for the life of the process: stale once the
-  default group is destroyed and made again, when it is dropped (:func:`drop_stale_groups`).
+  default group is destroyed and made again, when it is dropped (:func:`drop_stale_groups`);
+- the engine's ``flatten`` (the gradients' all-reduce bucket outside ZeRO-2/3), which on a CPU
+  writes into one kept buffer instead of a fresh one each step (:func:`keep_flat_buffer`);
+- its communication backend's all-gather into a tensor (ZeRO-1/2's all-gather of the updated
+  weights), done by broadcasts on gloo (:func:`gather_by_broadcast_on_gloo`).
 
-These were checked against the DeepSpeed versions of :data:`CHECKED`; tests/unit/
-test_deepspeed_api.py pins them, so an upgrade fails there, in one place, first.
+These were checked against the DeepSpeed versions of :data:`CHECKED`;
+tests/unit/test_trust_checkpoint.py pins them, so an upgrade fails there, in one place, first.
 """
 
 from __future__ import annotations
@@ -235,6 +239,55 @@ def consolidated_fp32(step_dir: Path) -> dict[str, torch.Tensor]:
 
     with safe_loads():
         return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+
+
+class _KeptFlat:
+    """``_flatten_dense_tensors`` into a buffer kept between calls, one per size, dtype and
+    device (a step flattens the same buckets every time). DeepSpeed's gradient all-reduce
+    outside ZeRO-2/3 (``allreduce_bucket``) flattens the gradients, all-reduces the flat tensor
+    and copies it back into them before it flattens again, so a kept buffer is never read after
+    the next call. On a CPU a fresh flat tensor of a model's size is a fresh ``mmap`` each step,
+    and its first-touch page faults cost more than the copy: 21 ms against 4 for 36 MB on the
+    development VM (docs/benchmarks.md)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        first = tensors[0]
+        key = (sum(t.numel() for t in tensors), first.dtype, first.device)
+        buf = self.buffers.get(key)
+        if buf is None:
+            if len(self.buffers) >= self.keep:
+                self.buffers.pop(next(iter(self.buffers)))
+            buf = self.buffers[key] = torch.empty(key[0], dtype=key[1], device=key[2])
+        return torch.cat([t.reshape(-1) for t in tensors], out=buf)
+
+
+def keep_flat_buffer(engine: Any) -> None:
+    """On a CPU, the engine's gradient bucket flattened into a kept buffer (:class:`_KeptFlat`).
+    Elsewhere the allocator caches the block already, and keeping it would hold it through the
+    next forward; left as it is."""
+    if torch.device(engine.device).type == "cpu" and hasattr(engine, "flatten"):
+        engine.flatten = _KeptFlat()
+
+
+def gather_by_broadcast_on_gloo() -> None:
+    """On a gloo world, DeepSpeed's ``all_gather_into_tensor`` (``TorchBackend``'s
+    ``all_gather_function``, which ZeRO-1/2 use to all-gather the updated weights each step)
+    becomes :func:`dist_contrast.distributed.all_gather_into_tensor`: the same bytes, by one
+    broadcast per rank, about 3x faster than gloo's all-gather. Other backends keep theirs."""
+    import torch.distributed as dist
+    from deepspeed.comm import comm
+
+    from dist_contrast.distributed import all_gather_into_tensor
+
+    backend = comm.cdb
+    if backend is None or not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    if getattr(backend, "all_gather_function", None) is not None:
+        backend.all_gather_function = all_gather_into_tensor
 
 
 # ---- configuration --------------------------------------------------------------------------

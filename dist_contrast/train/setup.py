@@ -55,6 +55,8 @@ def wrap(method: Method, cfg: Config, world: int):
         config=deepspeed_config(cfg, world),
         dist_init_required=False,
     )
+    deepspeed_api.keep_flat_buffer(engine)
+    deepspeed_api.gather_by_broadcast_on_gloo()
     return engine, optimizer, scheduler
 
 

@@ -342,6 +342,40 @@ def test_the_planners_zero_defaults_are_deepspeeds():
         assert getattr(zero, key.removeprefix("stage3_")) == value, key
 
 
+def test_the_engines_flatten_is_read_only_until_copied_back():
+    """keep_flat_buffer lets the next flatten overwrite the last one's result: safe while the
+    engine flattens in ``allreduce_bucket`` alone, whose one caller copies the result back into
+    the gradients before it returns. A DeepSpeed that flattens elsewhere fails here."""
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    source = inspect.getsource(DeepSpeedEngine)
+    assert source.count("self.flatten(") == 1
+    assert "tensor = self.flatten(bucket)" in inspect.getsource(DeepSpeedEngine.allreduce_bucket)
+    assert source.count("self.allreduce_bucket(") == 1
+    copy_back = inspect.getsource(DeepSpeedEngine.allreduce_and_copy)
+    assert "self.allreduce_bucket(" in copy_back and "buf.copy_(synced)" in copy_back
+
+
+def test_zeros_weight_gather_goes_through_the_backends_gather_function():
+    """gather_by_broadcast_on_gloo swaps ``TorchBackend.all_gather_function``: it reaches
+    ZeRO-1/2's weight all-gather while that calls ``all_gather_into_tensor`` of deepspeed.comm,
+    which calls the backend's method, which calls the function."""
+    import importlib
+    import inspect
+
+    from deepspeed.comm import comm
+    from deepspeed.runtime import utils
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # the attribute is torch itself
+    gather = inspect.getsource(utils.all_gather_into_tensor_dp_groups)
+    assert "dist.all_gather_into_tensor(" in gather
+    # the two methods are wrapped (timed_op, stage_on_cpu): their modules' text
+    assert "return cdb.all_gather_into_tensor(" in inspect.getsource(comm)
+    assert "return self.all_gather_function(output_tensor=" in inspect.getsource(backend)
+
+
 def _second_world_in_one_process(rank: int, world: int) -> list[bool]:
     """In a rank of run_ranks: DeepSpeed's world clone, the default group destroyed and made
     again (another port), then what drop_stale_groups keeps."""
