@@ -266,11 +266,30 @@ class _KeptFlat:
 
 
 def keep_flat_buffer(engine: Any) -> None:
-    """On a CPU, the engine's gradient bucket flattened into a kept buffer (:class:`_KeptFlat`).
+    """On a CPU, the gradient buckets flattened into kept buffers (:class:`_KeptFlat`): the
+    engine's (its ``flatten`` serves its all-reduce alone), and ZeRO-1/2's in its
+    ``allreduce_bucket`` only (its ``flatten`` also builds tensors it keeps, at checkpoint
+    loads); each caller of ``allreduce_bucket`` copies the result out before the next call.
     Elsewhere the allocator caches the block already, and keeping it would hold it through the
     next forward; left as it is."""
-    if torch.device(engine.device).type == "cpu" and hasattr(engine, "flatten"):
+    if torch.device(engine.device).type != "cpu":
+        return
+    if hasattr(engine, "flatten"):
         engine.flatten = _KeptFlat()
+    zero = engine.optimizer
+    if hasattr(zero, "allreduce_bucket") and hasattr(zero, "flatten"):
+        zero.allreduce_bucket = functools.partial(
+            _with_kept_flat, zero, type(zero).allreduce_bucket, _KeptFlat()
+        )
+
+
+def _with_kept_flat(zero: Any, allreduce_bucket: Any, kept: _KeptFlat, *args, **kwargs) -> Any:
+    plain = zero.flatten
+    zero.flatten = kept
+    try:
+        return allreduce_bucket(zero, *args, **kwargs)
+    finally:
+        zero.flatten = plain
 
 
 def gather_by_broadcast_on_gloo() -> None:

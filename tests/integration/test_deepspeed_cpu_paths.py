@@ -4,10 +4,13 @@ ranks, to the bit:
 - the gradients' all-reduce bucket kept between steps (``keep_flat_buffer``, ZeRO-0): three
   steps leave the weights equal to three steps through DeepSpeed's flatten, and every step
   flattens into the same buffer;
-- ZeRO-2's all-gather of the updated weights by broadcasts (``gather_by_broadcast_on_gloo``):
-  three steps equal three through gloo's all-gather; the gather itself equals
-  ``all_gather_into_tensor`` on 3 ranks, on a sub-group, in bf16, from an aliased input."""
+- at ZeRO-2 and 3, the all-reduce bucket kept likewise (``keep_flat_buffer`` again) and the
+  all-gather into a tensor (ZeRO-2's gather of the updated weights) done by broadcasts
+  (``gather_by_broadcast_on_gloo``): three steps equal three through DeepSpeed's flatten and
+  gloo's all-gather; the gather itself equals ``all_gather_into_tensor`` on 3 ranks, on a
+  sub-group, in bf16, from an aliased input."""
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors
@@ -94,16 +97,18 @@ def test_kept_flat_values_and_bound():
     assert len(flat.buffers) == 2  # the oldest dropped past ``keep``
 
 
-def _broadcast_and_gloo(rank, world, digits, run_dir):
+def _ours_and_deepspeeds(rank, world, digits, run_dir, stage):
     from deepspeed.comm import comm
 
-    cfg, counts = _cfg(digits, run_dir, 2), []
+    cfg, counts = _cfg(digits, run_dir, stage), []
 
     def ours(engine):
         assert comm.cdb.all_gather_function is distributed.all_gather_into_tensor
+        assert "allreduce_bucket" in vars(engine.optimizer)
 
     def gloos(engine):
         comm.cdb.all_gather_function = dist.all_gather_into_tensor
+        del engine.optimizer.allreduce_bucket  # the class's own again
 
     real = dist.broadcast
     weights = []
@@ -118,14 +123,15 @@ def _broadcast_and_gloo(rank, world, digits, run_dir):
     return weights, counts
 
 
-def test_zero2_weights_gathered_by_broadcast_equal_gloos_all_gather(digits_dir, tmp_path):
-    for (ours, gloos), (ours_calls, gloo_calls) in run_ranks(
-        _broadcast_and_gloo, 2, digits_dir, tmp_path
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_steps_equal_deepspeeds_own_paths(digits_dir, tmp_path, stage):
+    for (ours, theirs), (ours_calls, their_calls) in run_ranks(
+        _ours_and_deepspeeds, 2, digits_dir, tmp_path, stage
     ):
-        assert torch.equal(ours, gloos)
-        # beyond the broadcasts both make (DeepSpeed's at set-up): one per rank and parameter
-        # group (2 here: decayed or not) in each of the 3 steps
-        assert ours_calls - gloo_calls == 3 * 2 * 2
+        assert torch.equal(ours, theirs)
+        if stage == 2:  # beyond the broadcasts both make (DeepSpeed's at set-up): one per
+            # rank and parameter group (2 here: decayed or not) in each of the 3 steps
+            assert ours_calls - their_calls == 3 * 2 * 2
 
 
 def _gathers(rank, world):

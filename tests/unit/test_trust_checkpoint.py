@@ -358,6 +358,25 @@ def test_the_engines_flatten_is_read_only_until_copied_back():
     assert "self.allreduce_bucket(" in copy_back and "buf.copy_(synced)" in copy_back
 
 
+def test_zeros_allreduce_bucket_results_are_copied_out_at_once():
+    """keep_flat_buffer gives ZeRO-1/2/3's ``allreduce_bucket`` a kept flat buffer: safe while
+    every caller unflattens the result into the gradients before the next call."""
+    import inspect
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    for cls, callers in ((DeepSpeedZeroOptimizer, 3), (DeepSpeedZeroOptimizer_Stage3, 1)):
+        assert "tensor = self.flatten(bucket)" in inspect.getsource(cls.allreduce_bucket)
+        found = []
+        for name, fn in inspect.getmembers(cls, inspect.isfunction):
+            text = inspect.getsource(fn)
+            if "self.allreduce_bucket(" in text:
+                found.append(name)
+                assert "self.unflatten(allreduced" in text, name
+        assert len(found) == callers, found
+
+
 def test_zeros_weight_gather_goes_through_the_backends_gather_function():
     """gather_by_broadcast_on_gloo swaps ``TorchBackend.all_gather_function``: it reaches
     ZeRO-1/2's weight all-gather while that calls ``all_gather_into_tensor`` of deepspeed.comm,
