@@ -1,27 +1,46 @@
 #!/usr/bin/env bash
 # The GPU path, checked in one command on a lent GPU machine (one H100/H200, no network, its own
-# python3 with torch): at most about 8 minutes.
+# python3 with torch): at most about 9.5 minutes (the parts' time limits: 170 + 160 + 2 x 100 s).
 #   bench/device_check.sh            install the carried wheels (.whl/, from bench/wheels.sh),
-#                                    then (a) the tests marked gpu (tests/gpu) on CUDA and (b)
+#                                    then (a) the tests marked gpu (tests/gpu) on CUDA, (b)
 #                                    bench/gpu.sh (ViT-B/16 CLIP bf16 step time and MFU, four
 #                                    variants; CLIP loss memory local vs tiled at N = 64k, 128k,
-#                                    256k for one rank of W = 8); writes into $OUT (default
+#                                    256k for one rank of W = 8) and (c) `bench train` of the
+#                                    ViT-B/16 CLIP config on the digits (the real engine: loader,
+#                                    DeepSpeed ZeRO-2 bf16, against the plain DDP loop; its MFU),
+#                                    eager then train.compile=true; writes into $OUT (default
 #                                    bench/results/device_check): summary.md (the table),
 #                                    summary.json, gpu-tests.xml + .log, gpu.json + .md + log,
-#                                    env.txt. Exit status 0 only if every part passed.
+#                                    train_eager.json / train_compile.json + logs, env.txt.
+#                                    Exit status 0 only if every part passed.
+#   PARTS="tests bench train"        the parts to run (default all three), e.g. PARTS=train to
+#                                    run (c) again on a machine still warm
 #   bench/device_check.sh --dry-run  here, without a GPU: the wheel set complete and consistent,
 #                                    the commands well formed, the tests run on the CPU
 #                                    (DC_GPU_TEST_DEVICE=cpu); one line per check, a one-line
 #                                    reason and exit 1 on the first failure.
 # With the device tool: bench/wheels.sh here once, then run `bench/device_check.sh` with
-# carry [".whl"] and a timeout_s of 540.
+# carry [".whl"] and a timeout_s of 600.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 TESTS=(tests/gpu -m gpu)                            # the selection, both modes
-BENCH_ARGS=(--steps 10 --warmup 3 --budget-s 140)   # bench/gpu.sh's arguments on the device
-TEST_S=210                                          # time limits of the parts, seconds
-BENCH_S=230
+BENCH_ARGS=(--steps 10 --warmup 3 --budget-s 110)   # bench/gpu.sh's arguments on the device
+TEST_S=170                                          # time limits of the parts, seconds
+BENCH_S=160
+TRAIN_S=100                                         # each of the two bench train runs
+PARTS=${PARTS:-tests bench train}
+# (c): the ViT-B/16 CLIP config as it is (ZeRO-2, bf16, tiled loss, 8 workers), on the digits
+# shards written on the machine (8 px digits read at 224 px), 128 samples per GPU
+TRAIN_CONFIG=configs/image_text/clip_vit_b16.yaml
+train_overrides() { # $1: the digits folder
+  echo "data.train_shards=$1/train-*.tar data.val_shards= data.tokenizer_path=$1/tokenizer.json"
+  echo "data.shuffle_buffer=256 train.batch_size=128"
+}
+TRAIN_FLAGS=(--steps 10 --warmup 3)
+# the same command shrunk for the dry run's CPU pass (its form, not its figures)
+TRAIN_SMOKE="model.encoder=vit_nano data.image_size=32 text.width=64 text.layers=1 text.heads=4
+train.batch_size=4 data.num_workers=1 --steps 1 --warmup 1 --batches 1"
 SITE=${DEVICE_CHECK_SITE:-/tmp/site}
 # The GPU machine's python3 packages (the device tool's KINDS.md, 2026-11-17), with the versions
 # it lists where it lists one. Anything else the check imports travels as a wheel.
@@ -120,6 +139,9 @@ say(f"ok: -m gpu collects all {run['collected']} tests of tests/gpu; on the CPU:
 if run["bench"] != 0:
     fail(f"bench gpu --device cpu --smoke exited {run['bench']}")
 say("ok: bench gpu --device cpu --smoke ran (every variant, the loss memory)")
+if run["train"]:
+    fail(f"part (c)'s bench train, shrunk, on the CPU exited {run['train']}")
+say("ok: part (c)'s digits, tokenizer and bench train ran on the CPU, shrunk")
 
 
 # every distribution imported by this project's code (and the tests), or by a carried wheel, is
@@ -214,7 +236,7 @@ EOF
 dry_run() {
   local py=${PYTHON:-.venv/bin/python} tmp
   tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' EXIT
+  trap "rm -rf '$tmp'" EXIT  # expanded now: $tmp is local
   for f in bench/device_check.sh bench/gpu.sh bench/wheels.sh; do
     bash -n "$f" || fail "$f: bash syntax error"
   done
@@ -236,9 +258,11 @@ dry_run() {
   "$py" -c "from dist_contrast_bench.gpu import _parse; import sys; _parse(sys.argv[1:])" \
     "${BENCH_ARGS[@]}" --out "$tmp/gpu.json" || fail "bench gpu rejects its arguments: ${BENCH_ARGS[*]}"
   say "ok: bench gpu accepts ${BENCH_ARGS[*]} --out \$OUT/gpu.json"
-  say "running the check on the CPU (DC_GPU_TEST_DEVICE=cpu: tests/gpu, then bench gpu --smoke),"
-  say "  recording every module it imports ..."
-  DC_GPU_TEST_DEVICE=cpu DS_ACCELERATOR=cpu "$py" - "$tmp" "${TESTS[@]}" <<'EOF' ||
+  say "running the check on the CPU (DC_GPU_TEST_DEVICE=cpu: tests/gpu, bench gpu --smoke, part"
+  say "  (c)'s bench train shrunk: vit_nano, 32 px, 4 samples, 1 step), recording every import ..."
+  # shellcheck disable=SC2086  # TRAIN_SMOKE's words are arguments
+  DC_TRAIN_ARGS="$TRAIN_CONFIG $(train_overrides "$tmp/digits" | tr '\n' ' ') ${TRAIN_FLAGS[*]} $(echo $TRAIN_SMOKE)" \
+    DC_GPU_TEST_DEVICE=cpu DS_ACCELERATOR=cpu "$py" - "$tmp" "${TESTS[@]}" <<'EOF' ||
 import json, sys
 from pathlib import Path
 
@@ -288,6 +312,14 @@ code = pytest.main([*selection, "-q", "-p", "no:cacheprovider", "-o", "addopts="
 from dist_contrast.cli import main as cli
 
 bench = cli(["bench", "gpu", "--device", "cpu", "--smoke", "--out", str(tmp / "gpu.json")])
+import os  # noqa: E402
+
+digits = tmp / "digits"
+train = cli(["shards", "digits", "--out", str(digits)]) or cli(
+    ["tokenizer", "train", "--shards", f"{digits}/train-*.tar", "--vocab-size", "512",
+     "--out", f"{digits}/tokenizer.json"]
+)
+train = train or cli(["bench", "train", *os.environ["DC_TRAIN_ARGS"].split(), "--out", str(tmp / "train.json")])
 files = {}
 for name, module in list(sys.modules.items()):
     if "." not in name and getattr(module, "__file__", None):
@@ -301,6 +333,7 @@ for name, module in list(sys.modules.items()):
             "counts": outcomes.counts,
             "failed": outcomes.failed,
             "bench": bench,
+            "train": train,
             "importer": importer,
             "files": files,
             "harness": sorted(harness),
@@ -310,13 +343,18 @@ for name, module in list(sys.modules.items()):
 EOF
     fail "the CPU run of the check broke (see above)"
   analyse "$tmp/run.json"
+  # part (c)'s compiled variant: its config loads (the eager one ran above, shrunk)
+  # shellcheck disable=SC2046
+  "$py" -c "import sys; from dist_contrast.config import load_config as c; c(sys.argv[1], sys.argv[2:])" \
+    "$TRAIN_CONFIG" $(train_overrides "$tmp/digits") train.compile=true || fail "$TRAIN_CONFIG with train.compile=true does not load"
+  say "ok: the config of part (c) with train.compile=true loads"
   local tree whl
   tree=$(git ls-files -z --others --exclude-standard --cached | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
   whl=$(du -cb .whl/*.whl | tail -1 | cut -f1)
   [ $((tree + whl)) -lt $((60 * 1024 * 1024)) ] ||
     fail "the working tree and .whl/ weigh $(((tree + whl) >> 20)) MiB: over what a call carries"
   say "ok: working tree + .whl/ = $(((tree + whl) >> 20)) MiB (a call carries at most 64 MiB)"
-  say "dry run passed: on the GPU machine run bench/device_check.sh (carry .whl, timeout_s 540)"
+  say "dry run passed: on the GPU machine run bench/device_check.sh (carry .whl, timeout_s 600)"
 }
 
 # --------------------------------------------------------------------------------------------
@@ -343,22 +381,51 @@ device_run() {
   } >"$out/env.txt" 2>&1
   say "$(tail -1 "$out/env.txt"); wheels installed in $((SECONDS - start)) s"
 
-  local t0=$SECONDS rc_tests rc_bench
-  timeout -k 10 "$TEST_S" "$py" -m pytest "${TESTS[@]}" -q -p no:cacheprovider \
-    --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
-  rc_tests=${PIPESTATUS[0]}
-  local tests_s=$((SECONDS - t0))
-  t0=$SECONDS
-  timeout -k 10 "$BENCH_S" env PYTHON="$py" bench/gpu.sh "${BENCH_ARGS[@]}" \
-    --out "$out/gpu.json" 2>&1 | tee "$out/gpu-bench.log"
-  rc_bench=${PIPESTATUS[0]}
-  local bench_s=$((SECONDS - t0))
-  "$py" - "$out" "$rc_tests" "$tests_s" "$rc_bench" "$bench_s" "$((SECONDS - start))" <<'EOF'
+  # a part not in $PARTS is "skipped" (exit status -1 in summary.json)
+  local t0 rc_tests=-1 rc_bench=-1 rc_eager=-1 rc_compile=-1 tests_s=0 bench_s=0 train_s=0
+  if part tests; then
+    t0=$SECONDS
+    timeout -k 10 "$TEST_S" "$py" -m pytest "${TESTS[@]}" -q -p no:cacheprovider \
+      --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
+    rc_tests=${PIPESTATUS[0]}
+    tests_s=$((SECONDS - t0))
+  fi
+  if part bench; then
+    t0=$SECONDS
+    timeout -k 10 "$BENCH_S" env PYTHON="$py" bench/gpu.sh "${BENCH_ARGS[@]}" \
+      --out "$out/gpu.json" 2>&1 | tee "$out/gpu-bench.log"
+    rc_bench=${PIPESTATUS[0]}
+    bench_s=$((SECONDS - t0))
+  fi
+  if part train; then
+    t0=$SECONDS
+    local digits=/tmp/dc-digits variant rc
+    rc_eager=1 rc_compile=1
+    if "$py" -m dist_contrast.cli shards digits --out "$digits" --force >"$out/train-data.log" 2>&1 &&
+      "$py" -m dist_contrast.cli tokenizer train --shards "$digits/train-*.tar" --vocab-size 512 \
+        --out "$digits/tokenizer.json" >>"$out/train-data.log" 2>&1; then
+      for variant in eager compile; do
+        local extra=()
+        [ "$variant" = compile ] && extra=(train.compile=true)
+        # shellcheck disable=SC2046  # train_overrides's words are the arguments
+        timeout -k 10 "$TRAIN_S" "$py" -m torch.distributed.run --nproc_per_node 1 \
+          -m dist_contrast.cli bench train "$TRAIN_CONFIG" $(train_overrides "$digits") \
+          "${extra[@]}" "${TRAIN_FLAGS[@]}" --out "$out/train_$variant.json" 2>&1 | tee "$out/train_$variant.log"
+        rc=${PIPESTATUS[0]}
+        if [ "$variant" = eager ]; then rc_eager=$rc; else rc_compile=$rc; fi
+      done
+    else
+      say "the digits shards or their tokenizer failed: $out/train-data.log"
+    fi
+    train_s=$((SECONDS - t0))
+  fi
+  "$py" - "$out" "$rc_tests" "$tests_s" "$rc_bench" "$bench_s" "$rc_eager" "$rc_compile" \
+    "$train_s" "$((SECONDS - start))" <<'EOF'
 import json, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-out, rc_tests, tests_s, rc_bench, bench_s, total_s = sys.argv[1:]
+out, rc_tests, tests_s, rc_bench, bench_s, rc_eager, rc_compile, train_s, total_s = sys.argv[1:]
 out = Path(out)
 tests = {"exit": int(rc_tests), "seconds": int(tests_s)}
 try:
@@ -367,29 +434,73 @@ try:
     for key in ("tests", "failures", "errors", "skipped"):
         tests[key] = int(suite.get(key, 0))
 except (OSError, ET.ParseError, IndexError):
-    tests["note"] = "no junit XML (killed at the time limit?)"
+    tests["note"] = "no junit XML (skipped, or killed at the time limit?)"
 bench = {"exit": int(rc_bench), "seconds": int(bench_s)}
 if (out / "gpu.json").is_file():
     bench["complete"] = json.loads((out / "gpu.json").read_text()).get("complete")
-summary = {"tests": tests, "bench": bench, "total_seconds": int(total_s)}
+train = {"exit": {"eager": int(rc_eager), "compile": int(rc_compile)}, "seconds": int(train_s)}
+rows, device = [], None
+for variant in ("eager", "compile"):
+    path = out / f"train_{variant}.json"
+    if not path.is_file():
+        continue
+    r = json.loads(path.read_text())
+    e, f, p = r["engine"], r["floor"], r.get("paired", {})
+    device = r.get("device")
+    train[variant] = {
+        "device": device,
+        "samples_per_s": {"engine": e["samples_per_s"], "floor": f["samples_per_s"]},
+        "ratio": r["ratio"],
+        "paired": p,
+        "mfu": {"engine": e.get("mfu"), "floor": f.get("mfu")},
+    }
+    mfu = [f"{100 * x['mfu']:.1f}%" if x.get("mfu") else "n/a" for x in (e, f)]
+    interval = f" ({p['low']:.3f}-{p['high']:.3f})" if p else ""
+    rows.append(
+        f"| {variant} | {e['samples_per_s']:.0f} | {f['samples_per_s']:.0f} "
+        f"| {r['ratio']:.3f}{interval} | {mfu[0]} | {mfu[1]} |"
+    )
+summary = {"tests": tests, "bench": bench, "train": train, "total_seconds": int(total_s)}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-ok = lambda rc: "passed" if rc == 0 else ("time limit" if rc in (124, 137) else f"exit {rc}")
+
+
+def ok(rc):
+    rc = int(rc)
+    if rc < 0:
+        return "skipped"
+    return "passed" if rc == 0 else "time limit" if rc in (124, 137) else f"exit {rc}"
+
+
 lines = [
     "| part | result | seconds |",
     "|---|---|---:|",
-    f"| tests -m gpu | {ok(tests['exit'])}: {tests.get('tests', '?')} tests, "
+    f"| tests -m gpu | {ok(rc_tests)}: {tests.get('tests', '?')} tests, "
     f"{tests.get('failures', '?')} failed, {tests.get('errors', '?')} errors, "
     f"{tests.get('skipped', '?')} skipped | {tests_s} |",
-    f"| bench gpu | {ok(bench['exit'])}, complete: {bench.get('complete')} | {bench_s} |",
+    f"| bench gpu | {ok(rc_bench)}, complete: {bench.get('complete')} | {bench_s} |",
+    f"| bench train (eager, compile) | {ok(rc_eager)}, {ok(rc_compile)} | {train_s} |",
     "",
 ]
 table = out / "gpu.md"
-text = "\n".join(lines) + (table.read_text() if table.is_file() else "(no bench table)\n")
+text = "\n".join(lines) + (table.read_text() if table.is_file() else "(no bench gpu table)\n")
+if rows:
+    text += (
+        f"\nbench train, ViT-B/16 CLIP (ZeRO-2 bf16, 1 GPU x 128, {device}):\n\n"
+        "| towers | engine samples/s | DDP floor samples/s | engine / floor (95% interval) "
+        "| engine MFU | floor MFU |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
 (out / "summary.md").write_text(text)
 print(text)
 EOF
-  say "wrote $out (summary.md, summary.json, gpu-tests.xml, gpu.json) in $((SECONDS - start)) s"
-  [ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+  say "wrote $out (summary.md, summary.json and each part's files) in $((SECONDS - start)) s"
+  local code
+  for code in "$rc_tests" "$rc_bench" "$rc_eager" "$rc_compile"; do
+    [ "$code" -le 0 ] || return 1
+  done
+}
+
+part() { # whether part $1 is in $PARTS
+  case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac
 }
 
 case "${1:-}" in

@@ -56,6 +56,12 @@ time (``time.process_time``: the rank's process, all its threads; not the loader
 steadier than wall time on a loaded machine. Phases on CUDA are timed with a device
 synchronisation around each (which the engine does not do by itself).
 
+Model FLOPs: one step of this rank's first batch counted by ``torch.utils.flop_counter``
+(forward, loss and backward; eager, without a checkpointed block's recomputation: the floor's
+towers, or an eager copy of them), per sample; each loop's model TFLOP/s per device follows
+from its samples/s, and MFU from the device's peak (``--peak-tflops``, else the bf16 peak of a
+known CUDA device, as ``bench gpu``; none on a CPU).
+
 ``--profile DIR``: both loops' timed steps under ``torch.profiler``, in the sequential order;
 each rank writes ``DIR/engine_rank<R>.txt`` and ``floor_rank<R>.txt`` (``key_averages`` sorted
 by self CPU time). Timings of a profiled run are not the figures to report.
@@ -72,7 +78,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +91,7 @@ from dist_contrast_bench.common import (
     usable_cores,
     write_json,
 )
+from dist_contrast_bench.gpu import device_info
 from dist_contrast_bench.train_phases import CPU, Phases, peak_memory, reset_peak, summarise
 
 ENGINE_PHASES = ("data", "augment", "forward", "loss", "backward", "optimizer", "log", "checkpoint")
@@ -129,6 +136,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--profile",
         metavar="DIR",
         help="profile the timed steps, tables to DIR (runs the loops in sequential order)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak TFLOP/s at the run's precision, for MFU (default: known "
+        "CUDA devices' bf16 peak, as bench gpu; none on a CPU)",
     )
     p.add_argument("--out", default=default_out("train.json"))
     args = p.parse_intermixed_args(argv)
@@ -312,14 +326,38 @@ class Floor:
         self.done += 1
 
 
-def run_floor(cfg, batches: list[dict], total: int, phases: Phases) -> tuple[torch.Tensor, dict]:
-    """``total`` steps of the plain DDP loop over ``batches``, after the engine's run; the loss
-    of its first step and this rank's peak memory."""
+def run_floor(cfg, batches: list[dict], total: int, phases: Phases) -> tuple[Floor, dict]:
+    """``total`` steps of the plain DDP loop over ``batches``, after the engine's run; the
+    floor (its loss at step 1 in ``first_loss``) and this rank's peak memory."""
     floor = Floor(cfg, phases)
     reset_ok = reset_peak(phases.dev)
     for i in range(total):
         floor.step(batches[i % len(batches)])
-    return floor.first_loss, peak_memory(phases.dev, reset_ok)
+    return floor, peak_memory(phases.dev, reset_ok)
+
+
+def step_flops(cfg, floor: Floor, batch: dict) -> int:
+    """Model FLOPs of one training step on this rank's batch: forward, loss and backward
+    (``torch.utils.flop_counter``: matrix products and attention; the optimizer, elementwise
+    work and a checkpointed block's recomputation not counted), as MFU counts them. Counted on
+    the floor's towers, or on an eager copy where they are compiled (a compiled region is not
+    seen by the counter); the gradients are dropped after."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dist_contrast.methods import build_method
+    from dist_contrast.train.engine import PRECISION
+
+    method = floor.method
+    if cfg.train.compile or cfg.model.activation_checkpointing:
+        eager = replace(cfg, model=replace(cfg.model, activation_checkpointing=False))
+        torch.manual_seed(cfg.run.seed)
+        method = build_method(eager).to(floor.phases.dev, PRECISION[cfg.deepspeed.precision])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        emb = method(batch, mode="embed")
+        method.loss(emb, batch).loss.backward()
+    method.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,9 +414,10 @@ def measure(cfg, args: argparse.Namespace, rank: int, world: int) -> dict:
             if args.profile:
                 path = Path(args.profile, f"floor_rank{rank}.txt")
                 stack.enter_context(_profiler(args, floor_phases, path))
-            floor_loss, floor_mem = run_floor(
-                cfg, seen.batches, args.warmup + args.steps, floor_phases
-            )
+            floor, floor_mem = run_floor(cfg, seen.batches, args.warmup + args.steps, floor_phases)
+            floor_loss = floor.first_loss
+    gc.collect()
+    flops = step_flops(cfg, floor, seen.batches[0])
     return {
         "rank": rank,
         "engine": {
@@ -392,6 +431,7 @@ def measure(cfg, args: argparse.Namespace, rank: int, world: int) -> dict:
             "loss_step1": float(floor_loss),
         },
         "rows": {"engine": engine_phases.rows, "floor": floor_phases.rows},
+        "flops_per_step": flops,
     }
 
 
@@ -429,7 +469,19 @@ def combine(ranks: list[dict], batch_size: int) -> dict:
         out[loop] = mean
     out["ratio"] = out["engine"]["samples_per_s"] / out["floor"]["samples_per_s"]
     out["cpu_ratio"] = out["floor"]["cpu"]["step"] / out["engine"]["cpu"]["step"]
+    out["flops_per_sample"] = sum(r["flops_per_step"] for r in ranks) / (world * batch_size)
     return out
+
+
+def utilisation(result: dict, peak_tflops: float | None) -> None:
+    """Model TFLOP/s per device of each loop (the counted FLOPs per sample x its samples/s /
+    ranks) and, given the device's peak, MFU; into ``result``."""
+    world = result["setup"]["world"]
+    for loop in ("engine", "floor"):
+        achieved = result["flops_per_sample"] * result[loop]["samples_per_s"] / world / 1e12
+        result[loop]["tflops_per_device"] = achieved
+        result[loop]["mfu"] = achieved / peak_tflops if peak_tflops else None
+    result["peak_tflops"] = peak_tflops
 
 
 def paired_interval(ranks: list[dict], warmup: int, amortised_ms: float) -> dict:
@@ -506,6 +558,12 @@ def table(result: dict) -> str:
         f"| **samples/s** | {e['samples_per_s']:.1f} | {f['samples_per_s']:.1f} | "
         f"**{result['ratio']:.3f}** | floor / engine CPU: **{result['cpu_ratio']:.3f}** | |"
     )
+    if "tflops_per_device" in e:
+        mfu = [f"{100 * loop['mfu']:.1f}%" if loop["mfu"] else "n/a" for loop in (e, f)]
+        lines.append(
+            f"| model TFLOP/s per device (MFU) | {e['tflops_per_device']:.3g} ({mfu[0]}) "
+            f"| {f['tflops_per_device']:.3g} ({mfu[1]}) | | | |"
+        )
     rss = [" / ".join(f"{x:.0f}" for x in loop["peak_rss_mib"]) for loop in (e, f)]
     if result["order"] == "interleaved":  # one process holds both loops
         lines.append(f"| peak RSS MiB per rank, both loops | {rss[0]} | | | | |")
@@ -620,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.order == "interleaved":
         e = result["engine"]
         result["paired"] = paired_interval(ranks, args.warmup, e["checkpoint"] + e["log"])
+    result["device"], peak = device_info(distributed.device())
+    utilisation(result, args.peak_tflops or peak)
     print(table(result))
     print(f"wrote {write_json(args.out, result)}")
     return 0

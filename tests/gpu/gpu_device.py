@@ -75,7 +75,14 @@ def one_rank() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", rank=0, world_size=1)
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:  # at exit, unless someone (bench train in the dry run) did already
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def to(tree, device: torch.device | str, dtype: torch.dtype | None = None):

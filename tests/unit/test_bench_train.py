@@ -128,6 +128,39 @@ def test_summary_figures(result):
         assert result[loop]["peak_rss_mib"][0] > 0
 
 
+def test_model_flops_per_sample(result):
+    """The counted FLOPs of a step, per sample, against the ViT's own count (matrix products,
+    2 per multiply-add; the backward twice the forward, but the patch embedding's once: the
+    image needs no gradient): the text tower here (32 wide, 1 layer, a few tokens), the
+    projections and the loss add well under 1%. On a CPU no peak is known: TFLOP/s, no MFU."""
+    d, depth, patch, size, channels = 128, 4, 4, 16, 1  # vit_nano, the config's patch, grey 16 px
+    tokens = (size // patch) ** 2 + 1
+    block = 2 * 12 * d * d * tokens + 2 * 2 * tokens * tokens * d  # qkv, proj, 4x MLP; attention
+    embed = 2 * channels * patch * patch * d * (tokens - 1)
+    vision = 3 * depth * block + 2 * embed
+    assert 1.0 <= result["flops_per_sample"] / vision <= 1.01
+    for loop in ("engine", "floor"):
+        tflops = result[loop]["tflops_per_device"]
+        assert tflops == pytest.approx(
+            result["flops_per_sample"] * result[loop]["samples_per_s"] / 1e12
+        )
+        assert result[loop]["mfu"] is None
+    assert result["device"] == "cpu" and "(n/a)" in _bench().table(result)
+
+
+def test_utilisation_reads_the_peak():
+    result = {
+        "setup": {"world": 2},
+        "flops_per_sample": 2e9,
+        "engine": {"samples_per_s": 1000.0},
+        "floor": {"samples_per_s": 1250.0},
+    }
+    _bench().utilisation(result, 10.0)
+    assert result["engine"]["tflops_per_device"] == pytest.approx(1.0)
+    assert result["engine"]["mfu"] == pytest.approx(0.1)
+    assert result["floor"]["mfu"] == pytest.approx(0.125)
+
+
 def _rows(walls: list[float]) -> list[dict]:
     return [{"wall": w} for w in walls]
 
