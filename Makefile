@@ -22,7 +22,7 @@ else
 SETUP  := external-env
 endif
 
-.PHONY: setup train test test-slow test-all quality lint data clean-runs external-env open-clip-env
+.PHONY: setup train test test-slow test-open-clip test-all quality lint data clean-runs external-env open-clip-env
 
 setup: $(SETUP)
 
@@ -72,6 +72,11 @@ test: $(SETUP)
 
 test-slow: $(SETUP)
 	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
+
+# The tests that need open_clip (marked open_clip: exports loaded there, open_clip's models read
+# here), in open_clip's own environment, built first; `make test` runs them too where it exists
+test-open-clip: $(SETUP) open-clip-env
+	$(PYTHON) -m pytest -m open_clip $(PYTEST_ARGS)
 
 test-all: $(SETUP)
 	$(PYTHON) -m ruff check dist_contrast tests bench

@@ -192,40 +192,11 @@ def check_comparable(cfg) -> None:
 
 
 def open_clip_model_config(cfg, vocab_size: int, eot_id: int, pad_id: int, tok_dir: str) -> dict:
-    """open_clip's model config (``CLIP(**config)``) of the towers ``cfg`` builds."""
-    from dist_contrast.models.vit import vit_size
+    """open_clip's model config (``CLIP(**config)``) of the towers ``cfg`` builds: the one
+    ``export --format open_clip`` writes."""
+    from dist_contrast.export.open_clip import model_config
 
-    m, t, d = cfg.model, cfg.text, cfg.data
-    size = vit_size(m.encoder, m.vit_width, m.vit_depth, m.vit_heads, m.vit_mlp_ratio)
-    norm = {"eps": m.norm_eps}
-    return {
-        "embed_dim": m.proj_dim,
-        "quick_gelu": m.activation == "quick_gelu",
-        "init_logit_scale": math.log(1 / cfg.loss.temperature),
-        "vision_cfg": {
-            "image_size": d.image_size,
-            "patch_size": m.patch_size,
-            "width": size.dim,
-            "layers": size.depth,
-            "head_width": size.dim // size.heads,
-            "mlp_ratio": size.mlp_ratio,
-            "pool_type": "tok",
-            "norm_kwargs": norm,
-        },
-        "text_cfg": {
-            "context_length": d.context_length,
-            "vocab_size": vocab_size,
-            "hf_tokenizer_name": tok_dir,
-            "width": t.width,
-            "heads": t.heads,
-            "layers": t.layers,
-            "mlp_ratio": t.mlp_ratio,
-            "pad_id": pad_id,
-            "eos_id": eot_id,
-            "pool_type": "eos",
-            "norm_kwargs": norm,
-        },
-    }
+    return model_config(cfg, vocab_size, eot_id, pad_id, tok_dir)
 
 
 def _block_params(width: int, mlp_ratio: float) -> int:
@@ -277,77 +248,11 @@ def shard_pattern(paths: list[str]) -> str:
     return "::".join(str(Path(p).resolve()) for p in paths)
 
 
-# open_clip's names -> ours, per block (its nn.MultiheadAttention stacks q, k, v as ours does)
-BLOCK_KEYS = {
-    "ln_1": "norm1",
-    "attn.in_proj_weight": "attn.qkv.weight",
-    "attn.in_proj_bias": "attn.qkv.bias",
-    "attn.out_proj": "attn.proj",
-    "ln_2": "norm2",
-    "mlp.c_fc": "mlp.0",
-    "mlp.c_proj": "mlp.2",
-}
-# whole names (reshaped: open_clip's embeddings have no batch dimension, its projections are
-# stored as (in, out) matrices: ours are nn.Linear weights, (out, in))
-FLAT_KEYS = {
-    "visual.class_embedding": ("image.encoder.cls_token", "embed"),
-    "visual.positional_embedding": ("image.encoder.pos_embed", "embed"),
-    "visual.conv1.weight": ("image.encoder.patch_embed.weight", None),
-    "visual.proj": ("image.proj.weight", "transpose"),
-    "positional_embedding": ("text.encoder.pos_embed", "embed"),
-    "token_embedding.weight": ("text.encoder.token_embed.weight", None),
-    "text_projection": ("text.proj.weight", "transpose"),
-    "logit_scale": ("criterion.logit_scale", "vector"),
-}
-PREFIXES = {
-    "visual.ln_pre.": "image.encoder.norm_pre.",
-    "visual.ln_post.": "image.encoder.norm.",
-    "ln_final.": "text.encoder.norm.",
-}
-BLOCKS = {
-    "visual.transformer.resblocks.": "image.encoder.blocks.",
-    "transformer.resblocks.": "text.encoder.blocks.",
-}
-
-
 def from_open_clip(state: dict) -> dict:
-    """open_clip CLIP's state dict (``module.`` of DDP stripped) as our CLIP method's; a key
-    it does not know raises ``KeyError`` (loading checks the rest key by key)."""
-    out = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key in FLAT_KEYS:
-            name, how = FLAT_KEYS[key]
-            if how == "embed":
-                value = (
-                    value.reshape(1, -1, value.shape[-1])
-                    if value.dim() == 2
-                    else value.reshape(1, 1, -1)
-                )
-            elif how == "transpose":
-                value = value.t()
-            elif how == "vector":
-                value = value.reshape(1)
-            out[name] = value.contiguous()
-            continue
-        for theirs, ours in PREFIXES.items():
-            if key.startswith(theirs):
-                out[ours + key.removeprefix(theirs)] = value
-                break
-        else:
-            for theirs, ours in BLOCKS.items():
-                if key.startswith(theirs):
-                    index, rest = key.removeprefix(theirs).split(".", 1)
-                    for a, b in BLOCK_KEYS.items():
-                        if rest.startswith(a):
-                            out[f"{ours}{index}.{b}{rest.removeprefix(a)}"] = value
-                            break
-                    else:
-                        raise KeyError(key)
-                    break
-            else:
-                raise KeyError(key)
-    return out
+    """open_clip CLIP's state dict as our CLIP method's (export/open_clip.py's tables)."""
+    from dist_contrast.models.open_clip import from_open_clip as mapped
+
+    return mapped(state)
 
 
 def open_clip_method(cfg, checkpoint: Path):

@@ -362,10 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="the checkpoint of this step (default: latest)")
     p.add_argument(
         "--format",
-        choices=("native", "hf"),
+        choices=("native", "hf", "open_clip"),
         default="native",
         help="native: this package's layout (load_encoder, load_clip); hf: a folder that "
-        "transformers loads as it is (CLIPModel, ViTModel, CLIPVisionModel, ResNetModel)",
+        "transformers loads as it is (CLIPModel, ViTModel, CLIPVisionModel, ResNetModel); "
+        "open_clip: a folder open_clip loads as 'local-dir:DIR' (CLIP and SigLIP runs with a "
+        "CLIP-layout ViT)",
     )
     p.set_defaults(func=_cmd_export)
 

@@ -12,6 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# open_clip's own environment (marker open_clip): the one `make open-clip-env` finished (it
+# writes .setup-done last), or one named by OPEN_CLIP_PYTHON
+OPEN_CLIP_PYTHON = Path(
+    os.environ.get("OPEN_CLIP_PYTHON", ROOT / ".venv-open-clip" / "bin" / "python")
+)
+OPEN_CLIP_READY = OPEN_CLIP_PYTHON.exists() and (
+    "OPEN_CLIP_PYTHON" in os.environ or (OPEN_CLIP_PYTHON.parents[1] / ".setup-done").exists()
+)
+needs_open_clip = pytest.mark.skipif(
+    not OPEN_CLIP_READY,
+    reason=f"no open_clip environment at {OPEN_CLIP_PYTHON} (make open-clip-env)",
+)
 
 
 def pytest_collection_modifyitems(config, items):

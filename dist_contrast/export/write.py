@@ -40,11 +40,13 @@ from dist_contrast.export.layout import (
     example_input,
     tower_kind,
 )
+from dist_contrast.export.open_clip import WEIGHTS as OPEN_CLIP_WEIGHTS
+from dist_contrast.export.open_clip import open_clip_usage, write_open_clip
 from dist_contrast.methods import build_method
 from dist_contrast.train import checkpoint, integrity
 from dist_contrast.train.runs import run_config
 
-FORMATS = ("native", "hf")
+FORMATS = ("native", "hf", "open_clip")
 
 
 @dataclass
@@ -53,14 +55,15 @@ class ExportOptions:
     onnx: bool = False  # <tower>/model.onnx for encoder towers
     force: bool = False  # replace an existing export at ``out``
     # "native": this package's layout (load_encoder, load_clip); "hf": a folder transformers
-    # loads as it is (CLIPModel, ViTModel, CLIPVisionModel, ResNetModel; export/hf.py)
+    # loads as it is (CLIPModel, ViTModel, CLIPVisionModel, ResNetModel; export/hf.py);
+    # "open_clip": one open_clip loads as it is ("local-dir:"; export/open_clip.py)
     format: str = "native"
     step: int | None = None  # the checkpoint of this step (default: the run's latest)
 
     def check(self) -> None:
         if self.format not in FORMATS:
             raise ExportError(f"unknown export format {self.format!r}; choose one of {FORMATS}")
-        if self.format == "hf" and (self.torchscript or self.onnx):
+        if self.format != "native" and (self.torchscript or self.onnx):
             raise ExportError("--torchscript and --onnx go with --format native")
 
 
@@ -148,6 +151,8 @@ def _write_all(run_dir: Path, cfg: Config, step_dir: Path, tmp: Path, opts) -> d
     method = trained_method(cfg, step_dir)
     if opts.format == "hf":
         return write_hf_method(method, cfg, tmp, source, run_dir)
+    if opts.format == "open_clip":
+        return write_open_clip_method(method, cfg, tmp, source, run_dir)
     return write_method(method, cfg, tmp, opts, source, run_dir)
 
 
@@ -163,6 +168,21 @@ def write_hf_method(method: nn.Module, cfg: Config, folder: Path, source: dict, 
         "towers": {"model": {"weights": WEIGHTS, "parameters": params, "class": cls}},
     }
     write_card(folder, summary, cfg, run_dir, use=hf_usage(cls))
+    return summary
+
+
+def write_open_clip_method(
+    method: nn.Module, cfg: Config, folder: Path, source: dict, run_dir: Path
+) -> dict:
+    """:func:`write_open_clip` plus the model card; returns a manifest-like summary."""
+    config = write_open_clip(method, cfg, folder)
+    summary = {
+        **source,
+        "format": "open_clip",
+        "layout": "an open_clip `local-dir:` folder",
+        "towers": {"model": {"weights": OPEN_CLIP_WEIGHTS, "parameters": config["parameters"]}},
+    }
+    write_card(folder, summary, cfg, run_dir, use=open_clip_usage())
     return summary
 
 

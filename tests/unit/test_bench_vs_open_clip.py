@@ -10,24 +10,12 @@ import argparse
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import OPEN_CLIP_PYTHON, ROOT, needs_open_clip
 
 CONFIG = str(ROOT / "configs" / "clip_vit_digits.yaml")
-# the environment `make open-clip-env` finished (it writes .setup-done last), or one named
-OPEN_CLIP_PYTHON = Path(
-    os.environ.get("OPEN_CLIP_PYTHON", ROOT / ".venv-open-clip" / "bin" / "python")
-)
-OPEN_CLIP_READY = OPEN_CLIP_PYTHON.exists() and (
-    "OPEN_CLIP_PYTHON" in os.environ or (OPEN_CLIP_PYTHON.parents[1] / ".setup-done").exists()
-)
-needs_open_clip = pytest.mark.skipif(
-    not OPEN_CLIP_READY,
-    reason=f"no open_clip environment at {OPEN_CLIP_PYTHON} (make open-clip-env)",
-)
 
 
 def _bench():
