@@ -224,8 +224,11 @@ class ModelConfig:
     transformers use 1e-5)."""
     init_from: str = ""
     """Start from pretrained weights: `hf:DIR` (a transformers `CLIPModel`, `CLIPVisionModel`,
-    `ViTModel` or `ResNetModel` folder) or `export:DIR` (a dist-contrast export). Image-text
-    runs take both towers and the logit scale, vision runs the image encoder. Shapes are
+    `ViTModel` or `ResNetModel` folder), `export:DIR` (a dist-contrast export) or
+    `open_clip:DIR` (an open_clip CLIP's `local-dir` folder, or its
+    `open_clip_model.safetensors` / `open_clip_pytorch_model.bin` beside
+    `open_clip_config.json`; a `.bin` only through `weights_only=True`). Image-text runs take
+    both towers and the logit scale (and bias), vision runs the image encoder. Shapes are
     checked key by key. `""`: random initial weights."""
     lock_image: bool = False
     """Locked-image tuning (LiT, Zhai et al. 2022), image-text methods only, with

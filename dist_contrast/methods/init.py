@@ -6,6 +6,12 @@
   ``ResNetModel`` give the image encoder.
 - ``export:DIR``: a dist-contrast export (``dist-contrast export``): the towers of the same
   names (``image``, and for image-text runs ``text`` and ``heads`` when the export has them).
+- ``open_clip:DIR`` or ``open_clip:FILE``: an open_clip CLIP (open-clip-torch 3.x: a
+  ``local-dir:`` folder, ``open_clip_config.json`` beside ``open_clip_model.safetensors`` or
+  ``open_clip_pytorch_model.bin``, or one of those files with the config beside it): both
+  towers, both projections, the logit scale (and SigLIP's bias); a vision run its image tower.
+  A ``.bin`` is read with ``torch.load(weights_only=True)`` only: a pickle that would run code
+  is refused.
 
 An image-text run started from a vision-only source (LiT from a ViT, Zhai et al. 2022) gets the
 image encoder; its projections and text tower keep their fresh weights. Every tower is loaded
@@ -35,11 +41,21 @@ from dist_contrast.data.tokenizer import tokenizer_for
 from dist_contrast.errors import ConfigError
 from dist_contrast.files import read_errors, require_regular
 from dist_contrast.methods import registry
-from dist_contrast.models import hf, hf_resnet
+from dist_contrast.models import hf, hf_resnet, open_clip
 from dist_contrast.models.vit import VisionTransformer
 from dist_contrast.models.weights import load_exact
 
-KINDS = ("hf", "export")
+KINDS = ("hf", "export", "open_clip")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# our method's names (models/open_clip.py's) -> (tower, name in it)
+OPEN_CLIP_TOWERS = {
+    "image.encoder.": ("image", ""),
+    "text.encoder.": ("text", ""),
+    "image.proj.": ("heads", "image_proj."),
+    "text.proj.": ("heads", "text_proj."),
+    "criterion.": ("heads", "criterion."),
+}
 VISION_TYPES = {"clip_vision_model": "CLIPVisionModel", "vit": "ViTModel", "resnet": "ResNetModel"}
 
 
@@ -125,14 +141,17 @@ def export_weights(folder: Path, towers: dict[str, dict], name: str, error: Erro
 
 
 def parse(spec: str) -> tuple[str, Path]:
-    """``hf:DIR`` / ``export:DIR`` -> (kind, folder); a folder that is not there is an error."""
+    """``hf:DIR`` / ``export:DIR`` / ``open_clip:DIR`` (or ``open_clip:FILE``) -> (kind, path);
+    a folder that is not there is an error."""
     kind, sep, where = spec.partition(":")
     if not sep or kind not in KINDS or not where:
         raise InitError(
-            f"model.init_from={spec!r}: expected hf:DIR (a transformers folder) or export:DIR "
-            "(a dist-contrast export)"
+            f"model.init_from={spec!r}: expected hf:DIR (a transformers folder), export:DIR "
+            "(a dist-contrast export) or open_clip:DIR (an open_clip local-dir folder)"
         )
-    folder = Path(where)
+    folder = Path(where.removeprefix("local-dir:"))
+    if kind == "open_clip" and folder.name in OPEN_CLIP_WEIGHTS and folder.exists():
+        return kind, folder
     if not folder.is_dir():
         raise InitError(f"model.init_from: '{folder}' is not a directory")
     return kind, folder
@@ -273,6 +292,111 @@ def _from_export(folder: Path, towers: dict, image_text: bool) -> dict:
     }
 
 
+def _read_bin(path: Path) -> dict:
+    """A ``.bin`` checkpoint through ``torch.load(weights_only=True)``: tensors and plain data
+    only; anything that would run code when unpickled is refused, naming the file."""
+    _regular(path, _init_error)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (a global refused), EOFError, RuntimeError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise _init_error(
+            f"{path} is not a plain tensor checkpoint (read with weights_only=True: {first}); "
+            "nothing in it was run"
+        ) from None
+    return state
+
+
+def _open_clip_state(path: Path) -> tuple[dict, dict]:
+    """(model_cfg, tensors) of an open_clip source: a folder, or a weights file in one."""
+    folder = path if path.is_dir() else path.parent
+    config_path = folder / OPEN_CLIP_CONFIG
+    if not config_path.exists():
+        raise _init_error(
+            f"'{folder}' has no {OPEN_CLIP_CONFIG} (the model config open_clip keeps beside "
+            "its weights: a local-dir folder)"
+        )
+    config = read_json_mapping(config_path, _init_error)
+    model_cfg = config.get("model_cfg", config)
+    if not isinstance(model_cfg, dict):
+        raise _init_error(f"{config_path}: 'model_cfg' is not a mapping")
+    if path.is_dir():
+        found = [folder / n for n in OPEN_CLIP_WEIGHTS if (folder / n).exists()]
+        if not found:
+            raise _init_error(f"'{folder}' has none of {', '.join(OPEN_CLIP_WEIGHTS)}")
+        path = found[0]
+    if path.suffix == ".safetensors":
+        state: object = read_safetensors(path, _init_error)
+    else:
+        state = _read_bin(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # open_clip_train's checkpoints
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _init_error(f"{path} does not hold a mapping of names to tensors")
+    return model_cfg, state
+
+
+def _check_open_clip(model_cfg: dict, towers: dict, cfg: Config, image_text: bool) -> None:
+    """What the shapes cannot show: heads, activation, LayerNorm eps, the pooling."""
+    vision = model_cfg.get("vision_cfg") or {}
+    text = model_cfg.get("text_cfg") or {}
+    if not isinstance(vision, dict) or not isinstance(text, dict):
+        raise _init_error("the open_clip config's vision_cfg / text_cfg are not mappings")
+    vit = towers["image"]
+    if not isinstance(vit, VisionTransformer) or vit.layout != "clip":
+        raise _init_error(
+            "an open_clip CLIP holds a ViT in the clip layout: set model.encoder=vit_* and "
+            "model.vit_layout=clip"
+        )
+    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    _expect("activation", act, vit.act, f"set model.activation={act}")
+    width, head_width = vision.get("width"), vision.get("head_width", 64)  # open_clip's defaults
+    heads = width // head_width if isinstance(width, int) and isinstance(head_width, int) else None
+    checks = [("vision", vit, heads, "model.vit_heads", vision)]
+    if image_text:
+        checks.append(("text", towers["text"], text.get("heads", 8), "text.heads", text))
+    for name, module, heads, key, sub in checks:
+        _expect(f"{name} heads", heads, module.blocks[0].attn.heads, f"set {key}={heads}")
+        eps = (sub.get("norm_kwargs") or {}).get("eps", 1e-5)
+        _expect(f"{name} LayerNorm eps", eps, module.norm.eps, f"set model.norm_eps={eps}")
+    if vision.get("pool_type", "tok") != "tok":
+        raise _init_error(f"the open_clip ViT pools by {vision['pool_type']!r}; ours by 'tok'")
+    if image_text:
+        pool = text.get("pool_type", "argmax")
+        eot = tokenizer_for(cfg.data).eot_id
+        if pool != "eos":
+            raise _init_error(
+                f"the open_clip text tower pools by {pool!r}; this one at the end-of-text id "
+                "(pool_type 'eos' with its eos_id)"
+            )
+        _expect("end-of-text id", text.get("eos_id"), eot, "use the tokenizer it was trained with")
+
+
+def _from_open_clip(path: Path, towers: dict, cfg: Config, image_text: bool) -> dict:
+    model_cfg, tensors = _open_clip_state(path)
+    _check_open_clip(model_cfg, towers, cfg, image_text)
+    try:
+        state = open_clip.from_open_clip(tensors, channels=cfg.data.channels)
+    except KeyError as exc:
+        raise _init_error(
+            f"'{path}' holds {exc}, which has no place in a CLIP of a CLIP-layout ViT and the "
+            "causal text transformer"
+        ) from None
+    out: dict[str, dict] = {"image": {}, "text": {}, "heads": {}}
+    for key, value in state.items():
+        for ours, (tower, prefix) in OPEN_CLIP_TOWERS.items():
+            if key.startswith(ours):
+                out[tower][prefix + key.removeprefix(ours)] = value
+                break
+    if not image_text:
+        return {"image": out["image"]}
+    heads = towers["heads"].state_dict()
+    for key in heads:  # SigLIP's logit bias from a CLIP: keeps its initial value
+        if key.startswith("criterion.") and key not in out["heads"]:
+            out["heads"][key] = heads[key]
+    return out
+
+
 def apply(method: nn.Module, cfg: Config) -> str:
     """Load ``cfg.model.init_from`` into ``method``'s towers (in place); return a line saying
     what was loaded. The momentum copies are then set to the loaded weights."""
@@ -281,6 +405,8 @@ def apply(method: nn.Module, cfg: Config) -> str:
     towers = method.towers()
     if kind == "hf":
         states = _from_hf(folder, towers, cfg, image_text)
+    elif kind == "open_clip":
+        states = _from_open_clip(folder, towers, cfg, image_text)
     else:
         states = _from_export(folder, towers, image_text)
     for name, state in states.items():

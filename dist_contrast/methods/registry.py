@@ -87,8 +87,8 @@ def check(cfg: Config) -> MethodSpec:
         )
     if cfg.model.lock_image and not cfg.model.init_from:
         raise ConfigError(
-            "model.lock_image=true needs model.init_from=hf:DIR or export:DIR (a locked image "
-            "tower at random weights would never learn)"
+            "model.lock_image=true needs model.init_from=hf:DIR, export:DIR or open_clip:DIR "
+            "(a locked image tower at random weights would never learn)"
         )
     if entry.image_text and cfg.data.tokenizer == "none":
         raise ConfigError(
