@@ -3,7 +3,8 @@ trained, evaluated and exported, the folder moved; then, in open_clip's own envi
 (marker open_clip) and without importing dist_contrast, ``create_model_and_transforms`` and
 ``get_tokenizer`` on ``local-dir:`` give our features on the same PNG images and captions
 (within 1e-5), and zero-shot top-1 over the validation shards, computed there from the raw
-shards with the run's class names and templates, equals our eval.json's. Here: the name tables
+shards with the run's class names and templates, equals our eval.json's, as does
+``clip_benchmark eval`` on the shards laid out as a CLIP_benchmark set. Here: the name tables
 turn around exactly, and what open_clip cannot hold is refused in one line."""
 
 from __future__ import annotations
@@ -90,13 +91,21 @@ def run(tmp_path_factory, digits_dir, digits_tokenizer):
     return tmp / "vit_clip"
 
 
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    """The run exported with --format open_clip, then moved: nothing in it points back."""
+    tmp = tmp_path_factory.mktemp("oc_export")
+    export_run(run, tmp / "written", ExportOptions(format="open_clip"))
+    folder = tmp / "elsewhere" / "model"
+    folder.parent.mkdir()
+    shutil.move(tmp / "written", folder)
+    return folder
+
+
 @pytest.mark.open_clip
 @needs_open_clip
-def test_open_clip_alone_gives_our_features_and_zero_shot(run, digits_dir, tmp_path):
-    export_run(run, tmp_path / "written", ExportOptions(format="open_clip"))
-    folder = tmp_path / "elsewhere" / "model"
-    folder.parent.mkdir()
-    shutil.move(tmp_path / "written", folder)  # nothing in it points back
+def test_open_clip_alone_gives_our_features_and_zero_shot(run, exported, digits_dir, tmp_path):
+    folder = exported
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md",
         "open_clip_config.json",
@@ -156,6 +165,61 @@ def test_open_clip_alone_gives_our_features_and_zero_shot(run, digits_dir, tmp_p
         assert (theirs[kind] - ours[kind]).abs().max().item() <= 1e-5 * max(1.0, scale), kind
     assert result["samples"] == cfg["val_samples"]
     assert result["zeroshot_top1"] == cfg["zeroshot_top1"]
+
+
+@pytest.mark.open_clip
+@needs_open_clip
+def test_clip_benchmark_eval_gives_our_zero_shot(run, exported, digits_dir, tmp_path):
+    """``clip_benchmark eval`` (the clip-benchmark package's command) on the export and the
+    validation shards laid out as a CLIP_benchmark webdataset set, with the run's class names
+    and templates: its top-1 is our eval.json's."""
+    from dist_contrast.config import load_config
+
+    ev = load_config(run / "config.yaml").eval
+    root = tmp_path / "wds_digits"
+    (root / "test").mkdir(parents=True)
+    shards = sorted(digits_dir.glob("val-*.tar"))
+    for i, shard in enumerate(shards):
+        shutil.copyfile(shard, root / "test" / f"{i}.tar")
+    (root / "test" / "nshards.txt").write_text(f"{len(shards)}\n")
+    (root / "classnames.txt").write_text("\n".join(ev.zeroshot_classes) + "\n")
+    templates = [t.replace("{}", "{c}") for t in ev.zeroshot_templates]
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    out = tmp_path / "result.json"
+    cli = OPEN_CLIP_PYTHON.parent / "clip_benchmark"
+    proc = subprocess.run(
+        [
+            str(cli),
+            "eval",
+            "--model_type",
+            "open_clip",
+            "--model",
+            f"local-dir:{exported}",
+            "--pretrained",
+            "none",
+            "--dataset",
+            "wds/digits",
+            "--dataset_root",
+            str(root),
+            "--task",
+            "zeroshot_classification",
+            "--no_amp",
+            "--num_workers",
+            "0",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(out.read_text())["metrics"]["acc1"]
+    ours = json.loads((run / "eval.json").read_text())
+    n = ours["val_samples"]
+    assert round(theirs * n) == round(ours["zeroshot_top1"] * n)
+    assert theirs == pytest.approx(ours["zeroshot_top1"], abs=1e-6)
 
 
 def test_names_turn_around_exactly():
