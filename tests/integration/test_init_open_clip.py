@@ -2,11 +2,11 @@
 CLIP at random weights, built from the model config of our towers and saved by open_clip itself
 (``save_for_hf``: ``open_clip_config.json``, ``open_clip_model.safetensors`` and
 ``open_clip_pytorch_model.bin``); here, our towers started from the folder, from the ``.bin``
-alone and from the SigLIP variant give its features (within 1e-5) and its logit scale and bias,
-and LiT starts from it;
-a checkpoint of other shapes is one line and exit 2 from the CLI. Without open_clip: a ``.bin``
-whose pickle would run code is refused and never runs, and a folder without the config is one
-line."""
+alone and from the SigLIP variant give its features (within 1e-5) and its logit scale and bias;
+a vision run takes its image encoder and LiT starts from it; a checkpoint of other shapes is one
+line and exit 2 from the CLI. Without open_clip: a ``.bin`` whose pickle would run code is
+refused and never runs; a folder without the config, and an OpenAI-tokenizer model (argmax
+pooling), are one line each."""
 
 from __future__ import annotations
 
@@ -131,6 +131,25 @@ def test_our_towers_from_open_clip_give_its_features(loss, digits_dir, digits_to
         assert scale.item() == pytest.approx(theirs["logit_scale"].item(), rel=1e-6)
         if loss == "siglip":
             assert method.criterion.logit_bias.item() == theirs["logit_bias"].item()
+    # a vision run (SimCLR, the same ViT) takes the image encoder alone
+    vision = load_config(
+        "configs/simclr_digits.yaml",
+        [
+            "model.encoder=vit_nano",
+            "model.vit_layout=clip",
+            "model.patch_size=4",
+            "data.channels=3",
+            "data.mean=[0.5,0.5,0.5]",
+            "data.std=[0.5,0.5,0.5]",
+            f"model.init_from=open_clip:{folder}",
+        ],
+    )
+    simclr = build_method(vision)
+    assert init.apply(simclr, vision).endswith("image encoder")
+    encoder = simclr.towers()["image"].state_dict()
+    assert encoder.keys() == method.image.encoder.state_dict().keys()
+    for key, value in method.image.encoder.state_dict().items():
+        assert torch.equal(encoder[key], value), key
     # LiT from it: the image tower loaded and frozen, the text tower loaded and trained
     lit = replace(cfg, model=replace(cfg.model, init_from=f"open_clip:{folder}", lock_image=True))
     method = build_method(lit)
@@ -190,4 +209,18 @@ def test_a_bin_whose_pickle_would_run_code_is_refused(digits_tokenizer, tmp_path
     (folder / "open_clip_config.json").unlink()
     run_cfg = replace(cfg, model=replace(cfg.model, init_from=f"open_clip:{folder}"))
     with pytest.raises(InitError, match="has no open_clip_config.json"):
+        init.apply(build_method(run_cfg), run_cfg)
+    # an OpenAI-tokenizer model (argmax pooling): refused before any tensor is mapped
+    from safetensors.torch import save_file
+
+    openai = tmp_path / "openai"
+    openai.mkdir()
+    save_file({"logit_scale": torch.tensor(1.0)}, str(openai / "open_clip_model.safetensors"))
+    eps = {"eps": 1e-6}  # the run's; open_clip's default is 1e-5
+    text_cfg = {"width": 64, "heads": 4, "pool_type": "argmax", "norm_kwargs": eps}
+    vision_cfg = {"width": 128, "head_width": 32, "norm_kwargs": eps}
+    doc = {"model_cfg": {"text_cfg": text_cfg, "vision_cfg": vision_cfg}}
+    (openai / "open_clip_config.json").write_text(json.dumps(doc))
+    run_cfg = replace(cfg, model=replace(cfg.model, init_from=f"open_clip:{openai}"))
+    with pytest.raises(InitError, match="pools by 'argmax'"):
         init.apply(build_method(run_cfg), run_cfg)
