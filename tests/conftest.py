@@ -26,6 +26,20 @@ needs_open_clip = pytest.mark.skipif(
 )
 
 
+def run_open_clip(*args: str, program: str = "python", timeout: float = 600) -> str:
+    """``program`` (its python, or a script of its ``bin/``) of open_clip's environment with
+    ``args``, one thread, nothing of this environment inherited; its stdout, once it exited 0."""
+    proc = subprocess.run(
+        [str(OPEN_CLIP_PYTHON.parent / program), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def pytest_collection_modifyitems(config, items):
     """``ranks32`` tests are opt-in: skipped unless the -m expression names the marker."""
     if "ranks32" in (config.getoption("-m") or ""):

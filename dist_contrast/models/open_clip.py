@@ -81,18 +81,32 @@ def from_open_clip(state: dict, channels: int = 3) -> dict:
     return out
 
 
+def _renamed(key: str, to_ours: bool) -> str | None:
+    """``key`` in the other layout's names through :data:`PREFIXES`, :data:`BLOCKS` and
+    :data:`BLOCK_KEYS` (open_clip's -> ours, or back), None if they do not name it. A name
+    matches whole or up to a dot: ``attn.proj.weight`` is not ``attn.proj_x``."""
+
+    def pairs(table: dict) -> list[tuple[str, str]]:
+        return list(table.items()) if to_ours else [(b, a) for a, b in table.items()]
+
+    for src, dst in pairs(PREFIXES):
+        if key.startswith(src):
+            return dst + key.removeprefix(src)
+    for src, dst in pairs(BLOCKS):
+        if key.startswith(src):
+            index, rest = key.removeprefix(src).split(".", 1)
+            for a, b in pairs(BLOCK_KEYS):
+                if rest == a or rest.startswith(a + "."):
+                    return f"{dst}{index}.{b}{rest.removeprefix(a)}"
+            return None
+    return None
+
+
 def _ours(key: str) -> str:
-    for theirs, ours in PREFIXES.items():
-        if key.startswith(theirs):
-            return ours + key.removeprefix(theirs)
-    for theirs, ours in BLOCKS.items():
-        if key.startswith(theirs):
-            index, rest = key.removeprefix(theirs).split(".", 1)
-            for a, b in BLOCK_KEYS.items():
-                if rest.startswith(a):
-                    return f"{ours}{index}.{b}{rest.removeprefix(a)}"
-            break
-    raise KeyError(key)
+    name = _renamed(key, to_ours=True)
+    if name is None:
+        raise KeyError(key)
+    return name
 
 
 def _theirs(key: str) -> str | None:
@@ -100,16 +114,7 @@ def _theirs(key: str) -> str | None:
     for theirs, (ours, _) in FLAT_KEYS.items():
         if key == ours:
             return theirs
-    for theirs, ours in PREFIXES.items():
-        if key.startswith(ours):
-            return theirs + key.removeprefix(ours)
-    for theirs, ours in BLOCKS.items():
-        if key.startswith(ours):
-            index, rest = key.removeprefix(ours).split(".", 1)
-            for a, b in BLOCK_KEYS.items():
-                if rest == b or rest.startswith(b + "."):
-                    return f"{theirs}{index}.{a}{rest.removeprefix(b)}"
-    return None
+    return _renamed(key, to_ours=False)
 
 
 def to_open_clip(state: dict[str, torch.Tensor], max_scale: float | None) -> dict:

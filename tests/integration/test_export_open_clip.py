@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch
 from dist_contrast.export import ExportError, ExportOptions, export_run, load_clip
 from dist_contrast.models.open_clip import from_open_clip, to_open_clip
 
-from conftest import OPEN_CLIP_PYTHON, needs_open_clip, run_cli
+from conftest import needs_open_clip, run_cli, run_open_clip
 
 # In open_clip's environment: argv = folder, images dir, captions json, eval json, val shards
 # json, out .pt. Prints zero-shot top-1 as JSON.
@@ -140,25 +139,17 @@ def test_open_clip_alone_gives_our_features_and_zero_shot(run, exported, digits_
     ev = load_config(run / "config.yaml").eval
     shards = sorted(str(p) for p in digits_dir.glob("val-*.tar"))
     out = tmp_path / "theirs.pt"
-    proc = subprocess.run(
-        [
-            str(OPEN_CLIP_PYTHON),
-            "-c",
-            OPEN_CLIP_SIDE,
-            str(folder),
-            str(images),
-            json.dumps(captions),
-            json.dumps({"classes": ev.zeroshot_classes, "templates": ev.zeroshot_templates}),
-            json.dumps(shards),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    stdout = run_open_clip(
+        "-c",
+        OPEN_CLIP_SIDE,
+        str(folder),
+        str(images),
+        json.dumps(captions),
+        json.dumps({"classes": ev.zeroshot_classes, "templates": ev.zeroshot_templates}),
+        json.dumps(shards),
+        str(out),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(stdout.strip().splitlines()[-1])
     theirs = torch.load(out, weights_only=True)
     for kind in ("image", "text"):
         scale = ours[kind].abs().max().item()
@@ -186,35 +177,27 @@ def test_clip_benchmark_eval_gives_our_zero_shot(run, exported, digits_dir, tmp_
     templates = [t.replace("{}", "{c}") for t in ev.zeroshot_templates]
     (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
     out = tmp_path / "result.json"
-    cli = OPEN_CLIP_PYTHON.parent / "clip_benchmark"
-    proc = subprocess.run(
-        [
-            str(cli),
-            "eval",
-            "--model_type",
-            "open_clip",
-            "--model",
-            f"local-dir:{exported}",
-            "--pretrained",
-            "none",
-            "--dataset",
-            "wds/digits",
-            "--dataset_root",
-            str(root),
-            "--task",
-            "zeroshot_classification",
-            "--no_amp",
-            "--num_workers",
-            "0",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    run_open_clip(
+        "eval",
+        "--model_type",
+        "open_clip",
+        "--model",
+        f"local-dir:{exported}",
+        "--pretrained",
+        "none",
+        "--dataset",
+        "wds/digits",
+        "--dataset_root",
+        str(root),
+        "--task",
+        "zeroshot_classification",
+        "--no_amp",
+        "--num_workers",
+        "0",
+        "--output",
+        str(out),
+        program="clip_benchmark",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = json.loads(out.read_text())["metrics"]["acc1"]
     ours = json.loads((run / "eval.json").read_text())
     n = ours["val_samples"]
@@ -302,21 +285,7 @@ def test_siglip_keeps_its_logit_bias_in_open_clip(digits_tokenizer, tmp_path):
     torch.save(
         {"image": image.expand(-1, 3, -1, -1).contiguous(), "tokens": tokens}, tmp_path / "x.pt"
     )
-    proc = subprocess.run(
-        [
-            str(OPEN_CLIP_PYTHON),
-            "-c",
-            SIGLIP_SIDE,
-            str(tmp_path),
-            str(tmp_path / "x.pt"),
-            str(tmp_path / "y.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_open_clip("-c", SIGLIP_SIDE, str(tmp_path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"))
     theirs = torch.load(tmp_path / "y.pt", weights_only=True)
     with torch.no_grad():
         ours = {"image": method.image(image), "text": method.text(tokens)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from dist_contrast.config import load_config
 from dist_contrast.methods import build_method, init
 from dist_contrast.methods.init import InitError
 
-from conftest import OPEN_CLIP_PYTHON, needs_open_clip, run_cli
+from conftest import needs_open_clip, run_cli, run_open_clip
 
 # In open_clip's environment: argv = model_cfg json, tokenizer dir, out dir, inputs .pt
 OPEN_CLIP_SAVES = r"""
@@ -84,22 +83,8 @@ def _saved_by_open_clip(cfg, tmp_path):
     tokens = tok(["a sketch of a seven", "the digit 0", "a low resolution three"])
     torch.save({"image": image, "tokens": tokens}, tmp_path / "inputs.pt")
     out = tmp_path / "open_clip"
-    proc = subprocess.run(
-        [
-            str(OPEN_CLIP_PYTHON),
-            "-c",
-            OPEN_CLIP_SAVES,
-            json.dumps(model_cfg),
-            str(tok_dir),
-            str(out),
-            str(tmp_path / "inputs.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = [json.dumps(model_cfg), str(tok_dir), str(out), str(tmp_path / "inputs.pt")]
+    run_open_clip("-c", OPEN_CLIP_SAVES, *args)
     return out, image, tokens, torch.load(out / "features.pt", weights_only=True)
 
 
