@@ -205,11 +205,12 @@ def test_clip_benchmark_eval_gives_our_zero_shot(run, exported, digits_dir, tmp_
     assert theirs == pytest.approx(ours["zeroshot_top1"], abs=1e-6)
 
 
-def test_names_turn_around_exactly():
+def test_names_turn_around_exactly(digits_tokenizer):
     from dist_contrast.config import load_config
     from dist_contrast.methods import build_method
 
-    method = build_method(load_config("configs/clip_vit_digits.yaml", ["loss.name=siglip"]))
+    overrides = ["loss.name=siglip", f"data.tokenizer_path={digits_tokenizer}"]
+    method = build_method(load_config("configs/clip_vit_digits.yaml", overrides))
     state = method.state_dict()
     theirs = to_open_clip(state, max_scale=None)
     assert theirs["visual.conv1.weight"].shape[1] == 3  # a grey run's, made RGB
@@ -227,6 +228,7 @@ def test_what_open_clip_cannot_hold_is_refused(tmp_path, digits_dir):
         "configs/simclr_digits.yaml",
         f"run.dir={tmp_path}",
         f"data.train_shards={digits_dir}/train-*.tar",
+        "data.val_shards=",
         "data.num_workers=0",
         "train.steps=1",
         "train.batch_size=8",
