@@ -96,7 +96,9 @@ def _status(key: str) -> int:
 
 
 class Counter:
-    """Counts the bytes handed to ``torch.distributed`` collectives while ``on``, by call site."""
+    """Counts the bytes a rank sends through ``torch.distributed`` collectives while ``on``, by
+    call site: what it hands in, and of a broadcast only on its source (the others receive;
+    ZeRO-1/2's weight all-gather is one broadcast per rank on gloo, the bytes of the gather)."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -107,7 +109,13 @@ class Counter:
             setattr(dist, name, self._wrap(name, getattr(dist, name)))
 
     def _wrap(self, name, call):
+        import torch.distributed as dist
+
         def counted(*args, **kwargs):
+            if self.on and name == "broadcast":
+                src = args[1] if len(args) > 1 else kwargs.get("src")
+                if src != dist.get_rank():
+                    return call(*args, **kwargs)
             if self.on:
                 at = SENT_ARG[name]
                 t = args[at] if len(args) > at else kwargs[KEYWORDS[name]]
