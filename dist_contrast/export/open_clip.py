@@ -106,12 +106,11 @@ def _checked(method: nn.Module, cfg: Config) -> BPETokenizer:
 
 
 def preprocess_config(cfg: Config) -> dict:
-    """open_clip's ``preprocess_cfg`` of our preprocessing (RGB: a grey run's mean and std for
-    each of the three equal channels)."""
+    """open_clip's ``preprocess_cfg`` of our preprocessing (RGB: one mean and std, a grey
+    run's or one for all channels, for each of the three)."""
     d = cfg.data
     mean, std = list(d.mean), list(d.std)
-    if d.channels == 1:
-        mean, std = mean * 3, std * 3
+    mean, std = (mean * 3 if len(mean) == 1 else mean), (std * 3 if len(std) == 1 else std)
     return {
         "size": d.image_size,
         "mode": "RGB",
