@@ -249,7 +249,7 @@ def shard_pattern(paths: list[str]) -> str:
 
 
 def from_open_clip(state: dict) -> dict:
-    """open_clip CLIP's state dict as our CLIP method's (export/open_clip.py's tables)."""
+    """open_clip CLIP's state dict as our CLIP method's (models/open_clip.py's tables)."""
     from dist_contrast.models.open_clip import from_open_clip as mapped
 
     return mapped(state)

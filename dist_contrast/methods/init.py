@@ -149,7 +149,9 @@ def parse(spec: str) -> tuple[str, Path]:
             f"model.init_from={spec!r}: expected hf:DIR (a transformers folder), export:DIR "
             "(a dist-contrast export) or open_clip:DIR (an open_clip local-dir folder)"
         )
-    folder = Path(where.removeprefix("local-dir:"))
+    if kind == "open_clip":  # open_clip's own spelling of a folder is accepted too
+        where = where.removeprefix("local-dir:")
+    folder = Path(where)
     if kind == "open_clip" and folder.name in OPEN_CLIP_WEIGHTS and folder.exists():
         return kind, folder
     if not folder.is_dir():
@@ -236,11 +238,16 @@ def _hf_clip(folder: Path, towers: dict, config: dict, cfg: Config, image_text: 
     for key, t in state.items():
         name, _, rest = key.partition(".")
         out[name][rest] = t
-    heads = towers["heads"].state_dict()
-    for key in heads:  # SigLIP's logit bias: not in a CLIPModel, keeps its initial value
-        if key.startswith("criterion.") and key not in out["heads"]:
-            out["heads"][key] = heads[key]
+    _keep_initial_criterion(out["heads"], towers["heads"])  # a CLIPModel has no logit bias
     return out
+
+
+def _keep_initial_criterion(heads: dict, tower: nn.Module) -> None:
+    """The loss's parameters the source lacks (SigLIP's logit bias, from a CLIP) keep their
+    initial values."""
+    for key, value in tower.state_dict().items():
+        if key.startswith("criterion.") and key not in heads:
+            heads[key] = value
 
 
 def _hf_vision(folder: Path, image: nn.Module, model_type: str, config: dict) -> dict:
@@ -390,10 +397,7 @@ def _from_open_clip(path: Path, towers: dict, cfg: Config, image_text: bool) -> 
                 break
     if not image_text:
         return {"image": out["image"]}
-    heads = towers["heads"].state_dict()
-    for key in heads:  # SigLIP's logit bias from a CLIP: keeps its initial value
-        if key.startswith("criterion.") and key not in out["heads"]:
-            out["heads"][key] = heads[key]
+    _keep_initial_criterion(out["heads"], towers["heads"])
     return out
 
 
