@@ -211,14 +211,17 @@ class ModelConfig:
     `vit_small` 6, `vit_base` 12)."""
     vit_mlp_ratio: int = 0
     """ViTs: MLP hidden / width; not 0, it replaces the preset's (4)."""
-    vit_layout: Literal["timm", "clip"] = "timm"
+    vit_layout: Literal["timm", "clip", "siglip"] = "timm"
     """ViTs: `timm` (patch conv with bias, no norm before the blocks: transformers' `ViTModel`;
-    DeiT/timm init, truncated normal 0.02) or `clip` (OpenAI's CLIP image tower: patch conv
+    DeiT/timm init, truncated normal 0.02), `clip` (OpenAI's CLIP image tower: patch conv
     without bias, `ln_pre`: `CLIPModel` / `CLIPVisionModel`; CLIP's init: class token and
-    position embedding `width^-0.5`, blocks at PyTorch's defaults)."""
-    activation: Literal["gelu", "quick_gelu"] = "gelu"
-    """MLP activation of ViT and text transformer blocks: `gelu` (exact) or `quick_gelu`
-    (OpenAI's CLIP)."""
+    position embedding `width^-0.5`, blocks at PyTorch's defaults) or `siglip` (SigLIP's: no
+    class token, the tokens pooled by multihead attention pooling; `SiglipModel` /
+    `SiglipVisionModel`; big_vision's init). In image-text methods a `siglip` ViT has no
+    projection after the pooling: `model.proj_dim` must equal its width."""
+    activation: Literal["gelu", "quick_gelu", "gelu_tanh"] = "gelu"
+    """MLP activation of ViT and text transformer blocks: `gelu` (exact), `quick_gelu`
+    (OpenAI's CLIP) or `gelu_tanh` (the tanh approximation: SigLIP's)."""
     norm_eps: float = 1e-6
     """LayerNorm eps of ViT and text transformers (1e-6 as timm; OpenAI's CLIP and
     transformers use 1e-5)."""
@@ -253,10 +256,11 @@ class ModelConfig:
 
 @dataclass
 class TextConfig:
-    """The text tower of image-text methods (`method.name=clip`): a causal transformer over the
-    caption tokens (`data.tokenizer`), pooled at the end-of-text token, then a linear projection
-    to `model.proj_dim` (the image tower's encoder gets one too). CLIP's init: attention
-    `width^-0.5`, out-projections `width^-0.5 (2 layers)^-0.5`, MLP in `(2 width)^-0.5`."""
+    """The text tower of image-text methods (`method.name=clip`): a transformer over the caption
+    tokens (`data.tokenizer`), pooled at one position (`text.layout`), then a linear projection
+    to `model.proj_dim` (the image tower's encoder gets one too, but a `siglip` ViT). CLIP's
+    init: attention `width^-0.5`, out-projections `width^-0.5 (2 layers)^-0.5`, MLP in
+    `(2 width)^-0.5`."""
 
     width: int = 128
     """Embedding width of the text transformer."""
@@ -266,6 +270,11 @@ class TextConfig:
     """Attention heads; must divide `text.width`."""
     mlp_ratio: int = 4
     """MLP hidden / width."""
+    layout: Literal["clip", "siglip"] = "clip"
+    """`clip`: causal attention, pooled at the end-of-text token, a projection without bias
+    (CLIP's; transformers' `CLIPTextModel`). `siglip`: attention both ways over the padded
+    row, pooled at its last position, a projection with a bias (SigLIP's; `SiglipTextModel`);
+    the init of big_vision."""
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023): image-text pretraining.
 
-Two towers: the image encoder of ``model`` (ResNet or ViT) and a causal text transformer
-(:mod:`dist_contrast.models.text`) over the token ids the loader makes from the captions
-(``data.tokenizer``), each followed by a linear projection (no bias) to ``model.proj_dim``.
+Two towers: the image encoder of ``model`` (ResNet or ViT) and a text transformer
+(:mod:`dist_contrast.models.text`, ``text.layout``) over the token ids the loader makes from the
+captions (``data.tokenizer``), each followed by its projection to ``model.proj_dim``
+(:mod:`dist_contrast.models.towers`: linear without bias as CLIP's; SigLIP's layouts put a bias
+on the text projection and none after the attention-pooled image feature).
 The objective holds the learnable logit scale (and SigLIP's bias): ``loss.name`` clip or
 siglip, with its negatives gathered from every rank (``loss.logits`` local or full,
 ``loss.memory_efficient`` for the tiled form).
@@ -73,7 +75,7 @@ class MomentumQueues(nn.Module):
         rank: int | None = None,
     ):
         super().__init__()
-        dim = image.proj.out_features
+        dim = image.out_dim
         self.image, self.text = make_target(image), make_target(text)
         layout = {"seed": seed, "tile": tile, "world": world, "rank": rank}
         self.image_queue = ShardedQueue(dim, queue_size, **layout)
@@ -221,7 +223,9 @@ def build(cfg: Config) -> CLIP:
     tokenizer = tokenizer_for(d)  # the config check makes it a real one
     image_encoder = towers.image_encoder(cfg)  # both encoders, then both projections: the
     text_encoder = towers.text_encoder(cfg, tokenizer.vocab_size, tokenizer.eot_id)  # RNG order
-    image, text = Tower(image_encoder, cfg.model.proj_dim), Tower(text_encoder, cfg.model.proj_dim)
+    dim = cfg.model.proj_dim
+    image = Tower(image_encoder, dim, towers.image_projection(cfg, image_encoder.out_dim))
+    text = Tower(text_encoder, dim, towers.text_projection(cfg, text_encoder.out_dim))
     criterion = objective(loss)
     tile = loss.tile if loss.memory_efficient else None
     queues = None

@@ -19,6 +19,7 @@ from torch import nn
 from dist_contrast.config import Config
 from dist_contrast.errors import ConfigError, DataError
 from dist_contrast.models import MLPHead, build_head, build_predictor
+from dist_contrast.models.towers import image_projection, text_projection
 
 # What a field of :func:`check_samples` means, for the error message.
 FIELDS = {
@@ -144,8 +145,8 @@ def build_heads(cfg: Config, image_dim: int, text_dim: int | None = None) -> nn.
 
         return nn.ModuleDict(
             {
-                "image_proj": nn.Linear(image_dim, model.proj_dim, bias=False),
-                "text_proj": nn.Linear(text_dim or 0, model.proj_dim, bias=False),
+                "image_proj": image_projection(cfg, image_dim),
+                "text_proj": text_projection(cfg, text_dim or 0),
                 "criterion": objective(cfg.loss),
             }
         )

@@ -3,8 +3,9 @@
 Encoders (``model.encoder``): ``resnet_tiny`` / ``resnet_small`` (small digits/CIFAR ResNets),
 ``resnet18`` / ``resnet50`` (He et al. 2016; ``model.width`` channels in the first stage,
 ``model.stem`` imagenet or small), ``vit_nano`` / ``vit_tiny`` / ``vit_small`` / ``vit_base``
-(Dosovitskiy et al. 2021; ``model.patch_size``, ``model.vit_layout`` timm or clip, the preset's
-size overridden by ``model.vit_width`` / ``vit_depth`` / ``vit_heads`` / ``vit_mlp_ratio``;
+(Dosovitskiy et al. 2021; ``model.patch_size``, ``model.vit_layout`` timm, clip or siglip, the
+preset's size overridden by ``model.vit_width`` / ``vit_depth`` / ``vit_heads`` /
+``vit_mlp_ratio``;
 LayerNorm, so ``model.norm`` and ``model.width`` do not apply).
 Every encoder maps images to a ``(batch, out_dim)`` representation and exposes ``out_dim``.
 """
@@ -106,7 +107,8 @@ def build_text_encoder(
     act: str = "gelu",
     eps: float = 1e-6,
 ) -> TextTransformer:
-    """The text tower of ``text`` over a tokenizer's vocabulary; exposes ``out_dim``."""
+    """The text tower of ``text`` (``text.layout`` clip or siglip) over a tokenizer's
+    vocabulary; exposes ``out_dim``."""
     return TextTransformer(
         vocab_size,
         context_length,
@@ -118,6 +120,7 @@ def build_text_encoder(
         checkpointing,
         act,
         eps,
+        text.layout,
     )
 
 

@@ -8,7 +8,15 @@ at the end-of-text token (the first ``eot_id`` of each row; the tokenizers of
 end-of-text never reaches that feature, so no padding mask is needed. Weights: CLIP's
 ``initialize_parameters`` (:meth:`TextTransformer._init_weights`). The MLP activation is ``gelu``
 or ``quick_gelu`` (``model.activation``).
-This is the layout of OpenAI's CLIP text tower and of Hugging Face's ``CLIPTextModel``.
+This is the layout of OpenAI's CLIP text tower and of Hugging Face's ``CLIPTextModel``
+(``text.layout=clip``).
+
+``text.layout=siglip`` is SigLIP's text tower (Zhai et al. 2023; transformers'
+``SiglipTextModel``): the blocks attend both ways (no causal mask, no padding mask: the
+captions are padded to the context length, and the padding is read) and the representation is
+the feature at the last position of the row. Its projection to the joint space has a bias
+(:func:`dist_contrast.models.towers.text_projection`). Init: transformers'
+``SiglipPreTrainedModel._init_weights`` (:meth:`TextTransformer._init_weights`).
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import torch
 from torch import nn
 
 from dist_contrast.models.layers import run_blocks
-from dist_contrast.models.vit import Block
+from dist_contrast.models.vit import Block, siglip_init
+
+TEXT_LAYOUTS = ("clip", "siglip")
 
 
 class TextTransformer(nn.Module):
@@ -35,15 +45,20 @@ class TextTransformer(nn.Module):
         checkpointing: bool = False,
         act: str = "gelu",
         eps: float = 1e-6,
+        layout: str = "clip",
     ) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"text width {width} is not divisible by {heads} heads")
+        if layout not in TEXT_LAYOUTS:
+            raise ValueError(f"unknown text.layout {layout!r}; choose one of {TEXT_LAYOUTS}")
         self.vocab_size, self.context_length, self.eot_id = vocab_size, context_length, eot_id
+        self.layout = layout
+        causal = layout == "clip"
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
         self.blocks = nn.Sequential(
-            *(Block(width, heads, mlp_ratio, True, act, eps) for _ in range(layers))
+            *(Block(width, heads, mlp_ratio, causal, act, eps) for _ in range(layers))
         )
         self.norm = nn.LayerNorm(width, eps=eps)
         self.out_dim, self.act = width, act
@@ -59,8 +74,17 @@ class TextTransformer(nn.Module):
         (``c_proj``) std ``w^-0.5 (2L)^-0.5``; the attention biases zero (those of
         ``nn.MultiheadAttention``), the MLP biases at ``nn.Linear``'s default, LayerNorms at
         theirs. The text projection (``w^-0.5``) is
-        :class:`dist_contrast.models.towers.Tower`'s."""
+        :class:`dist_contrast.models.towers.Tower`'s.
+
+        ``siglip``: transformers' ``SiglipPreTrainedModel._init_weights``: the token and
+        position embeddings normal std ``w^-0.5`` (flax's default embedding init), the blocks
+        by :func:`dist_contrast.models.vit.siglip_init`."""
         width, layers = self.out_dim, len(self.blocks)
+        if self.layout == "siglip":
+            nn.init.normal_(self.token_embed.weight, std=width**-0.5)
+            nn.init.normal_(self.pos_embed, std=width**-0.5)
+            siglip_init(self.blocks)
+            return
         attn_std = width**-0.5
         proj_std = width**-0.5 * (2 * layers) ** -0.5
         fc_std = (2 * width) ** -0.5
@@ -78,11 +102,15 @@ class TextTransformer(nn.Module):
             nn.init.normal_(c_proj.weight, std=proj_std)
 
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """The position of the first end-of-text token of each row; a row without one (cut
-        by hand) pools at its last position."""
+        """The position each row is pooled at: the first end-of-text token (``clip``; a row
+        without one, cut by hand, pools at its last position) or the last position
+        (``siglip``)."""
+        last = torch.full_like(ids[:, 0], ids.shape[1] - 1)
+        if self.layout == "siglip":
+            return last
         is_eot = ids == self.eot_id
         first = is_eot.int().argmax(dim=1)
-        return torch.where(is_eot.any(dim=1), first, torch.full_like(first, ids.shape[1] - 1))
+        return torch.where(is_eot.any(dim=1), first, last)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dim() != 2 or ids.dtype != torch.int64:

@@ -10,7 +10,7 @@ divisible by the patch size get it bicubically interpolated. Pre-norm blocks:
 the class token, ``out_dim`` = embedding dim. Normalisation is LayerNorm throughout:
 ``model.norm`` does not apply to ViTs.
 
-Two layouts (``model.vit_layout``), each with the initialisation of its reference:
+Three layouts (``model.vit_layout``), each with the initialisation of its reference:
 
 - ``timm`` as above (the patch convolution has a bias; Hugging Face's ``ViTModel``): truncated
   normal (std 0.02) for the linear layers, the class token and the position embedding, zero
@@ -18,17 +18,27 @@ Two layouts (``model.vit_layout``), each with the initialisation of its referenc
 - ``clip``, OpenAI's CLIP image tower (and ``CLIPVisionModel``): a patch convolution without
   bias and a LayerNorm (``ln_pre``) on the token sequence before the first block; class token
   and position embedding ``width^-0.5 * randn``, the blocks at PyTorch's defaults (CLIP's
-  ``VisionTransformer`` in ``model.py``, which open_clip follows).
+  ``VisionTransformer`` in ``model.py``, which open_clip follows);
+- ``siglip``, SigLIP's image tower (Zhai et al. 2023; big_vision's ViT with ``pool_type=map``,
+  transformers' ``SiglipVisionModel``): a patch convolution with bias, no class token (the
+  position embedding covers the patches only), no norm before the blocks, and the final
+  LayerNorm's tokens pooled by multihead attention pooling (:class:`MAPHead`) instead of read
+  at a class token. The pooled feature is the joint space: image-text methods put no
+  projection after it (:func:`dist_contrast.models.towers.image_projection`). Init:
+  transformers' ``SiglipPreTrainedModel._init_weights`` (big_vision's; :func:`siglip_init`).
 
 The size is a preset (``model.encoder``: :data:`VIT_SIZES`) whose width, depth, heads and MLP
 ratio ``model.vit_width`` / ``vit_depth`` / ``vit_heads`` / ``vit_mlp_ratio`` may override
 (:func:`vit_size`). The MLP's activation (``model.activation``) is ``gelu`` (exact, erf) or
-``quick_gelu`` (``x * sigmoid(1.702 x)``, OpenAI's CLIP). LayerNorm eps: ``model.norm_eps``
-(1e-6, timm's; OpenAI's CLIP and transformers' defaults use 1e-5).
+``quick_gelu`` (``x * sigmoid(1.702 x)``, OpenAI's CLIP) or ``gelu_tanh`` (the tanh
+approximation, SigLIP's; transformers' ``gelu_pytorch_tanh``). LayerNorm eps:
+``model.norm_eps`` (1e-6, timm's and SigLIP's; OpenAI's CLIP and transformers' CLIP defaults
+use 1e-5).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,8 +98,8 @@ def vit_size(
     return size
 
 
-VIT_LAYOUTS = ("timm", "clip")
-ACTIVATIONS = ("gelu", "quick_gelu")
+VIT_LAYOUTS = ("timm", "clip", "siglip")
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 
 
 class QuickGELU(nn.Module):
@@ -102,7 +112,33 @@ class QuickGELU(nn.Module):
 def activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
-    return nn.GELU() if name == "gelu" else QuickGELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def lecun_normal_(weight: torch.Tensor) -> None:
+    """Truncated normal (at +-2 std) of variance 1 / fan_in: JAX's ``lecun_normal``, the
+    default of big_vision's dense and convolution layers (std corrected for the truncation)."""
+    fan_in = weight[0].numel()
+    std = math.sqrt(1 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def siglip_init(blocks: nn.Module) -> None:
+    """SigLIP's initialisation of transformer ``blocks`` (transformers'
+    ``SiglipPreTrainedModel._init_weights``, big_vision's ``Encoder1DBlock``): the q, k, v
+    and out projections each Xavier-uniform with zero bias, the MLP's weights Xavier-uniform
+    with biases normal std 1e-6, the LayerNorms at PyTorch's defaults."""
+    for block in blocks:
+        for w in block.attn.qkv.weight.data.chunk(3, dim=0):  # q, k, v: each its own fans
+            nn.init.xavier_uniform_(w)
+        nn.init.xavier_uniform_(block.attn.proj.weight)
+        nn.init.zeros_(block.attn.qkv.bias)
+        nn.init.zeros_(block.attn.proj.bias)
+        for fc in (block.mlp[0], block.mlp[2]):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.normal_(fc.bias, std=1e-6)
 
 
 class Attention(nn.Module):
@@ -152,8 +188,55 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class MAPHead(nn.Module):
+    """Multihead attention pooling (SigLIP's ``MAPHead``; the pooling by attention of Lee et
+    al. 2019): one learnt probe query attends over the tokens, ``h = Attn(probe, x, x)``, then
+    ``h + MLP(LN(h))``; ``[B, N, dim]`` -> ``[B, dim]``. The attention's q, k, v projections
+    are one ``in_proj`` (the stacked rows of ``torch.nn.MultiheadAttention``'s
+    ``in_proj_weight``, which transformers' ``SiglipMultiheadAttentionPoolingHead`` holds)."""
+
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: int, act: str = "gelu", eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
+        self.in_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), activation(act), nn.Linear(mlp_ratio * dim, dim)
+        )
+
+    def reset_parameters(self) -> None:
+        """transformers' ``SiglipPreTrainedModel._init_weights`` for the head: probe and
+        in-projection Xavier-uniform (zero bias), out-projection LeCun normal (zero bias), the
+        MLP as the blocks'."""
+        nn.init.xavier_uniform_(self.probe)
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.zeros_(self.in_proj.bias)
+        lecun_normal_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+        for fc in (self.mlp[0], self.mlp[2]):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.normal_(fc.bias, std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.heads
+        w_q, w_kv = self.in_proj.weight.split([d, 2 * d])
+        b_q, b_kv = self.in_proj.bias.split([d, 2 * d])
+        q = F.linear(self.probe, w_q, b_q).reshape(1, 1, h, d // h).transpose(1, 2)
+        kv = F.linear(x, w_kv, b_kv).reshape(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        out = F.scaled_dot_product_attention(q.expand(b, -1, -1, -1), k, v)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
+        return (out + self.mlp(self.norm(out)))[:, 0]
+
+
 class VisionTransformer(nn.Module):
-    """ViT encoder without a classification head; ``forward`` returns the final class token."""
+    """ViT encoder without a classification head; ``forward`` returns the final class token
+    (``siglip`` layout: the attention-pooled tokens)."""
 
     def __init__(
         self,
@@ -176,10 +259,12 @@ class VisionTransformer(nn.Module):
             )
         self.grid = image_size // patch_size
         self.layout, self.act = layout, act
-        clip = layout == "clip"
+        clip, siglip = layout == "clip", layout == "siglip"
         self.patch_embed = nn.Conv2d(in_channels, size.dim, patch_size, patch_size, bias=not clip)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, size.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, size.dim))
+        # SigLIP pools by attention: no class token, a position per patch only
+        self.cls_token = None if siglip else nn.Parameter(torch.zeros(1, 1, size.dim))
+        self.prefix = 0 if siglip else 1
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.prefix + self.grid**2, size.dim))
         self.norm_pre = nn.LayerNorm(size.dim, eps=eps) if clip else nn.Identity()
         self.blocks = nn.Sequential(
             *(
@@ -188,6 +273,7 @@ class VisionTransformer(nn.Module):
             )
         )
         self.norm = nn.LayerNorm(size.dim, eps=eps)
+        self.pool = MAPHead(size.dim, size.heads, size.mlp_ratio, act, eps) if siglip else None
         self.out_dim = size.dim
         self.checkpointing = checkpointing
         self._init_weights()
@@ -208,7 +294,19 @@ class VisionTransformer(nn.Module):
         the stacked q, k, v matrix, zero in-projection and out-projection biases, the
         out-projection weight at ``nn.Linear``'s default) and of ``nn.Linear`` for the MLP
         (weight and bias ``U(+-fan_in^-0.5)``). The projection to the joint space
-        (``proj = width^-0.5 * randn``) is :class:`dist_contrast.models.towers.Tower`'s."""
+        (``proj = width^-0.5 * randn``) is :class:`dist_contrast.models.towers.Tower`'s.
+
+        ``siglip``: transformers' ``SiglipPreTrainedModel._init_weights`` (big_vision's): the
+        patch convolution LeCun normal with zero bias, the position embedding normal std
+        ``width^-0.5``, the blocks by :func:`siglip_init`, the pooling head by
+        :meth:`MAPHead.reset_parameters`."""
+        if self.layout == "siglip":
+            lecun_normal_(self.patch_embed.weight)
+            nn.init.zeros_(self.patch_embed.bias)
+            nn.init.normal_(self.pos_embed, std=self.out_dim**-0.5)
+            siglip_init(self.blocks)
+            self.pool.reset_parameters()
+            return
         if self.layout == "timm":
             nn.init.trunc_normal_(self.cls_token, std=0.02)
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -233,7 +331,7 @@ class VisionTransformer(nn.Module):
         grid, bicubically interpolated for another one (smaller multi-crop views, as in DINO)."""
         if (h, w) == (self.grid, self.grid):
             return self.pos_embed
-        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        cls, patches = self.pos_embed[:, : self.prefix], self.pos_embed[:, self.prefix :]
         grid = patches.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
@@ -247,7 +345,9 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)
         pos = self._pos_embed(x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
-        x = self.norm_pre(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm_pre(x + pos)
         x = run_blocks(self.blocks, x, self.checkpointing and self.training)
-        return self.norm(x)[:, 0]
+        x = self.norm(x)
+        return x[:, 0] if self.pool is None else self.pool(x)

@@ -431,6 +431,110 @@ def test_text_init_follows_openai_clip():
     assert _close_std(Tower(text, 64).proj.weight, w**-0.5, 0.03)
 
 
+def test_map_head_equals_torch_multihead_attention_pooling():
+    """SigLIP's MAPHead against the reference built from nn.MultiheadAttention (transformers'
+    SiglipMultiheadAttentionPoolingHead: probe query, attention, h + MLP(LN(h))), forward and
+    every gradient in float64."""
+    from dist_contrast.models.vit import MAPHead
+
+    torch.manual_seed(0)
+    dim, heads, n = 32, 4, 9
+    ours = MAPHead(dim, heads, 2, "gelu_tanh").double()
+    ours.reset_parameters()
+    attn = nn.MultiheadAttention(dim, heads, batch_first=True).double()
+    with torch.no_grad():
+        attn.in_proj_weight.copy_(ours.in_proj.weight)
+        attn.in_proj_bias.copy_(ours.in_proj.bias)
+        attn.out_proj.weight.copy_(ours.out_proj.weight)
+        attn.out_proj.bias.copy_(ours.out_proj.bias)
+    probe = ours.probe.detach().clone().requires_grad_()
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        h = attn(probe.expand(x.shape[0], -1, -1), x, x, need_weights=False)[0]
+        mlp = ours.mlp[2](nn.functional.gelu(ours.mlp[0](ours.norm(h)), approximate="tanh"))
+        return (h + mlp)[:, 0]
+
+    x = torch.randn(3, n, dim, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = ours(xa), reference(xb)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got.square().sum().backward()
+    ours.mlp.zero_grad()
+    ours.norm.zero_grad()
+    want.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.probe.grad, probe.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.in_proj.weight.grad, attn.in_proj_weight.grad)
+    torch.testing.assert_close(ours.out_proj.weight.grad, attn.out_proj.weight.grad)
+
+
+def test_siglip_layout_vit_pools_by_attention_without_a_class_token():
+    """No class token, a position per patch, a biased patch convolution; other image sizes
+    interpolate the position grid; every token reaches the pooled feature."""
+    torch.manual_seed(0)
+    vit = build_encoder(_cfg(encoder="vit_nano", vit_layout="siglip", patch_size=4), 1, 16)
+    assert vit.cls_token is None and "cls_token" not in vit.state_dict()
+    assert vit.pos_embed.shape == (1, 16, 128) and vit.patch_embed.bias is not None
+    x = torch.randn(2, 1, 16, 16, requires_grad=True)
+    vit.eval()(x)[0].sum().backward()
+    assert (x.grad[0].abs().sum(dim=0).reshape(4, 4, 4, 4).sum(dim=(1, 3)) > 0).all()
+    assert vit(torch.randn(2, 1, 8, 8)).shape == (2, 128)
+
+
+def test_siglip_text_tower_attends_both_ways_and_pools_the_last_position():
+    """CLIP's causal tower ignores what follows end-of-text; SigLIP's reads the whole padded
+    row and pools its last position."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 6, 1, 0, 0, 0], [5, 6, 1, 0, 0, 7]])  # eot id 1, then padding
+    for layout, same in (("clip", True), ("siglip", False)):
+        text = TextTransformer(10, 6, 1, width=16, layers=1, heads=2, layout=layout).eval()
+        with torch.no_grad():
+            a, b = text(ids)
+        assert torch.equal(a, b) == same, layout
+    with torch.no_grad():  # shorter rows pool at their own last position
+        assert text(ids[:, :4]).shape == (2, 16)
+
+
+def test_siglip_layouts_init_follows_transformers_siglip():
+    """transformers' SiglipPreTrainedModel._init_weights: position embeddings width^-0.5,
+    q/k/v/out Xavier-uniform each, MLP biases ~1e-6, the probe and the head's in-projection
+    Xavier-uniform, the patch convolution LeCun normal; the text head biased, at zero."""
+    torch.manual_seed(0)
+    w = 256
+    vit = build_encoder(
+        _cfg(encoder="vit_nano", vit_layout="siglip", vit_width=w, vit_depth=2), 1, 16
+    )
+    assert _close_std(vit.pos_embed, w**-0.5, 0.05)
+    assert _close_std(vit.patch_embed.weight, 16**-0.5, 0.05) and not vit.patch_embed.bias.any()
+    for block in vit.blocks:
+        for q in block.attn.qkv.weight.detach().chunk(3):
+            bound = (6 / (2 * w)) ** 0.5  # each [w, w] matrix its own fans
+            assert float(q.abs().max()) <= bound and _close_std(q, bound / 3**0.5, 0.02)
+        assert float(block.mlp[0].bias.detach().abs().max()) < 1e-5
+    head = vit.pool
+    assert _close_std(head.in_proj.weight, (6 / (4 * w)) ** 0.5 / 3**0.5, 0.02)
+    assert float(head.probe.detach().abs().max()) <= (6 / (2 * w)) ** 0.5
+    text = TextTransformer(300, 24, 1, width=128, layers=2, heads=4, layout="siglip")
+    assert _close_std(text.token_embed.weight, 128**-0.5, 0.02)
+
+
+def test_siglip_image_tower_has_no_projection_and_text_projection_a_bias():
+    from types import SimpleNamespace
+
+    from dist_contrast.models.towers import image_projection, text_projection
+
+    cfg = SimpleNamespace(
+        model=_cfg(encoder="vit_nano", vit_layout="siglip", proj_dim=128),
+        text=SimpleNamespace(layout="siglip"),
+    )
+    assert isinstance(image_projection(cfg, 128), nn.Identity)
+    proj = text_projection(cfg, 64)
+    assert proj.bias is not None and not proj.bias.any() and proj.out_features == 128
+    cfg.model.proj_dim = 64
+    with pytest.raises(ConfigError, match=r"'model.proj_dim' \(64\) must equal the ViT width"):
+        image_projection(cfg, 128)
+
+
 # --- the ViT's size from the config ---
 
 
