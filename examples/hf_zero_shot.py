@@ -1,6 +1,7 @@
-"""Zero-shot top-1 of a `dist-contrast export --format hf` CLIP folder, with transformers only.
+"""Zero-shot top-1 of a `dist-contrast export --format hf` image-text folder (a CLIPModel or a
+SiglipModel), with transformers only.
 
-No dist_contrast import: the folder is read by `CLIPModel`, `AutoTokenizer` and
+No dist_contrast import: the folder is read by `AutoModel`, `AutoTokenizer` and
 `AutoImageProcessor`, the shards by `tarfile` and PIL. Each class's text embedding is the
 normalised mean of the normalised embeddings of its prompts (one per template), an image gets
 the class of highest cosine similarity: the procedure `dist-contrast eval` reports as
@@ -24,7 +25,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 DIGITS = "zero,one,two,three,four,five,six,seven,eight,nine"
 TEMPLATES = (
@@ -62,7 +63,7 @@ def read_shards(pattern: str) -> tuple[list[Image.Image], list[int]]:
 
 @torch.no_grad()
 def zero_shot(model_dir: str, pattern: str, classes: list[str], templates: list[str]) -> dict:
-    model = CLIPModel.from_pretrained(model_dir).eval()
+    model = AutoModel.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     processor = AutoImageProcessor.from_pretrained(model_dir)
     prompts = [t.format(c) for c in classes for t in templates]

@@ -1,16 +1,23 @@
 """``dist-contrast export --format hf``: a folder Hugging Face ``transformers`` loads as it is.
 
-- image-text runs (CLIP, SigLIP) with a ``clip``-layout ViT image tower -> ``CLIPModel``:
-  ``config.json``, ``model.safetensors`` (both towers, both projections, the logit scale),
+- image-text runs (CLIP, SigLIP) with a ``clip``-layout ViT image tower and the ``clip`` text
+  tower -> ``CLIPModel``: ``config.json``, ``model.safetensors`` (both towers, both
+  projections, the logit scale; a SigLIP run's bias has no place there and is left out),
   tokenizer files for ``AutoTokenizer`` (the run's BPE with start- and end-of-text added by its
   post-processor, padding id and context length) and ``preprocessor_config.json``;
-- vision runs with a ViT encoder -> ``ViTModel`` (``timm`` layout) or ``CLIPVisionModel``
-  (``clip`` layout); with a batch-norm ResNet-18/50 on the ImageNet stem -> ``ResNetModel``.
+- image-text runs with SigLIP's layouts (``model.vit_layout=siglip``, ``text.layout=siglip``)
+  -> ``SiglipModel``: both towers, the text head, the logit scale and bias (0 for a CLIP loss),
+  the same tokenizer files (``model_input_names`` only ``input_ids``: SigLIP's text tower reads
+  the padding, as ours does) and preprocessor;
+- vision runs with a ViT encoder -> ``ViTModel`` (``timm`` layout), ``CLIPVisionModel``
+  (``clip``) or ``SiglipVisionModel`` (``siglip``); with a batch-norm ResNet-18/50 on the
+  ImageNet stem -> ``ResNetModel``.
 
-What has no exact layout there (a ResNet CLIP image tower, GroupNorm ResNets, the byte
-tokenizer, a tokenizer whose end-of-text id is 2) is refused in one line that says what would
-export. The tensor mapping itself is :mod:`dist_contrast.models.hf`; tests load the folder with
-the real ``transformers`` and compare features with ours.
+What has no exact layout there (a ResNet CLIP image tower, mixed CLIP and SigLIP layouts,
+GroupNorm ResNets, the byte tokenizer, a tokenizer whose end-of-text id is 2 for CLIPModel) is
+refused in one line that says what would export. The tensor mapping itself is
+:mod:`dist_contrast.models.hf`; tests load the folder with the real ``transformers`` and
+compare features with ours.
 """
 
 from __future__ import annotations
@@ -49,14 +56,16 @@ def _save(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     (folder / CONFIG_JSON).write_text(json.dumps(config, indent=1) + "\n")
 
 
-def _clip_tokenizer(cfg: Config) -> BPETokenizer:
+def _bpe_tokenizer(cfg: Config, pools_at_eot: bool) -> BPETokenizer:
+    """The run's BPE tokenizer; one line for the byte tokenizer, and for an end-of-text id of
+    2 where the text tower is CLIP's (``pools_at_eot``)."""
     tok = tokenizer_for(cfg.data)
     if not isinstance(tok, BPETokenizer):
         raise ExportError(
             "export --format hf needs a BPE tokenizer (data.tokenizer=bpe): transformers has no "
             "tokenizer of this package's byte ids"
         )
-    if tok.eot_id == 2:
+    if pools_at_eot and tok.eot_id == 2:
         raise ExportError(
             f"the tokenizer '{cfg.data.tokenizer_path}' gives end-of-text id 2, which "
             "transformers' CLIP reads as its legacy argmax pooling: train the tokenizer again "
@@ -66,11 +75,12 @@ def _clip_tokenizer(cfg: Config) -> BPETokenizer:
     return tok
 
 
-def write_tokenizer(tok: BPETokenizer, folder: Path) -> None:
+def write_tokenizer(tok: BPETokenizer, folder: Path, ids_only: bool = False) -> None:
     """``tokenizer.json`` whose post-processor wraps a caption in start- and end-of-text, and
     ``tokenizer_config.json`` with the special tokens and the context length, so that
     ``AutoTokenizer.from_pretrained(folder)(texts, padding="max_length", truncation=True)``
-    gives the ids of :meth:`BPETokenizer.encode`."""
+    gives the ids of :meth:`BPETokenizer.encode`. ``ids_only``: the tokenizer returns the ids
+    without an attention mask (SigLIP's text tower attends to the padding)."""
     from tokenizers import Tokenizer, processors
 
     fast = Tokenizer.from_str(tok.tokenizer.to_str())  # a copy: ours adds the specials itself
@@ -88,6 +98,8 @@ def write_tokenizer(tok: BPETokenizer, folder: Path) -> None:
         "truncation_side": "right",
         "clean_up_tokenization_spaces": False,
     }
+    if ids_only:
+        config["model_input_names"] = ["input_ids"]
     (folder / TOKENIZER_CONFIG_JSON).write_text(json.dumps(config, indent=1) + "\n")
 
 
@@ -124,30 +136,58 @@ def _clip_vit(encoder: nn.Module, what: str) -> VisionTransformer:
     return encoder
 
 
-def _write_clip(method: nn.Module, cfg: Config, folder: Path) -> str:
+def _siglip_layouts(image: nn.Module, text: nn.Module) -> bool:
+    """Whether the towers are SigLIP's (-> ``SiglipModel``) rather than CLIP's; one line for
+    a mix, which neither class holds."""
+    vit_siglip = isinstance(image, VisionTransformer) and image.layout == "siglip"
+    if vit_siglip != (text.layout == "siglip"):
+        raise ExportError(
+            f"export --format hf: a {'siglip' if vit_siglip else 'non-siglip'} image tower with "
+            f"the {text.layout} text tower has no transformers layout: CLIPModel needs "
+            "model.vit_layout=clip and text.layout=clip, SiglipModel model.vit_layout=siglip "
+            "and text.layout=siglip"
+        )
+    return vit_siglip
+
+
+def _write_image_text(method: nn.Module, cfg: Config, folder: Path) -> str:
     towers = method.towers()
-    vit = _clip_vit(towers["image"], "the image tower")
+    siglip = _siglip_layouts(towers["image"], towers["text"])
+    vit = towers["image"] if siglip else _clip_vit(towers["image"], "the image tower")
     text = towers["text"]
-    tok = _clip_tokenizer(cfg)
+    tok = _bpe_tokenizer(cfg, pools_at_eot=not siglip)
     state = _state(towers)
     scale = state["heads.criterion.logit_scale"]
     if cfg.loss.name == "clip":  # HF's logits use exp(logit_scale) unclamped
         state["heads.criterion.logit_scale"] = scale.clamp(max=math.log(cfg.loss.max_scale))
     ids = {"pad_token_id": tok.pad_id, "bos_token_id": tok.sot_id, "eos_token_id": tok.eot_id}
     d = cfg.data
-    config = hf.clip_config(
-        vit, text, d.channels, d.image_size, cfg.model.proj_dim, float(scale[0]), ids
-    )
-    _save(folder, config, hf.to_hf(state, hf.clip_pairs(vit, text)))
-    write_tokenizer(tok, folder)
+    if siglip:
+        state.setdefault("heads.criterion.logit_bias", torch.zeros(1))  # a CLIP loss: none
+        config = hf.siglip_config(vit, text, d.channels, d.image_size, ids)
+        tensors = hf.to_hf(state, hf.siglip_pairs(vit, text))
+    else:
+        config = hf.clip_config(
+            vit, text, d.channels, d.image_size, cfg.model.proj_dim, float(scale[0]), ids
+        )
+        tensors = hf.to_hf(state, hf.clip_pairs(vit, text))
+    _save(folder, config, tensors)
+    write_tokenizer(tok, folder, ids_only=siglip)
     write_preprocessor(cfg, folder)
-    return "CLIPModel"
+    return config["architectures"][0]
 
 
 def _write_vision(encoder: nn.Module, cfg: Config, folder: Path) -> str:
     d = cfg.data
     if isinstance(encoder, VisionTransformer):
-        if encoder.layout == "clip":
+        if encoder.layout == "siglip":
+            config = {
+                "architectures": ["SiglipVisionModel"],
+                **hf.siglip_vision_config(encoder, d.channels, d.image_size),
+                "torch_dtype": "float32",
+            }
+            tensors = hf.to_hf(encoder.state_dict(), hf.siglip_vision_pairs(encoder))
+        elif encoder.layout == "clip":
             config = {
                 "architectures": ["CLIPVisionModel"],
                 "model_type": "clip_vision_model",
@@ -190,9 +230,29 @@ def hf_usage(cls: str) -> list[str]:
             "Features are in the joint space, not normalised; `model.logit_scale.exp()` is the "
             "trained temperature's inverse.",
         ]
+    if cls == "SiglipModel":
+        return [
+            "```python",
+            "from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel",
+            "",
+            'model = SiglipModel.from_pretrained("path/to/this/folder").eval()',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+            'processor = AutoImageProcessor.from_pretrained("path/to/this/folder")',
+            'pixels = processor(images=images, return_tensors="pt")["pixel_values"]',
+            'tokens = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")',
+            "out = model(pixel_values=pixels, **tokens)",
+            "probabilities = out.logits_per_image.sigmoid()",
+            "```",
+            "",
+            'Captions must be padded to the context length (`padding="max_length"`): the text '
+            "tower reads the padding and pools at the last position, as in training. "
+            "`out.image_embeds` and `out.text_embeds` are the normalised features; the logits "
+            "are `exp(logit_scale)` times their cosine plus `logit_bias`.",
+        ]
     pooled = {
         "ViTModel": "last_hidden_state[:, 0]",
         "CLIPVisionModel": "pooler_output",
+        "SiglipVisionModel": "pooler_output",
         "ResNetModel": "pooler_output.flatten(1)",
     }[cls]
     extra = ", add_pooling_layer=False" if cls == "ViTModel" else ""
@@ -210,7 +270,8 @@ def hf_usage(cls: str) -> list[str]:
 
 def write_hf(method: nn.Module, cfg: Config, folder: Path) -> str:
     """Write ``method``'s towers into ``folder`` in a transformers layout; return the class
-    that loads it (``CLIPModel``, ``ViTModel``, ``CLIPVisionModel`` or ``ResNetModel``)."""
+    that loads it (``CLIPModel``, ``SiglipModel``, ``ViTModel``, ``CLIPVisionModel``,
+    ``SiglipVisionModel`` or ``ResNetModel``)."""
     if registry.spec(cfg.method.name).image_text:
-        return _write_clip(method, cfg, folder)
+        return _write_image_text(method, cfg, folder)
     return _write_vision(method.towers()["image"], cfg, folder)

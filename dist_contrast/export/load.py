@@ -212,8 +212,10 @@ class LoadedCLIP:
     ``encode_image(images)``: PIL / NumPy images, or a tensor of pixels (uint8, or float in
     [0, 1]) -> L2-normalised [N, D]; ``encode_text(texts)``: captions, or token ids [N, L]
     from ``tokenizer`` -> L2-normalised [N, D]. ``logit_scale``: the trained multiplier of the
-    cosine similarities (CLIP's clamped at ``loss.max_scale``, as in training), so
-    ``logit_scale * encode_image(x) @ encode_text(t).T`` are the model's logits."""
+    cosine similarities (CLIP's clamped at ``loss.max_scale``, as in training), and
+    ``logit_bias`` SigLIP's trained bias (0 for CLIP), so
+    ``logit_scale * encode_image(x) @ encode_text(t).T + logit_bias`` are the model's logits
+    (SigLIP's: their sigmoid is the probability that image and text match)."""
 
     image: nn.Module
     text: nn.Module
@@ -222,6 +224,7 @@ class LoadedCLIP:
     tokenizer: Any
     config: Config
     device: torch.device
+    logit_bias: float = 0.0
 
     @torch.no_grad()
     def encode_image(self, images: Any) -> torch.Tensor:
@@ -253,6 +256,7 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu") -> LoadedCLI
         image=nn.Sequential(image.module, heads["image_proj"]).eval(),
         text=nn.Sequential(text.module, heads["text_proj"]).eval(),
         logit_scale=float(heads["criterion"].scale().detach()),
+        logit_bias=float(getattr(heads["criterion"], "logit_bias", torch.zeros(1)).detach()[0]),
         preprocess=image.preprocess,
         tokenizer=text.tokenizer,
         config=image.config,

@@ -94,6 +94,13 @@ def _checked(method: nn.Module, cfg: Config) -> BPETokenizer:
             "layout: train with a ViT in CLIP's layout (model.encoder=vit_*, "
             "model.vit_layout=clip; configs/clip_vit_digits.yaml)"
         )
+    if cfg.text.layout != "clip" or cfg.model.activation == "gelu_tanh":
+        raise ExportError(
+            "export --format open_clip writes open_clip's CLIP towers (a causal text tower, "
+            "gelu or quick_gelu): this run has text.layout="
+            f"{cfg.text.layout}, model.activation={cfg.model.activation}; SigLIP's layouts "
+            "export to transformers' SiglipModel (--format hf)"
+        )
     if cfg.data.channels not in (1, 3):
         raise ExportError(f"export --format open_clip: {cfg.data.channels} channels (1 or 3)")
     tok = tokenizer_for(cfg.data)

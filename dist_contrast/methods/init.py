@@ -2,8 +2,9 @@
 
 - ``hf:DIR``: a Hugging Face ``transformers`` folder (``config.json`` + ``model.safetensors``,
   or its sharded index): ``CLIPModel`` gives an image-text run both towers, both projections and
-  the logit scale (a vision run its image tower); ``CLIPVisionModel``, ``ViTModel`` and
-  ``ResNetModel`` give the image encoder.
+  the logit scale, ``SiglipModel`` (into SigLIP's layouts) both towers, the text head, the
+  logit scale and bias (a vision run their image tower); ``CLIPVisionModel``,
+  ``SiglipVisionModel``, ``ViTModel`` and ``ResNetModel`` give the image encoder.
 - ``export:DIR``: a dist-contrast export (``dist-contrast export``): the towers of the same
   names (``image``, and for image-text runs ``text`` and ``heads`` when the export has them).
 - ``open_clip:DIR`` or ``open_clip:FILE``: an open_clip CLIP (open-clip-torch 3.x: a
@@ -56,7 +57,12 @@ OPEN_CLIP_TOWERS = {
     "text.proj.": ("heads", "text_proj."),
     "criterion.": ("heads", "criterion."),
 }
-VISION_TYPES = {"clip_vision_model": "CLIPVisionModel", "vit": "ViTModel", "resnet": "ResNetModel"}
+VISION_TYPES = {
+    "clip_vision_model": "CLIPVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
+    "vit": "ViTModel",
+    "resnet": "ResNetModel",
+}
 
 
 class InitError(ConfigError):
@@ -210,35 +216,46 @@ def _check_vit(vit: nn.Module, sub: dict, layout: str, where: str) -> None:
 def _check_blocks(module: nn.Module, sub: dict, heads_key: str) -> None:
     heads = sub.get("num_attention_heads")  # the shapes do not show it
     _expect("num_attention_heads", heads, module.blocks[0].attn.heads, f"set {heads_key}={heads}")
-    _expect(
-        "hidden_act",
-        sub.get("hidden_act"),
-        module.act,
-        f"set model.activation={sub.get('hidden_act')}",
-    )
+    act = sub.get("hidden_act")
+    ours = {v: k for k, v in hf.HF_ACTIVATIONS.items()}.get(act, act)
+    _expect("hidden_act", act, hf.HF_ACTIVATIONS[module.act], f"set model.activation={ours}")
     eps = sub.get("layer_norm_eps")
     _expect("layer_norm_eps", eps, module.norm.eps, f"set model.norm_eps={eps}")
 
 
-def _hf_clip(folder: Path, towers: dict, config: dict, cfg: Config, image_text: bool) -> dict:
+def _hf_image_text(
+    folder: Path, towers: dict, config: dict, cfg: Config, image_text: bool, layout: str
+) -> dict:
+    """A ``CLIPModel`` (``layout`` clip) or ``SiglipModel`` (siglip) into our towers."""
     tensors = _safetensors(folder)
     vit = towers["image"]
     path = folder / "config.json"
-    _check_vit(vit, _section(config, "vision_config", path), "clip", f"'{folder}' (CLIPModel)")
+    where = f"'{folder}' ({'CLIPModel' if layout == 'clip' else 'SiglipModel'})"
+    _check_vit(vit, _section(config, "vision_config", path), layout, where)
+    vision_pairs = hf.clip_vision_pairs if layout == "clip" else hf.siglip_vision_pairs
     if not image_text:
-        return {"image": hf.from_hf(tensors, hf.clip_vision_pairs(vit))}
+        return {"image": hf.from_hf(tensors, vision_pairs(vit))}
+    text = towers["text"]
+    if text.layout != layout:
+        raise InitError(
+            f"model.init_from: {where} holds a text tower in the {layout} layout: "
+            f"set text.layout={layout}"
+        )
     text_cfg = _section(config, "text_config", path)
-    _check_blocks(towers["text"], text_cfg, "text.heads")
+    _check_blocks(text, text_cfg, "text.heads")
     eot = tokenizer_for(cfg.data).eot_id
     _expect(
         "end-of-text id", text_cfg.get("eos_token_id"), eot, "use the tokenizer it was trained with"
     )
-    state = hf.from_hf(tensors, hf.clip_pairs(vit, towers["text"]))
+    pairs = hf.clip_pairs(vit, text) if layout == "clip" else hf.siglip_pairs(vit, text)
+    state = hf.from_hf(tensors, pairs)
     out: dict[str, dict] = {"image": {}, "text": {}, "heads": {}}
     for key, t in state.items():
         name, _, rest = key.partition(".")
         out[name][rest] = t
     _keep_initial_criterion(out["heads"], towers["heads"])  # a CLIPModel has no logit bias
+    if "logit_bias" not in towers["heads"].criterion.state_dict():
+        out["heads"].pop("criterion.logit_bias", None)  # a CLIP loss from a SiglipModel
     return out
 
 
@@ -262,6 +279,11 @@ def _hf_vision(folder: Path, image: nn.Module, model_type: str, config: dict) ->
         _check_vit(image, config, "timm", where)
         tensors = {k.removeprefix("vit."): v for k, v in tensors.items()}
         return {"image": hf.from_hf(tensors, hf.vit_model_pairs(image))}
+    if model_type == "siglip_vision_model":
+        _check_vit(image, config, "siglip", where)
+        if not any(k.startswith("vision_model.") for k in tensors):  # transformers 5 saves
+            tensors = {f"vision_model.{k}": v for k, v in tensors.items()}  # without it
+        return {"image": hf.from_hf(tensors, hf.siglip_vision_pairs(image))}
     _check_vit(image, config, "clip", where)
     return {"image": hf.from_hf(tensors, hf.clip_vision_pairs(image))}
 
@@ -274,11 +296,11 @@ def _from_hf(folder: Path, towers: dict, cfg: Config, image_text: bool) -> dict:
         )
     config = read_json_mapping(path, _init_error)
     model_type = config.get("model_type")
-    if model_type == "clip":
-        return _hf_clip(folder, towers, config, cfg, image_text)
+    if model_type in ("clip", "siglip"):
+        return _hf_image_text(folder, towers, config, cfg, image_text, model_type)
     if model_type in VISION_TYPES:
         return _hf_vision(folder, towers["image"], model_type, config)
-    known = ", ".join(["clip", *VISION_TYPES])
+    known = ", ".join(["clip", "siglip", *VISION_TYPES])
     raise InitError(f"model.init_from: '{folder}' holds model_type {model_type!r}; read: {known}")
 
 
@@ -369,6 +391,11 @@ def _check_open_clip(model_cfg: dict, towers: dict, cfg: Config, image_text: boo
     if vision.get("pool_type", "tok") != "tok":
         raise _init_error(f"the open_clip ViT pools by {vision['pool_type']!r}; ours by 'tok'")
     if image_text:
+        if towers["text"].layout != "clip":
+            raise _init_error(
+                "an open_clip CLIP's text tower is causal and pools at end-of-text: set "
+                "text.layout=clip"
+            )
         pool = text.get("pool_type", "argmax")
         eot = tokenizer_for(cfg.data).eot_id
         if pool != "eos":

@@ -1,6 +1,8 @@
 """Our towers in the layouts of Hugging Face ``transformers``, and back: ``CLIPModel`` (a
-``clip``-layout ViT image tower, the causal text tower, both projections and the logit scale)
-and ``ViTModel`` (a ``timm``-layout ViT encoder). Pure state-dict work: key names, tensor shapes
+``clip``-layout ViT image tower, the causal text tower, both projections and the logit scale),
+``SiglipModel`` (a ``siglip``-layout ViT with its attention-pooling head, the ``siglip`` text
+tower with its biased projection, the logit scale and bias), ``ViTModel`` (a ``timm``-layout
+ViT encoder) and ``SiglipVisionModel``. Pure state-dict work: key names, tensor shapes
 and the ``config.json`` content; nothing here imports ``transformers`` (the tests load what is
 written with the real library).
 
@@ -9,7 +11,8 @@ The key names are those ``save_pretrained`` writes (and the Hub's checkpoints ho
 into ``q``, ``k``, ``v`` (rows ``[0:d]``, ``[d:2d]``, ``[2d:3d]``), our ``[1, n, d]``
 position embedding is an ``[n, d]`` embedding table in CLIP, and our ``[1, 1, d]`` class token
 is CLIP's ``[d]`` ``class_embedding``. LayerNorm eps and activation are the towers' own
-(``model.norm_eps``, ``model.activation``), written into the config.
+(``model.norm_eps``, ``model.activation``; our ``gelu_tanh`` is transformers'
+``gelu_pytorch_tanh``), written into the config.
 """
 
 from __future__ import annotations
@@ -95,6 +98,32 @@ def clip_text_pairs(text: TextTransformer, ours: str = "", hf: str = "text_model
     ]
 
 
+def siglip_vision_pairs(vit: VisionTransformer, ours: str = "", hf: str = "vision_model.") -> list:
+    """Our ``siglip``-layout ViT <-> ``SiglipVisionModel`` keys (with its pooling head: our
+    :class:`dist_contrast.models.vit.MAPHead`'s ``in_proj`` is ``nn.MultiheadAttention``'s
+    stacked ``in_proj_weight``)."""
+    e, p, h = f"{hf}embeddings.", f"{ours}pool.", f"{hf}head."
+    return [
+        *_wb(f"{ours}patch_embed", f"{e}patch_embedding"),
+        Pair(f"{ours}pos_embed", (f"{e}position_embedding.weight",), TABLE),
+        *_blocks(len(vit.blocks), f"{ours}blocks", f"{hf}encoder.layers", CLIP_BLOCK),
+        *_wb(f"{ours}norm", f"{hf}post_layernorm"),
+        Pair(f"{p}probe", (f"{h}probe",)),
+        Pair(f"{p}in_proj.weight", (f"{h}attention.in_proj_weight",)),
+        Pair(f"{p}in_proj.bias", (f"{h}attention.in_proj_bias",)),
+        *_wb(f"{p}out_proj", f"{h}attention.out_proj"),
+        *_wb(f"{p}norm", f"{h}layernorm"),
+        *_wb(f"{p}mlp.0", f"{h}mlp.fc1"),
+        *_wb(f"{p}mlp.2", f"{h}mlp.fc2"),
+    ]
+
+
+def siglip_text_pairs(text: TextTransformer, ours: str = "", hf: str = "text_model.") -> list:
+    """Our ``siglip``-layout text transformer <-> ``SiglipTextModel`` keys, without its head
+    (the text projection, which :func:`siglip_pairs` maps from our heads)."""
+    return clip_text_pairs(text, ours, hf)
+
+
 def vit_model_pairs(vit: VisionTransformer, ours: str = "", hf: str = "") -> list[Pair]:
     """Our ``timm``-layout ViT <-> ``ViTModel`` keys (without its pooler)."""
     e = f"{hf}embeddings."
@@ -116,6 +145,19 @@ def clip_pairs(image: VisionTransformer, text: TextTransformer) -> list[Pair]:
         Pair("heads.image_proj.weight", ("visual_projection.weight",)),
         Pair("heads.text_proj.weight", ("text_projection.weight",)),
         Pair("heads.criterion.logit_scale", ("logit_scale",), SCALAR),
+    ]
+
+
+def siglip_pairs(image: VisionTransformer, text: TextTransformer) -> list[Pair]:
+    """A SigLIP-layout image-text method's towers as we export them <-> ``SiglipModel`` keys:
+    the text projection (with its bias) is the text model's ``head``; the image tower has no
+    projection; the logit scale (log) and bias are ``[1]`` tensors on both sides."""
+    return [
+        *siglip_vision_pairs(image, "image."),
+        *siglip_text_pairs(text, "text."),
+        *_wb("heads.text_proj", "text_model.head"),
+        Pair("heads.criterion.logit_scale", ("logit_scale",)),
+        Pair("heads.criterion.logit_bias", ("logit_bias",)),
     ]
 
 
@@ -160,8 +202,12 @@ def from_hf(hf: dict[str, torch.Tensor], pairs: list[Pair]) -> dict[str, torch.T
     return out
 
 
+# our model.activation -> transformers' hidden_act
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
 def _act(module: nn.Module) -> str:
-    return module.act
+    return HF_ACTIVATIONS[module.act]
 
 
 def _eps(module: nn.Module) -> float:
@@ -219,6 +265,48 @@ def clip_config(
         "logit_scale_init_value": logit_scale,
         "text_config": {"model_type": "clip_text_model", **text_cfg},
         "vision_config": {"model_type": "clip_vision_model", **vision_cfg},
+        "torch_dtype": "float32",
+    }
+
+
+def siglip_vision_config(vit: VisionTransformer, channels: int, image_size: int) -> dict:
+    """``SiglipVisionConfig`` fields of our ``siglip``-layout ViT (pooling head on)."""
+    return {
+        "model_type": "siglip_vision_model",
+        **vision_config(vit, channels, image_size),
+        "vision_use_head": True,
+    }
+
+
+def siglip_config(
+    image: VisionTransformer,
+    text: TextTransformer,
+    channels: int,
+    image_size: int,
+    special_ids: dict[str, int],
+) -> dict:
+    """``config.json`` of a ``SiglipModel`` with our towers' sizes: the text head maps to the
+    ViT's width, which is the joint space. ``special_ids`` as for :func:`clip_config` (SigLIP
+    pools at the last position, whatever the ids)."""
+    block = text.blocks[0]
+    text_cfg = {
+        "model_type": "siglip_text_model",
+        "vocab_size": text.vocab_size,
+        "hidden_size": text.out_dim,
+        "intermediate_size": block.mlp[0].out_features,
+        "num_hidden_layers": len(text.blocks),
+        "num_attention_heads": block.attn.heads,
+        "max_position_embeddings": text.context_length,
+        "hidden_act": _act(text),
+        "layer_norm_eps": _eps(text),
+        "projection_size": image.out_dim,
+        **special_ids,
+    }
+    return {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "text_config": text_cfg,
+        "vision_config": siglip_vision_config(image, channels, image_size),
         "torch_dtype": "float32",
     }
 
