@@ -230,6 +230,23 @@ def vision_config(vit: VisionTransformer, channels: int, image_size: int) -> dic
     }
 
 
+def text_config(text: TextTransformer, special_ids: dict[str, int]) -> dict:
+    """The text tower's size as the fields shared by ``CLIPTextConfig`` and
+    ``SiglipTextConfig``, with the tokenizer's ``special_ids``."""
+    block = text.blocks[0]
+    return {
+        "vocab_size": text.vocab_size,
+        "hidden_size": text.out_dim,
+        "intermediate_size": block.mlp[0].out_features,
+        "num_hidden_layers": len(text.blocks),
+        "num_attention_heads": block.attn.heads,
+        "max_position_embeddings": text.context_length,
+        "hidden_act": _act(text),
+        "layer_norm_eps": _eps(text),
+        **special_ids,
+    }
+
+
 def clip_config(
     image: VisionTransformer,
     text: TextTransformer,
@@ -244,19 +261,7 @@ def clip_config(
     first ``eos_token_id``; id 2 would select its legacy argmax pooling, refused here)."""
     if special_ids["eos_token_id"] == 2:
         raise ValueError("an end-of-text id of 2 makes transformers' CLIP pool at the argmax id")
-    block = text.blocks[0]
-    text_cfg = {
-        "vocab_size": text.vocab_size,
-        "hidden_size": text.out_dim,
-        "intermediate_size": block.mlp[0].out_features,
-        "num_hidden_layers": len(text.blocks),
-        "num_attention_heads": block.attn.heads,
-        "max_position_embeddings": text.context_length,
-        "hidden_act": _act(text),
-        "layer_norm_eps": _eps(text),
-        "projection_dim": proj_dim,
-        **special_ids,
-    }
+    text_cfg = {**text_config(text, special_ids), "projection_dim": proj_dim}
     vision_cfg = {**vision_config(image, channels, image_size), "projection_dim": proj_dim}
     return {
         "architectures": ["CLIPModel"],
@@ -288,19 +293,10 @@ def siglip_config(
     """``config.json`` of a ``SiglipModel`` with our towers' sizes: the text head maps to the
     ViT's width, which is the joint space. ``special_ids`` as for :func:`clip_config` (SigLIP
     pools at the last position, whatever the ids)."""
-    block = text.blocks[0]
     text_cfg = {
         "model_type": "siglip_text_model",
-        "vocab_size": text.vocab_size,
-        "hidden_size": text.out_dim,
-        "intermediate_size": block.mlp[0].out_features,
-        "num_hidden_layers": len(text.blocks),
-        "num_attention_heads": block.attn.heads,
-        "max_position_embeddings": text.context_length,
-        "hidden_act": _act(text),
-        "layer_norm_eps": _eps(text),
+        **text_config(text, special_ids),
         "projection_size": image.out_dim,
-        **special_ids,
     }
     return {
         "architectures": ["SiglipModel"],

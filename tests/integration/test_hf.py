@@ -48,6 +48,18 @@ def _train(tmp, config: str, *overrides: str, name: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _exported_short_run(tmp, config: str, *overrides: str, name: str):
+    """``config`` trained 4 steps of 32 (ZeRO-0, one process) in ``tmp``, evaluated and
+    exported with --format hf to ``tmp / "hf"``: (``tmp``, the run directory)."""
+    short = ["train.steps=4", "train.batch_size=32", "train.warmup_steps=0"]
+    _train(tmp, config, *short, "deepspeed.zero_stage=0", *overrides, name=name)
+    run = tmp / "runs" / name
+    assert run_cli("eval", "--run", str(run), "--brief", cwd=tmp).returncode == 0
+    proc = run_cli("export", "--run", str(run), "--out", str(tmp / "hf"), "--format", "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, run
+
+
 @pytest.fixture(scope="module")
 def vit_clip(tmp_path_factory, digits_dir, digits_tokenizer):
     """A 4-step ViT CLIP run trained from its own folder with relative data and tokenizer
@@ -58,25 +70,16 @@ def vit_clip(tmp_path_factory, digits_dir, digits_tokenizer):
     (tmp / "digits").symlink_to(digits_dir)
     (tmp / "tok").mkdir()
     shutil.copy(digits_tokenizer, tmp / "tok" / "tokenizer.json")
-    _train(
+    return _exported_short_run(
         tmp,
         "configs/clip_vit_digits.yaml",
         "data.train_shards=digits/train-*.tar",
         "data.val_shards=digits/val-*.tar",
         "data.tokenizer_path=tok/tokenizer.json",
-        "train.steps=4",
-        "train.batch_size=32",
-        "train.warmup_steps=0",
         "method.queue_size=64",
-        "deepspeed.zero_stage=0",
         *VIT_SIZE,
         name="vit",
     )
-    run = tmp / "runs" / "vit"
-    assert run_cli("eval", "--run", str(run), "--brief", cwd=tmp).returncode == 0
-    proc = run_cli("export", "--run", str(run), "--out", str(tmp / "hf"), "--format", "hf")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, run
 
 
 def test_clip_export_loads_in_transformers_with_equal_features(vit_clip, digits_tokenizer):
@@ -105,17 +108,26 @@ def test_clip_export_loads_in_transformers_with_equal_features(vit_clip, digits_
     assert "CLIPModel.from_pretrained" in card
 
 
-def test_transformers_only_script_reproduces_zero_shot(vit_clip):
-    tmp, run = vit_clip
-    proc = subprocess.run(
-        [sys.executable, "-c", BLOCK_DIST_CONTRAST, str(ROOT / "examples" / "hf_zero_shot.py")]
-        + ["--model", str(tmp / "hf"), "--shards", str(tmp / "digits" / "val-*.tar")],
-        cwd=tmp,
+def _without_dist_contrast(script, *args, cwd) -> subprocess.CompletedProcess:
+    """``python script args`` in a process whose imports of ``dist_contrast`` fail."""
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_DIST_CONTRAST, str(script), *map(str, args)],
+        cwd=cwd,
         env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+@pytest.mark.parametrize("exported", ["vit_clip", "vit_siglip"])
+def test_transformers_only_script_reproduces_zero_shot(exported, request, digits_dir):
+    """examples/hf_zero_shot.py (AutoModel: a CLIPModel or a SiglipModel) gives eval.json's
+    zero-shot top-1."""
+    tmp, run = request.getfixturevalue(exported)
+    script = ROOT / "examples" / "hf_zero_shot.py"
+    shards = digits_dir / "val-*.tar"
+    proc = _without_dist_contrast(script, "--model", tmp / "hf", "--shards", shards, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     want = json.loads((run / "eval.json").read_text())
@@ -346,24 +358,15 @@ def vit_siglip(tmp_path_factory, digits_dir, digits_tokenizer):
     """A 4-step SigLIP run in SigLIP's layouts (configs/siglip_vit_digits.yaml, the ViT resized
     as vit_clip's), evaluated and exported with --format hf."""
     tmp = tmp_path_factory.mktemp("vit_siglip")
-    _train(
+    return _exported_short_run(
         tmp,
         "configs/siglip_vit_digits.yaml",
         f"data.train_shards={digits_dir}/train-*.tar",
         f"data.val_shards={digits_dir}/val-*.tar",
         f"data.tokenizer_path={digits_tokenizer}",
-        "train.steps=4",
-        "train.batch_size=32",
-        "train.warmup_steps=0",
-        "deepspeed.zero_stage=0",
         *SIGLIP_SIZE,
         name="siglip",
     )
-    run = tmp / "runs" / "siglip"
-    assert run_cli("eval", "--run", str(run), "--brief", cwd=tmp).returncode == 0
-    proc = run_cli("export", "--run", str(run), "--out", str(tmp / "hf"), "--format", "hf")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, run
 
 
 def test_siglip_export_gives_transformers_only_logits_equal_to_ours(vit_siglip, digits_tokenizer):
@@ -375,15 +378,7 @@ def test_siglip_export_gives_transformers_only_logits_equal_to_ours(vit_siglip, 
     (tmp / "inputs.txt").write_text("\n".join(CAPTIONS))
     script = tmp / "siglip_logits.py"
     script.write_text(TRANSFORMERS_SIGLIP)
-    proc = subprocess.run(
-        [sys.executable, "-c", BLOCK_DIST_CONTRAST, str(script), str(tmp / "hf")]
-        + [str(tmp / "inputs"), str(tmp / "got.pt")],
-        cwd=tmp,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _without_dist_contrast(script, tmp / "hf", tmp / "inputs", tmp / "got.pt", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp / "got.pt", weights_only=True)
     assert got["class"] == "SiglipModel" and got["keys"] == ["input_ids"]  # no padding mask
@@ -409,24 +404,6 @@ def test_siglip_export_gives_transformers_only_logits_equal_to_ours(vit_siglip, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     native = load_clip(tmp / "native")  # the native load carries the bias too
     assert (native.logit_scale, native.logit_bias) == (float(c.scale().detach()), bias)
-
-
-def test_transformers_only_zero_shot_of_the_siglip_export(vit_siglip, digits_dir):
-    """examples/hf_zero_shot.py (AutoModel: a SiglipModel here) gives eval.json's figure."""
-    tmp, run = vit_siglip
-    proc = subprocess.run(
-        [sys.executable, "-c", BLOCK_DIST_CONTRAST, str(ROOT / "examples" / "hf_zero_shot.py")]
-        + ["--model", str(tmp / "hf"), "--shards", str(digits_dir / "val-*.tar")],
-        cwd=tmp,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    want = json.loads((run / "eval.json").read_text())
-    assert (got["samples"], got["zeroshot_top1"]) == (want["val_samples"], want["zeroshot_top1"])
 
 
 def _tiny_siglip_config(tok: BPETokenizer) -> transformers.SiglipConfig:

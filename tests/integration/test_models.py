@@ -342,6 +342,18 @@ def _close_std(t: torch.Tensor, std: float, rel: float) -> bool:
     return abs(float(t.detach().std()) / std - 1) < rel
 
 
+def _torch_attention(in_proj: nn.Linear, out_proj: nn.Linear, heads: int) -> nn.Module:
+    """nn.MultiheadAttention (float64) holding copies of our stacked q, k, v projection
+    ``in_proj`` and output projection ``out_proj``: the reference of our attentions."""
+    ref = nn.MultiheadAttention(out_proj.in_features, heads, batch_first=True).double()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(in_proj.weight)
+        ref.in_proj_bias.copy_(in_proj.bias)
+        ref.out_proj.weight.copy_(out_proj.weight)
+        ref.out_proj.bias.copy_(out_proj.bias)
+    return ref
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_equals_torch_multihead_attention_without_select_backward(causal):
     """Our fused-qkv attention against nn.MultiheadAttention holding the same weights, forward
@@ -354,12 +366,7 @@ def test_attention_equals_torch_multihead_attention_without_select_backward(caus
     torch.manual_seed(0)
     dim, heads, n = 32, 4, 7
     ours = Attention(dim, heads, causal=causal).double()
-    ref = nn.MultiheadAttention(dim, heads, batch_first=True).double()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(ours.qkv.weight)
-        ref.in_proj_bias.copy_(ours.qkv.bias)
-        ref.out_proj.weight.copy_(ours.proj.weight)
-        ref.out_proj.bias.copy_(ours.proj.bias)
+    ref = _torch_attention(ours.qkv, ours.proj, heads)
     x = torch.randn(3, n, dim, dtype=torch.float64)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1) if causal else None
@@ -441,12 +448,7 @@ def test_map_head_equals_torch_multihead_attention_pooling():
     dim, heads, n = 32, 4, 9
     ours = MAPHead(dim, heads, 2, "gelu_tanh").double()
     ours.reset_parameters()
-    attn = nn.MultiheadAttention(dim, heads, batch_first=True).double()
-    with torch.no_grad():
-        attn.in_proj_weight.copy_(ours.in_proj.weight)
-        attn.in_proj_bias.copy_(ours.in_proj.bias)
-        attn.out_proj.weight.copy_(ours.out_proj.weight)
-        attn.out_proj.bias.copy_(ours.out_proj.bias)
+    attn = _torch_attention(ours.in_proj, ours.out_proj, heads)
     probe = ours.probe.detach().clone().requires_grad_()
 
     def reference(x: torch.Tensor) -> torch.Tensor:
