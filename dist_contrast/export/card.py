@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dist_contrast.config import Config, ModelConfig
 from dist_contrast.export.layout import README_MD
+from dist_contrast.methods import registry
 from dist_contrast.models import vit_size
 
 EVAL_KEYS = (
@@ -47,9 +48,20 @@ def _encoder(m: ModelConfig) -> str:
 def _training_rows(manifest: dict, cfg: Config) -> list[tuple[str, str]]:
     t, d, m = cfg.train, cfg.data, cfg.model
     ranks = manifest["world_size"]
+    text = []
+    if registry.spec(cfg.method.name).image_text:
+        x = cfg.text
+        text = [
+            (
+                "text tower",
+                f"{x.layout} layout, width {x.width}, {x.layers} blocks, {x.heads} heads, "
+                f"context {d.context_length}, tokenizer `{d.tokenizer}`",
+            )
+        ]
     return [
         ("method / loss", f"`{cfg.method.name}` / `{cfg.loss.name}` (T = {cfg.loss.temperature})"),
         ("encoder", _encoder(m)),
+        *text,
         ("input", f"{d.channels} channel(s), {d.image_size} px, mean {d.mean}, std {d.std}"),
         ("steps", f"{manifest['step']} of {t.steps} (checkpoint `{manifest['checkpoint']}`)"),
         ("batch", f"{t.batch_size} per rank x {ranks} rank(s) = {t.batch_size * ranks}"),

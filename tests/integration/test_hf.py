@@ -334,6 +334,7 @@ def test_init_from_our_export_and_from_a_vit_model(vit_clip, tmp_path, digits_di
         assert (method.target_encoder(x) - want).abs().max() < 1e-5
 
 
+SIGLIP_CONTEXT = 12  # configs/siglip_vit_digits.yaml
 SIGLIP_SIZE = [*VIT_SIZE, "model.proj_dim=96"]  # SigLIP's pooled image feature is the joint space
 TRANSFORMERS_SIGLIP = """
 import sys, torch
@@ -382,7 +383,7 @@ def test_siglip_export_gives_transformers_only_logits_equal_to_ours(vit_siglip, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp / "got.pt", weights_only=True)
     assert got["class"] == "SiglipModel" and got["keys"] == ["input_ids"]  # no padding mask
-    tok = BPETokenizer.load(digits_tokenizer, 24)
+    tok = BPETokenizer.load(digits_tokenizer, SIGLIP_CONTEXT)
     assert torch.equal(got["ids"], tok(CAPTIONS))
     cfg, step_dir = load_run(run)
     method = trained_method(cfg, step_dir).eval()
@@ -399,7 +400,8 @@ def test_siglip_export_gives_transformers_only_logits_equal_to_ours(vit_siglip, 
     assert (got["image"] - image).abs().max() < 1e-5
     assert (got["text"] - text).abs().max() < 1e-5
     assert (got["logits"] - logits).abs().max() < 1e-5
-    assert "SiglipModel.from_pretrained" in (tmp / "hf" / "README.md").read_text()
+    card = (tmp / "hf" / "README.md").read_text()
+    assert "SiglipModel.from_pretrained" in card and "siglip layout, width 64" in card
     proc = run_cli("export", "--run", str(run), "--out", str(tmp / "native"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     native = load_clip(tmp / "native")  # the native load carries the bias too
@@ -410,7 +412,7 @@ def _tiny_siglip_config(tok: BPETokenizer) -> transformers.SiglipConfig:
     """A SiglipModel of transformers' own defaults (gelu_pytorch_tanh, eps 1e-6) at the sizes
     of configs/siglip_vit_digits.yaml."""
     text = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=256)
-    text.update(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=24)
+    text.update(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=SIGLIP_CONTEXT)
     text.update(pad_token_id=tok.pad_id, bos_token_id=tok.sot_id, eos_token_id=tok.eot_id)
     text.update(projection_size=128)
     vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4)
@@ -425,7 +427,7 @@ def test_init_from_hf_siglip_and_its_refusals(tmp_path, digits_dir, digits_token
     from dist_contrast.errors import UserError
     from dist_contrast.train.setup import initial_method
 
-    tok = BPETokenizer.load(digits_tokenizer, 24)
+    tok = BPETokenizer.load(digits_tokenizer, SIGLIP_CONTEXT)
     torch.manual_seed(4)
     hf_model = transformers.SiglipModel(_tiny_siglip_config(tok)).eval()
     with torch.no_grad():
