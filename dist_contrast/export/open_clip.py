@@ -89,10 +89,14 @@ def _checked(method: nn.Module, cfg: Config) -> BPETokenizer:
         )
     image = method.towers()["image"]
     if not isinstance(image, VisionTransformer) or image.layout != "clip":
+        name = type(image).__name__
+        if isinstance(image, VisionTransformer):
+            name += f" ({image.layout} layout)"
         raise ExportError(
-            f"export --format open_clip: the image tower {type(image).__name__} has no open_clip "
-            "layout: train with a ViT in CLIP's layout (model.encoder=vit_*, "
-            "model.vit_layout=clip; configs/clip_vit_digits.yaml)"
+            f"export --format open_clip: the image tower {name} has no open_clip layout: train "
+            "with a ViT in CLIP's layout (model.encoder=vit_*, model.vit_layout=clip; "
+            "configs/clip_vit_digits.yaml); SigLIP's layouts export to transformers' "
+            "SiglipModel (--format hf)"
         )
     if cfg.text.layout != "clip" or cfg.model.activation == "gelu_tanh":
         raise ExportError(

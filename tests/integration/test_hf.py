@@ -492,3 +492,12 @@ def test_siglip_vision_export_and_mixed_layouts_refused(tmp_path, digits_dir, di
     (tmp_path / "mixed").mkdir()
     with pytest.raises(ExportError, match="a siglip image tower with the clip text tower"):
         write_hf(build_method(cfg), cfg, tmp_path / "mixed")
+
+
+def test_siglip_layouts_to_open_clip_are_refused_in_one_line(vit_siglip):
+    """open_clip holds SigLIP's image tower in timm, not in its own CLIP: one line, exit 2."""
+    tmp, run = vit_siglip
+    proc = run_cli("export", "--run", str(run), "--out", str(tmp / "oc"), "--format", "open_clip")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "(siglip layout) has no open_clip layout" in lines[0] and not (tmp / "oc").exists()
