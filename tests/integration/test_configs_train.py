@@ -171,12 +171,14 @@ def test_digits_config_trains_on_two_ranks(config, digits_dir, digits_tokenizer,
 
 # bf16 (DeepSpeed: bf16 weights and activations, losses in fp32) on the paths the other
 # configs share: batch norm in the encoder (InstDisc, with its memory bank), in the heads with
-# momentum twins (MoCo v3), and the tiled softmax with the text tower and sharded queues (CLIP).
+# momentum twins (MoCo v3), the tiled softmax with the text tower and sharded queues (CLIP), and
+# SigLIP's attention-pooling head and bidirectional text tower.
 # Every digits config was run so on 2 ranks when this was written (docs/training.md#precision).
 BF16 = [
     pytest.param("configs/instdisc_digits.yaml", {}, id="instdisc-bn-encoder"),
     pytest.param("configs/moco_v3_digits.yaml", {}, id="moco_v3-bn-heads"),
     pytest.param("configs/clip_digits.yaml", {"loss.memory_efficient": "true"}, id="clip-tiled"),
+    pytest.param("configs/siglip_vit_digits.yaml", {}, id="siglip-attention-pooling"),
 ]
 # Step 1 is the loss of the same initial weights on the same batch: bf16 keeps 8 significant
 # bits of every weight and activation, so it matches fp32 to a few percent (the tolerance of
