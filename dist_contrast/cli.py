@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("native", "hf", "open_clip"),
         default="native",
         help="native: this package's layout (load_encoder, load_clip); hf: a folder that "
-        "transformers loads as it is (CLIPModel, ViTModel, CLIPVisionModel, ResNetModel); "
+        "transformers loads as it is (CLIPModel, SiglipModel, ViTModel, CLIPVisionModel, "
+        "SiglipVisionModel, ResNetModel); "
         "open_clip: a folder open_clip loads as 'local-dir:DIR' (CLIP and SigLIP runs with a "
         "CLIP-layout ViT)",
     )

@@ -56,14 +56,16 @@ def _save(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     (folder / CONFIG_JSON).write_text(json.dumps(config, indent=1) + "\n")
 
 
-def _bpe_tokenizer(cfg: Config, pools_at_eot: bool) -> BPETokenizer:
-    """The run's BPE tokenizer; one line for the byte tokenizer, and for an end-of-text id of
-    2 where the text tower is CLIP's (``pools_at_eot``)."""
+def bpe_tokenizer(cfg: Config, fmt: str = "hf", pools_at_eot: bool = False) -> BPETokenizer:
+    """The run's BPE tokenizer for ``export --format fmt``; one line for the byte tokenizer,
+    which neither transformers nor open_clip reads, and for an end-of-text id of 2 where
+    transformers' CLIP pools the text tower (``pools_at_eot``)."""
     tok = tokenizer_for(cfg.data)
     if not isinstance(tok, BPETokenizer):
+        library = "transformers" if fmt == "hf" else fmt
         raise ExportError(
-            "export --format hf needs a BPE tokenizer (data.tokenizer=bpe): transformers has no "
-            "tokenizer of this package's byte ids"
+            f"export --format {fmt} needs a BPE tokenizer (data.tokenizer=bpe): {library} has "
+            "no tokenizer of this package's byte ids"
         )
     if pools_at_eot and tok.eot_id == 2:
         raise ExportError(
@@ -155,7 +157,7 @@ def _write_image_text(method: nn.Module, cfg: Config, folder: Path) -> str:
     siglip = _siglip_layouts(towers["image"], towers["text"])
     vit = towers["image"] if siglip else _clip_vit(towers["image"], "the image tower")
     text = towers["text"]
-    tok = _bpe_tokenizer(cfg, pools_at_eot=not siglip)
+    tok = bpe_tokenizer(cfg, pools_at_eot=not siglip)
     state = _state(towers)
     scale = state["heads.criterion.logit_scale"]
     if cfg.loss.name == "clip":  # HF's logits use exp(logit_scale) unclamped

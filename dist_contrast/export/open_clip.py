@@ -31,8 +31,8 @@ from pathlib import Path
 from torch import nn
 
 from dist_contrast.config import Config
-from dist_contrast.data.tokenizer import BPETokenizer, tokenizer_for
-from dist_contrast.export.hf import write_tokenizer
+from dist_contrast.data.tokenizer import BPETokenizer
+from dist_contrast.export.hf import bpe_tokenizer, write_tokenizer
 from dist_contrast.export.layout import ExportError
 from dist_contrast.models.open_clip import to_open_clip
 from dist_contrast.models.vit import VisionTransformer, vit_size
@@ -107,13 +107,7 @@ def _checked(method: nn.Module, cfg: Config) -> BPETokenizer:
         )
     if cfg.data.channels not in (1, 3):
         raise ExportError(f"export --format open_clip: {cfg.data.channels} channels (1 or 3)")
-    tok = tokenizer_for(cfg.data)
-    if not isinstance(tok, BPETokenizer):
-        raise ExportError(
-            "export --format open_clip needs a BPE tokenizer (data.tokenizer=bpe): open_clip "
-            "has no tokenizer of this package's byte ids"
-        )
-    return tok
+    return bpe_tokenizer(cfg, "open_clip")
 
 
 def preprocess_config(cfg: Config) -> dict:

@@ -55,7 +55,8 @@ class ExportOptions:
     onnx: bool = False  # <tower>/model.onnx for encoder towers
     force: bool = False  # replace an existing export at ``out``
     # "native": this package's layout (load_encoder, load_clip); "hf": a folder transformers
-    # loads as it is (CLIPModel, ViTModel, CLIPVisionModel, ResNetModel; export/hf.py);
+    # loads as it is (CLIPModel, SiglipModel, ViTModel, CLIPVisionModel, SiglipVisionModel,
+    # ResNetModel; export/hf.py);
     # "open_clip": one open_clip loads as it is ("local-dir:"; export/open_clip.py)
     format: str = "native"
     step: int | None = None  # the checkpoint of this step (default: the run's latest)

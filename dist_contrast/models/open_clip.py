@@ -51,9 +51,6 @@ BLOCKS = {
 OURS = ("image.", "text.", "criterion.")  # what open_clip's CLIP holds of our method
 
 
-OURS = ("image.", "text.", "criterion.")  # what open_clip's CLIP holds of our method
-
-
 def from_open_clip(state: dict, channels: int = 3) -> dict:
     """open_clip CLIP's state dict (``module.`` of DDP stripped) as our CLIP method's; a key it
     does not know raises ``KeyError`` (loading checks the rest key by key). ``channels=1``: its

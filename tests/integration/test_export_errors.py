@@ -11,7 +11,7 @@ from test_export import CONFIG, run_for
 from dist_contrast.config import load_config, save_config
 from dist_contrast.export import ExportError, ExportOptions, export_run, load_encoder
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +115,20 @@ def test_existing_output_is_kept_unless_forced(run, export_dir, tmp_path):
     export_run(run, again, ExportOptions(force=True))
     assert not (again / "stale.txt").exists() and (again / "image" / "model.safetensors").is_file()
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["hf", "open_clip"])
+def test_the_byte_tokenizer_is_refused_by_both_libraries_formats(fmt, tmp_path):
+    """Neither transformers nor open_clip has a tokenizer of our byte ids: one line naming it."""
+    from dist_contrast.export.hf import write_hf
+    from dist_contrast.export.open_clip import write_open_clip
+    from dist_contrast.methods import build_method
+
+    over = ["data.tokenizer=bytes", "data.tokenizer_path=", f"run.dir={tmp_path}"]
+    cfg = load_config(ROOT / "configs/clip_vit_digits.yaml", over)
+    write = write_hf if fmt == "hf" else write_open_clip
+    library = "transformers" if fmt == "hf" else "open_clip"
+    match = f"--format {fmt} needs a BPE tokenizer .*: {library} has no tokenizer"
+    with pytest.raises(ExportError, match=match):
+        write(build_method(cfg), cfg, tmp_path)
+    assert not list(tmp_path.iterdir())
